@@ -1,0 +1,42 @@
+"""Named model presets: which architecture configs ship in the package and where real weights live."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    name: str
+    hub_id: str | None  # real weights, used only when already in the local Hugging Face cache
+    taesd_hub_id: str | None
+    tokenizer_pad_token: str  # SD1.5 pads prompts with <|endoftext|>, SD2.x with "!"
+    height: int
+    width: int
+    t_index_list: tuple[int, ...]
+
+    @property
+    def config_dir(self) -> Path:
+        return CONFIG_DIR / self.name
+
+
+PRESETS: dict[str, ModelPreset] = {
+    p.name: p
+    for p in (
+        ModelPreset("tiny", None, None, "<|endoftext|>", 128, 128, (32,)),
+        ModelPreset("sd-turbo", "stabilityai/sd-turbo", "madebyollin/taesd", "!", 512, 512, (32,)),
+        # The paper's setting: SD1.5 + LCM-LoRA, 4 steps from noise strength 0.4.
+        ModelPreset(
+            "sd15",
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "madebyollin/taesd",
+            "<|endoftext|>",
+            512,
+            512,
+            (30, 35, 40, 45),
+        ),
+    )
+}
