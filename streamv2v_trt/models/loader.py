@@ -71,6 +71,38 @@ def _random_init(build, seed: int):
         return build()
 
 
+@torch.no_grad()
+def _standardize_conv(conv: torch.nn.Conv2d, out: torch.Tensor, mean: float, std: float, channels: int) -> None:
+    """Rescale the first `channels` outputs of `conv` (whose output on a probe was `out`) to mean/std per channel."""
+    m = out[:, :channels].mean(dim=(0, 2, 3))
+    s = out[:, :channels].std(dim=(0, 2, 3)).clamp_min(1e-8)
+    conv.weight[:channels] *= (std / s).view(-1, 1, 1, 1)
+    conv.bias[:channels] = (conv.bias[:channels] - m) * (std / s) + mean
+
+
+@torch.no_grad()
+def _calibrate_random_vae(vae: AutoencoderTiny | AutoencoderKL, seed: int) -> None:
+    """Seeded random VAEs give near-constant images; rescale their last convolutions so latents have unit
+    variance and decoded images span [-1, 1] as a trained VAE's do. The random structure is kept, so outputs
+    still depend on the input (which tests need)."""
+    from ..vae import VaeDecoder, VaeEncoder
+
+    tiny = isinstance(vae, AutoencoderTiny)
+    enc_conv = vae.encoder.layers[-1] if tiny else vae.quant_conv
+    dec_conv = vae.decoder.layers[-1] if tiny else vae.decoder.conv_out
+    probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    captured = {}
+    hook = enc_conv.register_forward_hook(lambda mod, args, out: captured.__setitem__("enc", out))
+    VaeEncoder(vae)(probe)
+    hook.remove()
+    _standardize_conv(enc_conv, captured["enc"], 0.0, 1.0 / vae.config.scaling_factor, 4)
+    hook = dec_conv.register_forward_hook(lambda mod, args, out: captured.__setitem__("dec", out))
+    VaeDecoder(vae)(VaeEncoder(vae)(probe))
+    hook.remove()
+    # TAESD's last conv outputs [0, 1] images (mapped to [-1, 1] after it); the KL decoder's outputs [-1, 1].
+    _standardize_conv(dec_conv, captured["dec"], 0.5 if tiny else 0.0, 0.2 if tiny else 0.4, 3)
+
+
 def _load_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -104,6 +136,7 @@ def _from_preset(preset: ModelPreset, vae_kind: VaeKind, seed: int) -> tuple:
         ("vae_tiny.json", AutoencoderTiny) if vae_kind is VaeKind.TAESD else ("vae_kl.json", AutoencoderKL)
     )
     vae = _random_init(lambda: vae_cls.from_config(_load_json(cfg / vae_file)), seed + 1)
+    _calibrate_random_vae(vae, seed)
     text_cfg = CLIPTextConfig(**{k: v for k, v in _load_json(cfg / "text_encoder.json").items() if k != "_class_name"})
     text_encoder = _random_init(lambda: CLIPTextModel(text_cfg), seed + 2)
     tokenizer = clip_tokenizer(preset.tokenizer_pad_token)
