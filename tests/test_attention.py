@@ -29,7 +29,11 @@ def unet_inputs(batch=2, seed=0):
 
 def random_banks(layout, batch, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(layout.bank_shape(layer, batch), generator=g) for layer in layout.layers for _ in layout.parts(layer)]
+    return [
+        torch.randn(layout.bank_shape(layer, batch), generator=g)
+        for layer in layout.layers
+        for _ in layout.parts(layer)
+    ]
 
 
 @pytest.mark.parametrize("kind,frames", [(BankKind.DYME, 1), (BankKind.FIFO, 3)])
@@ -145,7 +149,9 @@ def test_fusion_only_in_configured_layers(models):
     no_ff = BankUNet(copy.deepcopy(models.unet), BankConfig(ff_strength=0.0), LATENT)
     torch.testing.assert_close(run_with_bank_o(no_ff, list(current), 1.0), run_with_bank_o(no_ff, list(current), 3.0))
     # Only the low-resolution layers fuse: restricting fusion to the mid block changes the output vs the default.
-    mid_only = BankUNet(copy.deepcopy(models.unet), BankConfig(ff_strength=1.0, ff_layer_prefixes=("mid_block.",)), LATENT)
+    mid_only = BankUNet(
+        copy.deepcopy(models.unet), BankConfig(ff_strength=1.0, ff_layer_prefixes=("mid_block.",)), LATENT
+    )
     assert [layer.name for layer in mid_only.layout.layers if layer.fuse] == [
         layer.name for layer in layout.layers if layer.name.startswith("mid_block.")
     ]

@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     outputs = [stream(f) for f in frames]
     elapsed = time.perf_counter() - start
     write_side_by_side(args.out, frames, outputs, args.fps)
-    print(f"eager: {len(frames)} frames of {args.size}x{args.size} in {elapsed:.2f} s = {len(frames) / elapsed:.1f} FPS")
+    print(
+        f"eager: {len(frames)} frames of {args.size}x{args.size} in {elapsed:.2f} s = {len(frames) / elapsed:.1f} FPS"
+    )
     print(f"wrote {args.out.resolve()} (input | output, {args.fps} fps)")
     return 0
