@@ -4,6 +4,9 @@
 matching with ratio 0.5 over the concatenation [bank ; current] (2N tokens), cosine similarity of L2-normalised
 keys, each source merged into its most similar destination by a mean that includes the destination itself.
 The same assignment merges K, V and O. Output: N tokens in destination order.
+
+`dyme_merge` is what the runtime calls: the Triton kernels of `kernels.dyme_triton` on CUDA tensors where triton
+imports, else `dyme_ref`. Tests compare the two under `TRITON_INTERPRET=1` (tests/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -11,6 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+try:  # the one import point of the optional Triton kernels; without triton the runtime uses the reference
+    import triton  # noqa: F401
+except ImportError:
+    dyme_triton = None
+else:
+    from kernels import dyme_triton
 
 COSINE_EPS = 1e-4  # fp16-safe (see streamv2v_trt.attention)
 
@@ -43,5 +53,11 @@ def dyme_ref(bank: Sequence[torch.Tensor], current: Sequence[torch.Tensor], perm
 
 
 def dyme_merge(bank: Sequence[torch.Tensor], current: Sequence[torch.Tensor], perm: torch.Tensor) -> list[torch.Tensor]:
-    """The runtime entry point: the Triton kernel on CUDA where available, else the torch reference."""
+    """The runtime entry point: the Triton kernels on CUDA tensors where triton imports, else the torch reference.
+
+    Same contract as `dyme_ref`. The Triton path allocates its outputs but never syncs with the host, so it can run
+    inside a captured CUDA graph.
+    """
+    if dyme_triton is not None and bank[0].is_cuda:
+        return dyme_triton.dyme_merge_triton(bank, current, perm, eps=COSINE_EPS)
     return dyme_ref(bank, current, perm)
