@@ -12,8 +12,16 @@ class BankKind(str, enum.Enum):
 
 
 class CfgType(str, enum.Enum):
+    """Guidance, as StreamDiffusion defines it (docs/FEATURES.md has the formulas)."""
+
     NONE = "none"
     SELF = "self"  # RCFG with the stock noise as the negative (StreamDiffusion's "self")
+    INITIALIZE = "initialize"  # RCFG whose slot-0 negative is a real uncond UNet pass: one extra batch element
+    FULL = "full"  # classic CFG: an uncond copy of every slot, twice the UNet batch (its own engine)
+
+    def unet_batch(self, steps: int) -> int:
+        """The UNet batch this guidance needs for `steps` denoising steps (what the engine is built for)."""
+        return {CfgType.INITIALIZE: steps + 1, CfgType.FULL: 2 * steps}.get(self, steps)
 
 
 # Layers whose attention output is fused with the bank: the low-resolution ones (DESIGN.md §3).
@@ -49,6 +57,22 @@ class BankConfig:
 
 
 @dataclass(frozen=True)
+class SimilarFilterConfig:
+    """Similar-frame skip (streamv2v_trt/similar_filter.py): off by default, on for live sources."""
+
+    enabled: bool = False
+    threshold: float = 0.98  # cosine similarity of consecutive input frames from which a frame may be skipped
+    max_skip: int = 10  # at most this many skipped frames in a row
+    seed: int = 0  # the skip decisions are random (probability grows with similarity) and reproducible
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"similar-frame threshold must be in [0, 1], got {self.threshold}")
+        if self.max_skip < 0:
+            raise ValueError(f"similar-frame max_skip must be >= 0 (0 never skips), got {self.max_skip}")
+
+
+@dataclass(frozen=True)
 class StreamConfig:
     height: int = 512
     width: int = 512
@@ -60,6 +84,10 @@ class StreamConfig:
     delta: float = 1.0  # RCFG: scale of the stock noise used as the negative
     resize: bool = False  # resize frames of another size instead of refusing them
     bank: BankConfig = field(default_factory=BankConfig)
+    similar_filter: SimilarFilterConfig = field(default_factory=SimilarFilterConfig)
+    # Fill the stream batch from the first frame after a reset (steps - 1 extra UNet calls on that frame),
+    # so the first output is a full translation instead of a decode of zero latents. docs/FEATURES.md.
+    prime: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cfg_type", CfgType(self.cfg_type))
@@ -74,6 +102,11 @@ class StreamConfig:
     @property
     def steps(self) -> int:
         return len(self.t_index_list)
+
+    @property
+    def unet_batch(self) -> int:
+        """UNet (and bank) batch: steps, + 1 for RCFG initialize, x 2 for full CFG. Engines are built for it."""
+        return self.cfg_type.unet_batch(self.steps)
 
 
 def t_index_list_from_strength(strength: float, steps: int, num_inference_steps: int = 50) -> tuple[int, ...]:

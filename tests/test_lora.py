@@ -1,0 +1,261 @@
+"""LoRA fusion: small random LoRAs written here, fused into the tiny UNet, checked against a hand-written forward."""
+
+import copy
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from streamv2v_trt import StreamConfig, StreamV2V
+from streamv2v_trt.config import BankKind
+from streamv2v_trt.engine.manifest import EngineRequest, Manifest
+from streamv2v_trt.models import load_models
+from streamv2v_trt.models.lora import (
+    LoraError,
+    LoraSpec,
+    fuse_loras,
+    lora_fingerprint,
+    lora_mismatch,
+    lora_record,
+    read_lora,
+)
+
+# Linear (self/cross attention, FF) and conv (1x1 proj_in, 3x3 resnet conv) layers, as LCM-LoRA targets them.
+TARGETS = (
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0",
+    "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+    "mid_block.attentions.0.transformer_blocks.0.ff.net.2",
+    "mid_block.attentions.0.proj_in",
+    "down_blocks.0.resnets.0.conv1",
+)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_models("tiny")
+
+
+def factors(module: nn.Module, rank: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    w = module.weight
+    if w.ndim == 4:  # conv: down keeps the kernel, up is 1x1
+        down = torch.randn(rank, w.shape[1], *w.shape[2:], generator=gen) * 0.3
+        up = torch.randn(w.shape[0], rank, 1, 1, generator=gen) * 0.3
+    else:
+        down = torch.randn(rank, w.shape[1], generator=gen) * 0.3
+        up = torch.randn(w.shape[0], rank, generator=gen) * 0.3
+    return down, up
+
+
+def key_names(fmt: str, module: str) -> tuple[str, str, str]:
+    """(down key, up key, alpha key) of one layer in the file format `fmt`."""
+    if fmt == "kohya":
+        stem = "lora_unet_" + module.replace(".", "_")
+        return f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"
+    if fmt == "peft":
+        return f"unet.{module}.lora_A.weight", f"unet.{module}.lora_B.weight", f"unet.{module}.alpha"
+    if fmt == "diffusers":
+        return f"unet.{module}.lora.down.weight", f"unet.{module}.lora.up.weight", f"unet.{module}.alpha"
+    raise AssertionError(fmt)
+
+
+def write_lora(path, unet, fmt, *, rank=4, alpha=None, seed=0, targets=TARGETS):
+    """A random LoRA file; returns {module: (down, up, alpha/rank)} for the hand-written forward."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors, truth = {}, {}
+    for name in targets:
+        down, up = factors(unet.get_submodule(name), rank, gen)
+        k_down, k_up, k_alpha = key_names(fmt, name)
+        tensors[k_down], tensors[k_up] = down, up
+        if alpha is not None:
+            tensors[k_alpha] = torch.tensor(float(alpha))
+        truth[name] = (down, up, (rank if alpha is None else alpha) / rank)
+    save_file(tensors, str(path))
+    return truth
+
+
+def unet_out(unet, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    ehs = torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(sample, torch.tensor([799, 399]), ehs, return_dict=False)[0]
+
+
+def hooked_out(unet, loras):
+    """The unfused LoRA forward: each targeted layer adds scale * alpha/r * up(down(x)) to its output."""
+    handles = []
+
+    def hook(down, up, factor):
+        def add(module, args, out):
+            x = args[0]
+            if isinstance(module, nn.Conv2d):
+                h = F.conv2d(x, down, None, module.stride, module.padding, module.dilation)
+                return out + factor * F.conv2d(h, up)
+            return out + factor * F.linear(F.linear(x, down), up)
+
+        return add
+
+    for truth, scale in loras:
+        for name, (down, up, a_over_r) in truth.items():
+            handles.append(unet.get_submodule(name).register_forward_hook(hook(down, up, scale * a_over_r)))
+    try:
+        return unet_out(unet)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("fmt,alpha", [("kohya", 2.0), ("peft", None), ("diffusers", 8.0)])
+def test_fused_unet_equals_the_unfused_lora_forward(base, tmp_path, fmt, alpha):
+    unet = copy.deepcopy(base.unet)
+    plain = unet_out(unet)
+    truth = write_lora(tmp_path / "a.safetensors", unet, fmt, alpha=alpha)
+    expected = hooked_out(unet, [(truth, 0.7)])
+    n = fuse_loras(unet, [LoraSpec(tmp_path / "a.safetensors", 0.7)])
+    assert n == len(TARGETS)
+    fused = unet_out(unet)
+    assert (fused - plain).abs().max() > 1e-2  # the LoRA does change the output
+    torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_two_loras_kohya_and_peft_fuse_together(base, tmp_path):
+    unet = copy.deepcopy(base.unet)
+    a = write_lora(tmp_path / "a.safetensors", unet, "kohya", alpha=1.0, seed=1)
+    b = write_lora(tmp_path / "b.safetensors", unet, "peft", rank=2, seed=2, targets=TARGETS[:3])
+    expected = hooked_out(unet, [(a, 1.0), (b, -0.5)])
+    fuse_loras(unet, [LoraSpec(tmp_path / "a.safetensors", 1.0), LoraSpec(tmp_path / "b.safetensors", -0.5)])
+    torch.testing.assert_close(unet_out(unet), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_processor_format_names_to_out(base, tmp_path):
+    unet = copy.deepcopy(base.unet)
+    attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    gen = torch.Generator().manual_seed(0)
+    down, up = factors(unet.get_submodule(f"{attn}.to_out.0"), 2, gen)
+    save_file(
+        {f"unet.{attn}.processor.to_out_lora.down.weight": down, f"unet.{attn}.processor.to_out_lora.up.weight": up},
+        str(tmp_path / "p.safetensors"),
+    )
+    expected = hooked_out(unet, [({f"{attn}.to_out.0": (down, up, 1.0)}, 1.0)])
+    fuse_loras(unet, [LoraSpec(tmp_path / "p.safetensors")])
+    torch.testing.assert_close(unet_out(unet), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_text_encoder_layers_need_the_text_encoder(base, tmp_path):
+    te = copy.deepcopy(base.text_encoder)
+    q = te.get_submodule("encoder.layers.0.self_attn.q_proj")
+    gen = torch.Generator().manual_seed(0)
+    down, up = factors(q, 2, gen)
+    stem = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up}, str(tmp_path / "te.safetensors"))
+    spec = LoraSpec(tmp_path / "te.safetensors")
+    with pytest.raises(LoraError, match="pass the text encoder"):
+        fuse_loras(copy.deepcopy(base.unet), [spec])
+    before = q.weight.clone()
+    fuse_loras(copy.deepcopy(base.unet), [spec], text_encoder=te)
+    torch.testing.assert_close(q.weight, before + up @ down)
+    # The engine path: the UNet part is compiled in, only the text encoder is fused (unet=None).
+    write_lora(tmp_path / "u.safetensors", base.unet, "kohya", seed=4)
+    fuse_loras(None, [LoraSpec(tmp_path / "u.safetensors"), spec], text_encoder=te)
+    torch.testing.assert_close(q.weight, before + 2 * (up @ down))
+
+
+def save(path, tensors):
+    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(path))
+    return LoraSpec(path)
+
+
+def test_bad_files_raise_clear_errors_and_change_nothing(base, tmp_path):
+    unet = copy.deepcopy(base.unet)
+    target = unet.get_submodule(TARGETS[0])
+    down, up = factors(target, 4, torch.Generator().manual_seed(0))
+    k_down, k_up, _ = key_names("kohya", TARGETS[0])
+    good = {k_down: down, k_up: up}
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    cases = {
+        "not a LoRA factor": {**good, "lora_unet_foo.weight": down},
+        "matches no Linear/Conv2d": {
+            **good,
+            "lora_unet_no_such_layer.lora_down.weight": down,
+            "lora_unet_no_such_layer.lora_up.weight": up,
+        },
+        "original SD block names": {
+            "lora_unet_input_blocks_1_1_proj_in.lora_down.weight": down,
+            "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": up,
+        },
+        "do not fit its weight": {**good, k_up: up[:, :2]},
+        "has no up factor": {k_down: down},
+        "LyCORIS": {"lora_unet_x.hada_w1_a": down},
+    }
+    for i, (message, tensors) in enumerate(cases.items()):
+        # the good LoRA first: a failing second file must not leave the first one half-fused
+        specs = [save(tmp_path / "good.safetensors", good), save(tmp_path / f"bad{i}.safetensors", tensors)]
+        with pytest.raises(LoraError, match=message):
+            fuse_loras(unet, specs)
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(FileNotFoundError):
+        read_lora(tmp_path / "missing.safetensors")
+
+
+def test_fingerprint_follows_contents_and_scales(base, tmp_path):
+    write_lora(tmp_path / "a.safetensors", base.unet, "kohya", seed=1)
+    write_lora(tmp_path / "b.safetensors", base.unet, "kohya", seed=2)
+    shutil.copy(tmp_path / "a.safetensors", tmp_path / "renamed.safetensors")
+    a, b = LoraSpec(tmp_path / "a.safetensors"), LoraSpec(tmp_path / "b.safetensors")
+    fp = lora_fingerprint([a])
+    assert len(fp) == 64 and lora_fingerprint([]) == "none"
+    assert lora_fingerprint([LoraSpec(tmp_path / "renamed.safetensors")]) == fp  # names do not count
+    assert lora_fingerprint([LoraSpec(a.path, 0.5)]) != fp
+    assert lora_fingerprint([a, b]) not in (fp, lora_fingerprint([b, a]))
+    record = lora_record([a])
+    assert record["fingerprint"] == fp and record["files"][0]["name"] == "a.safetensors"
+    assert lora_mismatch(record, [LoraSpec(tmp_path / "renamed.safetensors")]) is None
+    assert lora_mismatch(None, []) is None
+    # The same file changed on disk: refused, and the message names what was built and what is asked.
+    write_lora(tmp_path / "a.safetensors", base.unet, "kohya", seed=3)
+    msg = lora_mismatch(record, [a])
+    assert msg is not None and "a.safetensors:1" in msg
+    assert "no LoRA" in lora_mismatch(None, [a])
+
+
+def test_lora_spec_parse():
+    assert LoraSpec.parse("x/lcm.safetensors:0.8") == LoraSpec("x/lcm.safetensors", 0.8)
+    assert LoraSpec.parse("lcm.safetensors") == LoraSpec("lcm.safetensors", 1.0)
+    assert LoraSpec.parse("C:/loras/lcm.safetensors") == LoraSpec("C:/loras/lcm.safetensors", 1.0)
+    assert LoraSpec.parse("a.safetensors:-1e-1").scale == -0.1
+    assert LoraSpec("a.safetensors", 0.5).cli_arg() == "a.safetensors:0.5"
+
+
+def test_stream_from_pretrained_fuses_loras(base, tmp_path):
+    write_lora(tmp_path / "a.safetensors", base.unet, "kohya", alpha=4.0, seed=5)
+    cfg = StreamConfig(height=64, width=64)
+    frame = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    plain = StreamV2V.from_pretrained("tiny", cfg, prompt="a cat")(frame)
+    fused = StreamV2V.from_pretrained("tiny", cfg, prompt="a cat", loras=[LoraSpec(tmp_path / "a.safetensors", 2.0)])
+    assert not np.array_equal(fused(frame), plain)
+
+
+def test_manifest_refuses_a_changed_lora(base, tmp_path):
+    write_lora(tmp_path / "a.safetensors", base.unet, "kohya", seed=1)
+    spec = LoraSpec(tmp_path / "a.safetensors", 0.8)
+    manifest = Manifest(
+        model="tiny", weights_hash="w", random_weights=True, height=32, width=32, t_index_list=(32,),
+        bank_kind="dyme", bank_frames=1, interval=4, ff_layers=(), ff_threshold=0.98, ff_strength=0.8, vae="taesd",
+        precision="fp32", builder=None, builder_version=None, exporter="x", created="now", build_command="",
+        networks={}, loras=lora_record([spec]),
+    )  # fmt: skip
+    request = EngineRequest("tiny", 32, 32, (32,), BankKind.DYME, precision="fp32", need="onnx", loras=(spec,))
+    assert not any(d.startswith("loras") for d in manifest.differences(request))
+    assert f"--lora {spec.path}:0.8" in request.command("out")
+    write_lora(tmp_path / "a.safetensors", base.unet, "kohya", seed=2)  # the file changed after the build
+    assert any(d.startswith("loras: engine was built with a.safetensors:0.8") for d in manifest.differences(request))
+    legacy = {k: v for k, v in manifest.to_json().items() if k != "loras"}  # a manifest from before LoRA support
+    old = Manifest.from_json(legacy)
+    assert any("no LoRA" in d for d in old.differences(request))
+    assert not any(d.startswith("loras") for d in old.differences(EngineRequest("tiny", 32, 32, (32,), "dyme")))
