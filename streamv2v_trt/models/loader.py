@@ -43,6 +43,7 @@ class Models:
     random_weights: bool
     default_size: tuple[int, int]  # (height, width)
     default_t_index_list: tuple[int, ...]
+    recipe: str | None = None  # for seeded random weights: what determines them (configs, seed, VAE kind)
 
     @property
     def vae_kind(self) -> VaeKind:
@@ -53,16 +54,25 @@ class Models:
         return 8  # both TAESD and the SD KL autoencoder downsample by 8
 
     def weights_hash(self) -> str:
-        """Hash of the UNet and VAE weights: engines built from other weights are refused."""
+        """Hash of the UNet and VAE weights: engines built from other weights are refused.
+
+        Seeded random weights are identified by their recipe: the random VAE calibration runs convolutions whose
+        last bits depend on the CPU thread count, so hashing their values would refuse a valid engine.
+        """
         h = hashlib.sha256()
+        if self.recipe is not None:
+            h.update(self.recipe.encode())
+            return h.hexdigest()[:16]
         for module in (self.unet, self.vae):
             for name, tensor in sorted(module.state_dict().items()):
-                h.update(name.encode())
                 t = tensor.detach().float().cpu().contiguous().view(-1)
-                # A strided sample and the sum keep this fast for 1B-parameter models.
-                h.update(t[:: max(1, t.numel() // 4096)].numpy().tobytes())
-                h.update(str(float(t.sum())).encode())
+                h.update(f"{name}:{tuple(tensor.shape)}".encode())
+                h.update(t[:: max(1, t.numel() // 4096)].numpy().tobytes())  # a strided sample: fast for 1B params
         return h.hexdigest()[:16]
+
+
+_WARNED_RANDOM: set[tuple[str, int]] = set()  # warn once per process and preset, not on every load
+RANDOM_VAE_CALIBRATION = "v1"  # bump when _calibrate_random_vae changes: random-weight engines then rebuild
 
 
 def _random_init(build, seed: int):
@@ -122,15 +132,19 @@ def _from_preset(preset: ModelPreset, vae_kind: VaeKind, seed: int) -> tuple:
     folder = _cached_snapshot(preset.hub_id) if preset.hub_id else None
     if folder is not None:
         log.info("loading %s weights from the local cache: %s", preset.name, folder)
-        return (*_from_folder(folder, vae_kind, preset), False)
-    log.warning(
-        "model %r: no local weights found%s; using the %s architecture with seeded RANDOM weights (seed %d). "
-        "Outputs are noise-like; pass a diffusers folder or hub id for real results.",
-        preset.name,
-        f" (looked for {preset.hub_id} in the Hugging Face cache)" if preset.hub_id else "",
-        preset.name,
-        seed,
-    )
+        return (*_from_folder(folder, vae_kind, preset), None)
+    if (preset.name, seed) in _WARNED_RANDOM:
+        log.debug("model %r: seeded random weights (seed %d)", preset.name, seed)
+    else:
+        _WARNED_RANDOM.add((preset.name, seed))
+        log.warning(
+            "model %r: no local weights found%s; using the %s architecture with seeded RANDOM weights (seed %d). "
+            "Outputs are noise-like; pass a diffusers folder or hub id for real results.",
+            preset.name,
+            f" (looked for {preset.hub_id} in the Hugging Face cache)" if preset.hub_id else "",
+            preset.name,
+            seed,
+        )
     unet = _random_init(lambda: UNet2DConditionModel.from_config(_load_json(cfg / "unet.json")), seed)
     vae_file, vae_cls = (
         ("vae_tiny.json", AutoencoderTiny) if vae_kind is VaeKind.TAESD else ("vae_kl.json", AutoencoderKL)
@@ -141,7 +155,17 @@ def _from_preset(preset: ModelPreset, vae_kind: VaeKind, seed: int) -> tuple:
     text_encoder = _random_init(lambda: CLIPTextModel(text_cfg), seed + 2)
     tokenizer = clip_tokenizer(preset.tokenizer_pad_token)
     scheduler = LCMScheduler.from_config(_load_json(cfg / "scheduler.json"))
-    return unet, vae, text_encoder, tokenizer, scheduler, True
+    recipe = json.dumps(
+        {
+            "preset": preset.name,
+            "seed": seed,
+            "vae": vae_kind.value,
+            "configs": {f: _load_json(cfg / f) for f in ("unet.json", vae_file, "text_encoder.json")},
+            "calibration": RANDOM_VAE_CALIBRATION,
+        },
+        sort_keys=True,
+    )
+    return unet, vae, text_encoder, tokenizer, scheduler, recipe
 
 
 def _from_folder(folder: Path, vae_kind: VaeKind, preset: ModelPreset | None = None) -> tuple:
@@ -184,7 +208,7 @@ def load_models(
     vae_kind = VaeKind(vae)
     preset = PRESETS.get(model)
     if preset is not None:
-        unet, vae_m, text_encoder, tokenizer, scheduler, random_weights = _from_preset(preset, vae_kind, seed)
+        unet, vae_m, text_encoder, tokenizer, scheduler, recipe = _from_preset(preset, vae_kind, seed)
         size, t_index = (preset.height, preset.width), preset.t_index_list
     else:
         folder = Path(model)
@@ -198,11 +222,12 @@ def load_models(
 
             folder = Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
         unet, vae_m, text_encoder, tokenizer, scheduler = _from_folder(folder, vae_kind)
-        random_weights = False
+        recipe = None
         sample = unet.config.sample_size * 8
         size, t_index = (sample, sample), (32,)
     for m in (unet, vae_m, text_encoder):
-        if next(m.parameters()).dtype != dtype:  # diffusers warns on every dtype cast, even a no-op one
-            m.to(dtype=dtype)
+        if next(m.parameters()).dtype != dtype:
+            # nn.Module.to, not diffusers' override: that one warns about an empty list of fp32-only modules.
+            torch.nn.Module.to(m, dtype=dtype)
         m.to(device=device).eval().requires_grad_(False)
-    return Models(model, unet, vae_m, text_encoder, tokenizer, scheduler, random_weights, size, t_index)
+    return Models(model, unet, vae_m, text_encoder, tokenizer, scheduler, recipe is not None, size, t_index, recipe)
