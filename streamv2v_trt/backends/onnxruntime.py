@@ -1,0 +1,150 @@
+"""ONNX Runtime backend: runs the very ONNX files that TensorRT compiles (UNet with bank I/O, VAE encoder/decoder).
+
+Every tensor goes through I/O binding by name. Outputs are bound once to torch buffers allocated here, so
+`unet()` returns the same tensors on every call (valid until the next call) and ORT never allocates them.
+Inputs are bound to the caller's tensors by pointer and rebound only when a pointer changes: the pipeline
+passes the same latent, prompt and bank buffers every frame, so on a device the bank never leaves it
+between calls. An input of another dtype or device is copied into a staging buffer allocated once.
+
+CPU provider here; the CUDA provider where onnxruntime-gpu is installed (it runs on the current torch
+stream, see `_providers`).
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from ..layout import BankLayout
+from .binding import InputBinder, Spec, check_unet_io
+
+# ONNX type strings as onnxruntime reports them -> torch / numpy dtypes.
+_TORCH_DTYPES = {
+    "tensor(float)": torch.float32,
+    "tensor(float16)": torch.float16,
+    "tensor(bfloat16)": torch.bfloat16,
+    "tensor(int64)": torch.int64,
+    "tensor(int32)": torch.int32,
+    "tensor(bool)": torch.bool,
+    "tensor(uint8)": torch.uint8,
+}
+_NUMPY_DTYPES = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.bool: np.bool_,
+    torch.uint8: np.uint8,
+}
+
+
+def _providers(device: torch.device) -> list:
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.type != "cuda":
+        raise ValueError(f"onnxruntime backend runs on cpu or cuda, got device {device}")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise RuntimeError(
+            f"device {device} asked, but this onnxruntime has no CUDAExecutionProvider "
+            f"(available: {ort.get_available_providers()}); install onnxruntime-gpu or use device='cpu'"
+        )
+    # ORT enqueues on torch's current stream: no cross-stream sync between the pipeline's kernels and the engine.
+    stream = torch.cuda.current_stream(device).cuda_stream
+    options = {"device_id": device.index or 0, "has_user_compute_stream": "1", "user_compute_stream": str(stream)}
+    return [("CUDAExecutionProvider", options)]
+
+
+class BoundSession:
+    """One ONNX model behind I/O binding: named torch tensors in, preallocated named torch tensors out."""
+
+    def __init__(self, path: str | PathLike, device: torch.device, threads: int | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model {self.path} not found; build it with python -m build_engines")
+        self.device = device
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.path), options, providers=_providers(device))
+        self.binding = self.session.io_binding()
+        self.input_specs = {i.name: self._spec(i) for i in self.session.get_inputs()}
+        self.output_specs = {o.name: self._spec(o) for o in self.session.get_outputs()}
+        self.outputs = {
+            name: torch.empty(shape, dtype=dtype, device=device) for name, (shape, dtype) in self.output_specs.items()
+        }
+        for name, t in self.outputs.items():
+            self._bind(self.binding.bind_output, name, t)
+        self.bind_inputs = InputBinder(
+            self.path.name, self.input_specs, device, lambda n, t: self._bind(self.binding.bind_input, n, t)
+        )
+
+    def _spec(self, arg) -> Spec:
+        if arg.type not in _TORCH_DTYPES:
+            raise TypeError(f"{self.path.name}: tensor {arg.name} has type {arg.type}, not supported by this runtime")
+        if not all(isinstance(d, int) and d > 0 for d in arg.shape):
+            raise ValueError(
+                f"{self.path.name}: tensor {arg.name} has dynamic shape {arg.shape}; engines have static shapes "
+                "(one per resolution and batch). Re-export it with python -m build_engines."
+            )
+        return tuple(arg.shape), _TORCH_DTYPES[arg.type]
+
+    @staticmethod
+    def _bind(bind, name: str, t: torch.Tensor) -> None:
+        index = (t.device.index or 0) if t.device.type == "cuda" else 0
+        bind(name, t.device.type, index, _NUMPY_DTYPES[t.dtype], list(t.shape), t.data_ptr())
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.bind_inputs(inputs)
+        # On CUDA, ORT waits for its stream (torch's) before returning; that sync is ORT's, not avoidable here.
+        self.session.run_with_iobinding(self.binding)
+        return self.outputs
+
+
+class OnnxRuntimeBackend:
+    """UNet, VAE encoder and VAE decoder ONNX models run by onnxruntime, with the pipeline's tensors bound by name."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        unet: str | PathLike,
+        vae_encoder: str | PathLike,
+        vae_decoder: str | PathLike,
+        layout: BankLayout,
+        *,
+        device: torch.device | str = "cpu",
+        threads: int | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.layout = layout
+        self._unet = BoundSession(unet, self.device, threads)
+        self._encoder = BoundSession(vae_encoder, self.device, threads)
+        self._decoder = BoundSession(vae_decoder, self.device, threads)
+        check_unet_io(
+            self._unet.path.name,
+            set(self._unet.input_specs),
+            set(self._unet.output_specs),
+            layout,
+        )
+        for session in (self._encoder, self._decoder):
+            if len(session.input_specs) != 1 or len(session.output_specs) != 1:
+                raise ValueError(
+                    f"{session.path.name}: a VAE model has one input and one output, got inputs "
+                    f"{list(session.input_specs)} and outputs {list(session.output_specs)}"
+                )
+        self.dtype = self._unet.input_specs["sample"][1]
+        self._enc_in, self._enc_out = next(iter(self._encoder.input_specs)), next(iter(self._encoder.output_specs))
+        self._dec_in, self._dec_out = next(iter(self._decoder.input_specs)), next(iter(self._decoder.output_specs))
+
+    def unet(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self._unet.run(inputs)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self._encoder.run({self._enc_in: images})[self._enc_out]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decoder.run({self._dec_in: latents})[self._dec_out]

@@ -1,0 +1,138 @@
+"""Issue 7's features on the engine path (onnxruntime, CPU): a LoRA fused at build time, checked by the manifest,
+with its text-encoder part fused at load; RCFG and prompt blending, which are buffers, on the same engines.
+
+One tiny fp32 --onnx-only build (32x32, 2 steps) with a small random LoRA is shared by every test here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from build_engines import BuildConfig, build
+from streamv2v_trt import CfgType, StreamConfig, StreamV2V
+from streamv2v_trt.engine import EngineMismatch
+from streamv2v_trt.models import load_models
+from streamv2v_trt.models.lora import LoraSpec
+
+SIZE = 32
+T_INDEX = (20, 35)  # steps=2: the stream batch holds two frames in flight
+PROMPT = "a watercolor cat"
+# UNet layers (attention linear, 1x1 and 3x3 convs) and text-encoder layers: the engine carries the first,
+# open_engines must fuse the second into the PyTorch text encoder.
+UNET_TARGETS = (
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+    "mid_block.attentions.0.proj_in",
+    "down_blocks.0.resnets.0.conv1",
+)
+TEXT_TARGETS = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.1.mlp.fc1")
+
+
+def write_lora(path, seed: int = 0, rank: int = 4) -> LoraSpec:
+    """A random PEFT-format LoRA touching both the UNet and the text encoder."""
+    models = load_models("tiny")
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    # Files name text-encoder layers under `text_model.` (older transformers' CLIPTextModel); recent versions
+    # drop that level, and the LoRA reader maps the names back.
+    modules = [(f"unet.{n}", models.unet.get_submodule(n)) for n in UNET_TARGETS]
+    modules += [(f"text_encoder.text_model.{n}", models.text_encoder.get_submodule(n)) for n in TEXT_TARGETS]
+    for key, module in modules:
+        w = module.weight
+        tensors[f"{key}.lora_A.weight"] = torch.randn(rank, *w.shape[1:], generator=gen) * 0.3
+        up_shape = (w.shape[0], rank, 1, 1) if w.ndim == 4 else (w.shape[0], rank)
+        tensors[f"{key}.lora_B.weight"] = torch.randn(*up_shape, generator=gen) * 0.3
+    save_file(tensors, str(path))
+    return LoraSpec(path, 0.8)
+
+
+def video(n: int, seed: int = 0) -> list[np.ndarray]:
+    """A slowly drifting random scene (consecutive frames similar, as in a video)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (SIZE, SIZE, 3)).astype(np.int16)
+    return [np.clip(base + rng.integers(-6, 7, base.shape) + i, 0, 255).astype(np.uint8) for i in range(n)]
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b).max())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, competing thread pools make the tiny model much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory) -> LoraSpec:
+    return write_lora(tmp_path_factory.mktemp("lora") / "style.safetensors")
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory, lora):
+    out = tmp_path_factory.mktemp("engines") / "tiny32-lora"
+    cfg = StreamConfig(height=SIZE, width=SIZE, t_index_list=T_INDEX)
+    build(BuildConfig.from_stream("tiny", cfg, out, precision="fp32", onnx_only=True, loras=(lora,)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ort_stream(engines, lora):
+    return StreamV2V.from_engines(engines, "onnxruntime", prompt=PROMPT, threads=1, loras=[lora])
+
+
+def test_lora_engine_matches_eager_with_the_same_lora(ort_stream, lora):
+    s = ort_stream
+    s.reset()
+    eager = StreamV2V.from_pretrained("tiny", s.cfg, prompt=PROMPT, loras=[lora])
+    plain = StreamV2V.from_pretrained("tiny", s.cfg, prompt=PROMPT)
+    # The text-encoder half of the LoRA was fused at load: the prompt embeddings are the LoRA'd ones.
+    torch.testing.assert_close(s.prompt_embeds, eager.prompt_embeds, atol=1e-5, rtol=0)
+    assert (s.prompt_embeds - plain.prompt_embeds).abs().max() > 1e-2
+    worst_plain = 0
+    for i, frame in enumerate(video(8)):
+        a, b, c = eager(frame), s(frame), plain(frame)
+        assert max_diff(a, b) <= 1, f"frame {i}"
+        worst_plain = max(worst_plain, max_diff(c, b))
+    assert worst_plain > 1  # the LoRA really changes the output: the engine is not the plain model
+
+
+def test_changed_or_missing_lora_is_refused_with_the_rebuild_command(engines, lora, tmp_path):
+    with pytest.raises(EngineMismatch, match="--lora") as missing:
+        StreamV2V.from_engines(engines, "onnxruntime", verify_hashes=False)
+    assert "loras:" in str(missing.value) and "no LoRA" in str(missing.value)
+    assert "--lora style.safetensors:0.8" in str(missing.value)  # how to run them as built
+    with pytest.raises(EngineMismatch, match="--lora") as rescaled:
+        StreamV2V.from_engines(engines, "onnxruntime", verify_hashes=False, loras=[LoraSpec(lora.path, 0.5)])
+    assert f"--lora {lora.path}:0.5" in str(rescaled.value)
+    other = write_lora(tmp_path / "other.safetensors", seed=1)  # same name pattern and scale, other contents
+    with pytest.raises(EngineMismatch, match="file contents or scales differ"):
+        StreamV2V.from_engines(engines, "onnxruntime", verify_hashes=False, loras=[other])
+
+
+def test_rcfg_self_and_prompt_blend_match_eager_without_a_rebuild(engines, lora):
+    """Guidance `self` shares the UNet batch of `none`, and prompts are a buffer: the same engines serve them."""
+    built = StreamV2V.from_engines(engines, "onnxruntime", threads=1, loras=[lora], verify_hashes=False).cfg
+    cfg = dataclasses.replace(built, cfg_type=CfgType.SELF, guidance_scale=1.6, delta=0.7)
+    blend = [("a watercolor cat", 0.7), ("a pencil sketch of a dog", 0.3)]
+    s = StreamV2V.from_engines(engines, "onnxruntime", cfg, threads=1, loras=[lora], verify_hashes=False)
+    s.update_prompt(blend)
+    eager = StreamV2V.from_pretrained("tiny", cfg, loras=[lora])
+    eager.update_prompt(blend)
+    unguided = StreamV2V.from_pretrained("tiny", built, loras=[lora])
+    unguided.update_prompt(blend)
+    assert s.cfg.cfg_type is CfgType.SELF
+    worst_unguided = 0
+    for i, frame in enumerate(video(6, seed=3)):
+        a, b, c = eager(frame), s(frame), unguided(frame)
+        assert max_diff(a, b) <= 1, f"frame {i}"
+        worst_unguided = max(worst_unguided, max_diff(c, b))
+    assert worst_unguided > 1  # guidance took effect on the engine path
