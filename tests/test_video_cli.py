@@ -1,0 +1,147 @@
+"""`python -m streamv2v_trt video`: frames, timestamps and audio survive; bad inputs fail cleanly."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from skimage import data
+
+from streamv2v_trt.cli.main import main
+from streamv2v_trt.video_io import VideoReader
+
+FPS = 12
+SIZE = ["--height", "64", "--width", "64", "--no-progress"]
+
+
+def pan_frames(n: int) -> list[np.ndarray]:
+    """The astronaut photo panned 2 px per frame, 64x64."""
+    img = data.astronaut()[::4, ::4]  # [128, 128, 3]
+    return [np.ascontiguousarray(img[20:84, 10 + 2 * i : 74 + 2 * i]) for i in range(n)]
+
+
+def write_clip(path: Path, frames: list[np.ndarray], *, audio: bool = False) -> None:
+    # faststart puts the index first, so a truncated copy still opens and decodes up to the cut
+    options = {"movflags": "faststart"} if path.suffix == ".mp4" else {}
+    with av.open(str(path), "w", options=options) as c:
+        v = c.add_stream("libx264", rate=FPS)
+        v.width, v.height, v.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        a = None
+        if audio:
+            a = c.add_stream("aac", rate=16000)
+            a.layout = "mono"
+            t = np.arange(16000 * len(frames) // FPS) / 16000
+            af = av.AudioFrame.from_ndarray((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None], "flt", "mono")
+            af.sample_rate, af.pts = 16000, 0
+            for p in a.encode(af):
+                c.mux(p)
+            for p in a.encode(None):
+                c.mux(p)
+        for f in frames:
+            for p in v.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in v.encode(None):
+            c.mux(p)
+
+
+def read_all(path: Path) -> tuple[VideoReader, list]:
+    reader = VideoReader(path)
+    frames = list(reader.frames())
+    reader.close()
+    return reader, frames
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("video") / "pan.mp4"
+    write_clip(path, pan_frames(12))
+    return path
+
+
+def test_translates_every_frame_at_the_input_fps(clip, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    assert main(["video", str(clip), str(out), "--prompt", "an oil painting", *SIZE]) == 0
+    reader, frames = read_all(out)
+    assert len(frames) == 12
+    assert reader.info.fps == Fraction(FPS)
+    assert (reader.info.width, reader.info.height) == (64, 64)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_stream_batch_keeps_timestamps_and_audio(tmp_path):
+    src = tmp_path / "with_audio.mp4"
+    write_clip(src, pan_frames(12), audio=True)
+    out = tmp_path / "out.mkv"
+    # 2 steps: the stream delays frames by one; the CLI drops the empty first output and flushes the last one.
+    assert main(["video", str(src), str(out), "--prompt", "a cat", "--steps", "2", "--strength", "0.5", *SIZE]) == 0
+    src_reader, src_frames = read_all(src)
+    reader, frames = read_all(out)
+    assert len(frames) == 12
+    # Relative times: Matroska shifts everything by the AAC priming delay (no negative timestamps there).
+    times = lambda r, fr: [float((f.pts - fr[0].pts) * r.info.time_base) for f in fr]  # noqa: E731
+    assert times(reader, frames) == pytest.approx(times(src_reader, src_frames), abs=2e-3)
+    assert reader.info.audio_codec == "aac"
+
+
+def test_max_frames(clip, tmp_path):
+    out = tmp_path / "out.mp4"
+    assert main(["video", str(clip), str(out), "--prompt", "x", "--max-frames", "5", *SIZE]) == 0
+    assert len(read_all(out)[1]) == 5
+
+
+def test_missing_input_fails_cleanly(tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    assert main(["video", str(tmp_path / "nope.mp4"), str(out), "--prompt", "x", *SIZE]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: input video not found") and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_not_a_video_fails_cleanly(tmp_path, capsys):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    assert main(["video", str(junk), str(tmp_path / "out.mp4"), "--prompt", "x", *SIZE]) == 1
+    assert "cannot open" in capsys.readouterr().err
+
+
+def test_unknown_output_container_fails_before_loading(clip, tmp_path, capsys):
+    assert main(["video", str(clip), str(tmp_path / "out.xyz"), "--prompt", "x", *SIZE]) == 1
+    assert "unknown container '.xyz'" in capsys.readouterr().err
+
+
+def test_engines_need_the_engine_runtime_or_a_clear_message(clip, tmp_path, capsys):
+    rc = main(["video", str(clip), str(tmp_path / "o.mp4"), "--prompt", "x", "--backend", "onnxruntime", *SIZE])
+    assert rc == 1 and "--engines" in capsys.readouterr().err
+
+
+def test_truncated_input_leaves_a_playable_partial_output(tmp_path, capsys):
+    full = tmp_path / "full.mp4"
+    write_clip(full, pan_frames(24))
+    data_ = full.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data_[: int(len(data_) * 0.8)])
+    out = tmp_path / "out.mp4"
+    assert main(["video", str(cut), str(out), "--prompt", "x", *SIZE]) == 1
+    captured = capsys.readouterr()
+    assert "error:" in captured.err and "Traceback" not in captured.err
+    assert "frames before it" in captured.err
+    _, frames = read_all(out)  # the partial output decodes to the end
+    assert 0 < len(frames) < 24
+    assert f"{len(frames)} frames" in captured.out
+
+
+def test_reader_reports_a_stream_that_ends_before_its_declared_length(tmp_path):
+    from streamv2v_trt.video_io import VideoError
+
+    full = tmp_path / "full.mkv"
+    write_clip(full, pan_frames(24))
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(full.read_bytes()[: int(full.stat().st_size * 0.8)])  # the header still says 2 s
+    got = []
+    with VideoReader(cut) as reader, pytest.raises(VideoError, match=r"ended after \d+ of 24 frames"):
+        for frame in reader.frames():
+            got.append(frame)
+    assert 0 < len(got) < 24 and [f.index for f in got] == list(range(len(got)))
