@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+
+from .log_setup import configure_logging
 
 SUBCOMMANDS = ("demo", "video", "serve")
 
@@ -33,7 +34,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.verbose)
     return int(args.func(args) or 0)
