@@ -61,3 +61,30 @@ def check_unet_io(where: str, inputs: set[str], outputs: set[str], layout: BankL
         f"extra outputs {sorted(outputs - expected_out)}; rebuild it with python -m build_engines for this model "
         "and bank config"
     )
+
+
+class NamedIOBackend:
+    """UNet, VAE encoder and VAE decoder runners with named I/O (`input_specs`, `output_specs`, `run`, `path`),
+    checked against the bank layout; what the onnxruntime and tensorrt backends share."""
+
+    def _set_networks(self, unet, encoder, decoder, layout: BankLayout) -> None:
+        self._unet, self._encoder, self._decoder, self.layout = unet, encoder, decoder, layout
+        check_unet_io(unet.path.name, set(unet.input_specs), set(unet.output_specs), layout)
+        for net in (encoder, decoder):
+            if len(net.input_specs) != 1 or len(net.output_specs) != 1:
+                raise ValueError(
+                    f"{net.path.name}: a VAE network has one input and one output, got inputs "
+                    f"{list(net.input_specs)} and outputs {list(net.output_specs)}"
+                )
+        self.dtype = unet.input_specs["sample"][1]
+        self._enc_in, self._enc_out = next(iter(encoder.input_specs)), next(iter(encoder.output_specs))
+        self._dec_in, self._dec_out = next(iter(decoder.input_specs)), next(iter(decoder.output_specs))
+
+    def unet(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self._unet.run(inputs)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self._encoder.run({self._enc_in: images})[self._enc_out]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decoder.run({self._dec_in: latents})[self._dec_out]

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 
 from ..layout import BankLayout
-from .binding import InputBinder, Spec, check_unet_io
+from .binding import InputBinder, NamedIOBackend, Spec
 
 # ONNX type strings as onnxruntime reports them -> torch / numpy dtypes.
 _TORCH_DTYPES = {
@@ -104,7 +104,7 @@ class BoundSession:
         return self.outputs
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(NamedIOBackend):
     """UNet, VAE encoder and VAE decoder ONNX models run by onnxruntime, with the pipeline's tensors bound by name."""
 
     name = "onnxruntime"
@@ -120,31 +120,9 @@ class OnnxRuntimeBackend:
         threads: int | None = None,
     ) -> None:
         self.device = torch.device(device)
-        self.layout = layout
-        self._unet = BoundSession(unet, self.device, threads)
-        self._encoder = BoundSession(vae_encoder, self.device, threads)
-        self._decoder = BoundSession(vae_decoder, self.device, threads)
-        check_unet_io(
-            self._unet.path.name,
-            set(self._unet.input_specs),
-            set(self._unet.output_specs),
+        self._set_networks(
+            BoundSession(unet, self.device, threads),
+            BoundSession(vae_encoder, self.device, threads),
+            BoundSession(vae_decoder, self.device, threads),
             layout,
         )
-        for session in (self._encoder, self._decoder):
-            if len(session.input_specs) != 1 or len(session.output_specs) != 1:
-                raise ValueError(
-                    f"{session.path.name}: a VAE model has one input and one output, got inputs "
-                    f"{list(session.input_specs)} and outputs {list(session.output_specs)}"
-                )
-        self.dtype = self._unet.input_specs["sample"][1]
-        self._enc_in, self._enc_out = next(iter(self._encoder.input_specs)), next(iter(self._encoder.output_specs))
-        self._dec_in, self._dec_out = next(iter(self._decoder.input_specs)), next(iter(self._decoder.output_specs))
-
-    def unet(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self._unet.run(inputs)
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self._encoder.run({self._enc_in: images})[self._enc_out]
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decoder.run({self._dec_in: latents})[self._dec_out]

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..engine.trt import import_tensorrt
+from ..engine.trt import import_tensorrt, trt_logger
 from ..layout import BankLayout
-from .binding import InputBinder, Spec, check_unet_io
+from .binding import InputBinder, NamedIOBackend, Spec
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +34,6 @@ def _torch_dtypes(trt) -> dict:
         "bool": torch.bool,
     }
     return {getattr(trt, n): t for n, t in names.items() if hasattr(trt, n)}  # a flavour may lack some types
-
-
-def _logger(trt):
-    """TensorRT's messages into `logging` (info at debug level)."""
-
-    class Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, severity, msg) -> None:
-            if severity <= trt.ILogger.Severity.ERROR:
-                log.error("%s", msg)
-            elif severity == trt.ILogger.Severity.WARNING:
-                log.warning("%s", msg)
-            else:
-                log.debug("%s", msg)
-
-    return Logger()
 
 
 class TrtEngine:
@@ -99,7 +81,7 @@ class TrtEngine:
         return self.outputs
 
 
-class TensorRTBackend:
+class TensorRTBackend(NamedIOBackend):
     """UNet, VAE encoder and VAE decoder engines, all on one CUDA device and torch's current stream."""
 
     name = "tensorrt"
@@ -123,25 +105,11 @@ class TensorRTBackend:
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         trt, self.flavour = import_tensorrt(flavour)
-        self.layout = layout
-        logger = _logger(trt)
+        logger = trt_logger(trt)
         with torch.cuda.device(self.device):
-            self._unet = TrtEngine(unet, trt, logger, self.device)
-            self._encoder = TrtEngine(vae_encoder, trt, logger, self.device)
-            self._decoder = TrtEngine(vae_decoder, trt, logger, self.device)
-        check_unet_io(self._unet.path.name, set(self._unet.input_specs), set(self._unet.output_specs), layout)
-        for e in (self._encoder, self._decoder):
-            if len(e.input_specs) != 1 or len(e.output_specs) != 1:
-                raise ValueError(f"{e.path.name}: a VAE engine has one input and one output, got {e.input_specs}")
-        self.dtype = self._unet.input_specs["sample"][1]
-        self._enc_in, self._enc_out = next(iter(self._encoder.input_specs)), next(iter(self._encoder.output_specs))
-        self._dec_in, self._dec_out = next(iter(self._decoder.input_specs)), next(iter(self._decoder.output_specs))
-
-    def unet(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self._unet.run(inputs)
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self._encoder.run({self._enc_in: images})[self._enc_out]
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decoder.run({self._dec_in: latents})[self._dec_out]
+            self._set_networks(
+                TrtEngine(unet, trt, logger, self.device),
+                TrtEngine(vae_encoder, trt, logger, self.device),
+                TrtEngine(vae_decoder, trt, logger, self.device),
+                layout,
+            )
