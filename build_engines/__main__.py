@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -71,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="taesd (fast) or the full KL autoencoder (default: taesd)",
     )
     p.add_argument(
-        "--out", type=Path, required=True, metavar="DIR", help="output folder for the ONNX files, engines and manifest"
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="output folder for the ONNX files, engines and manifest (default: engines/<model>-<W>x<H>-b<UNet batch>"
+        "-<bank><frames>-<vae>-<precision>, a name that changes with everything the engines are specialised for)",
     )
     p.add_argument("--onnx-only", action="store_true", help="stop after the ONNX export (no TensorRT needed)")
     p.add_argument(
@@ -116,8 +121,8 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         ff_threshold=args.ff_threshold,
         ff_strength=args.ff_strength,
     )
-    return BuildConfig(
-        out=args.out,
+    cfg = BuildConfig(
+        out=args.out or Path("engines"),
         model=args.model,
         height=args.height or (preset.height if preset else 512),
         width=args.width or (preset.width if preset else 512),
@@ -133,6 +138,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         workspace_gib=args.workspace_gib,
         loras=tuple(args.lora),
     )
+    return cfg if args.out else replace(cfg, out=cfg.default_out())
 
 
 def summary(result: BuildResult) -> str:

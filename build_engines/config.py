@@ -100,6 +100,15 @@ class BuildConfig:
     def unet_batch(self) -> int:
         return self.cfg_type.unet_batch(self.steps)
 
+    def default_out(self) -> Path:
+        """engines/<model>-<W>x<H>-b<UNet batch>-<bank><frames>-<vae>-<precision>: one folder per specialisation,
+        so builds for another resolution, batch or bank never overwrite each other."""
+        name = Path(self.model).name or "model"
+        return Path("engines") / (
+            f"{name}-{self.width}x{self.height}-b{self.unet_batch}-{self.bank.kind.value}{self.bank.frames}"
+            f"-{self.vae.value}-{self.precision.value}"
+        )
+
     @property
     def latent_hw(self) -> tuple[int, int]:
         return self.height // 8, self.width // 8
