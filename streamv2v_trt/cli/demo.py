@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=48, help="frames in the generated clip (default 48)")
     p.add_argument("--size", type=int, default=128, help="frame height and width in pixels, multiple of 8")
     p.add_argument("--prompt", default="a watercolor painting of an astronaut", help="text prompt")
-    p.add_argument("--engines", type=Path, help="engine folder (default engines/<model>-<size>)")
+    p.add_argument("--engines", type=Path, help="engine folder (default: build_engines' folders under engines/)")
     p.add_argument("--eager-only", action="store_true", help="skip building and running the engines")
     p.add_argument("--out", type=Path, default=Path("demo.mp4"), help="output video (default demo.mp4)")
     p.add_argument("--fps", type=int, default=24, help="frame rate of the written video")
@@ -69,16 +70,21 @@ def _engine_path(args: argparse.Namespace, cfg: StreamConfig, device: torch.devi
     from build_engines import BuildConfig, build
     from build_engines.__main__ import summary
 
-    root = args.engines or Path("engines") / f"{Path(args.model).name}-{args.size}"
     has_trt = any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx"))
     runs_trt = device.type == "cuda" and has_trt
     builds = [("tensorrt-fp16", "fp16", False)] if runs_trt else [("onnxruntime-fp32", "fp32", True)]
     if has_trt and not runs_trt:  # TensorRT-RTX builds ahead of time without a GPU: show that it does
         builds.append(("tensorrt-fp16", "fp16", False))
+    folders = []
     for sub, precision, onnx_only in builds:
-        result = build(BuildConfig.from_stream(args.model, cfg, root / sub, precision=precision, onnx_only=onnx_only))
-        print(("reused" if result.reused else "built") + f" {root / sub}:\n{summary(result)}")
-    return (root / builds[0][0], "tensorrt" if runs_trt else "onnxruntime", builds[0][1])
+        out = args.engines / sub if args.engines else Path("engines")
+        build_cfg = BuildConfig.from_stream(args.model, cfg, out, precision=precision, onnx_only=onnx_only)
+        if args.engines is None:  # the folders `python -m build_engines` would pick for the same build
+            build_cfg = replace(build_cfg, out=build_cfg.default_out())
+        result = build(build_cfg)
+        print(("reused" if result.reused else "built") + f" {build_cfg.out}:\n{summary(result)}")
+        folders.append(build_cfg.out)
+    return folders[0], "tensorrt" if runs_trt else "onnxruntime", builds[0][1]
 
 
 def run(args: argparse.Namespace) -> int:
