@@ -30,14 +30,7 @@ def video(n: int, seed: int = 0) -> list[np.ndarray]:
     return [np.clip(base + rng.integers(-6, 7, base.shape) + i, 0, 255).astype(np.uint8) for i in range(n)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for torch and onnxruntime: on a shared 2-core machine, spinning thread pools that
-    wait for each other make the tiny model 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
