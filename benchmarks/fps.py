@@ -1,23 +1,30 @@
-"""Frames per second, latency and memory of every backend, in one run, on the same frames.
+"""Frames per second, latency, memory and correctness of every backend, in one run, on the same frames.
 
     python -m benchmarks.fps --model tiny --height 64 --width 64 --backends eager,onnxruntime --frames 200
-    python -m benchmarks.fps --model sd-turbo --backends eager,tensorrt,tensorrt+graphs --frames 500 --soak 10000
+    python -m benchmarks.fps --model sd-turbo --backends eager,eager+graphs,compiled+graphs,aoti+graphs --soak 3000
 
-Backends: eager (PyTorch), onnxruntime (the build folder's ONNX), tensorrt (its engines); a "+graphs" suffix
-replays each frame from CUDA graphs (GPU; eager and tensorrt). Every backend starts from a reset and gets the
-same frames; warm-up frames are not timed. Latency is one frame, host frame in to host frame out: CUDA events
-on a GPU, perf_counter on the CPU. Peak memory: torch.cuda.max_memory_allocated on a GPU (engines' own
-activation memory is not in it; `device_used_mb` is the device-wide figure), RSS on the CPU. Outputs are also
-compared with eager's (PSNR over the first 100 timed frames) so a fast wrong backend shows. `--soak N` runs N
-more frames and reports memory and latency drift. A missing build folder is built first (build_engines).
+Backends: eager (PyTorch), compiled (eager + torch.compile; channels_last on CUDA), onnxruntime (a build folder's ONNX),
+tensorrt (its TensorRT / TensorRT-RTX engines), aoti (its AOTInductor packages); "+graphs" replays each frame from
+CUDA graphs (GPU). Missing build folders are built first (`build_engines`, the folder naming rule of the spec).
+
+Every backend gets the same frames, precision and thread policy (`--threads`, torch intra-op and ONNX Runtime
+alike; default 1 on a CPU: two thread pools on a small CPU stall each other and make ratios meaningless), starts
+from a reset, and warm-up frames are not timed. Latency is one frame, host frame in to host frame out: CUDA events
+on a GPU, perf_counter on a CPU. Peak memory is each backend's own: torch.cuda.max_memory_allocated on a GPU
+(engines' own activation memory is not in it; `device_used_mb` is the device-wide figure), the peak RSS while it
+ran on a CPU (Linux resets the peak between backends). Every timed frame is compared with eager's (PSNR): a backend
+below `--psnr-floor` is marked FAIL and the command exits 1, so a fast wrong backend cannot pass. `--soak N` runs N
+more frames and reports memory and latency drift.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,12 +33,12 @@ import numpy as np
 import psutil
 import torch
 
-from streamv2v_trt.cli.log_setup import configure_logging
+from streamv2v_trt.console import HelpFormatter, configure_logging
 
 log = logging.getLogger("benchmarks.fps")
 
-BACKENDS = ("eager", "onnxruntime", "tensorrt")
-PSNR_FRAMES = 100
+BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt", "aoti")
+ENGINE_BACKENDS = {"onnxruntime": None, "tensorrt": "tensorrt", "aoti": "aoti"}  # backend -> builder
 
 
 @dataclass
@@ -39,6 +46,7 @@ class Result:
     backend: str
     device: str
     dtype: str
+    threads: int
     frames: int
     warmup: int
     fps: float
@@ -46,26 +54,13 @@ class Result:
     p99_ms: float
     mean_ms: float
     peak_mem_mb: float
-    mem_kind: str  # "cuda_max_allocated" or "rss"
+    mem_kind: str  # "cuda_max_allocated" or "peak_rss"
     device_used_mb: float | None = None
-    psnr_vs_eager_db: float | None = None  # mean over the first timed frames; 100 when identical
+    psnr_vs_eager_db: float | None = None  # mean over every timed frame
     psnr_min_db: float | None = None
+    psnr_ok: bool | None = None  # psnr_min >= the floor; None for eager itself
+    engines: str | None = None
     soak: dict = field(default_factory=dict)
-
-
-def synthetic_video(n: int, height: int, width: int, seed: int = 0) -> list[np.ndarray]:
-    """A moving pattern with noise: consecutive frames are similar, as in a camera stream."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    frames = []
-    for i in range(n):
-        phase = i * 0.15
-        r = 127 + 100 * np.sin(x / 9 + phase)
-        g = 127 + 100 * np.sin(y / 7 - phase)
-        b = 127 + 100 * np.sin((x + y) / 11 + 2 * phase)
-        img = np.stack([r, g, b], -1) + rng.normal(0, 4, (height, width, 3))
-        frames.append(np.clip(img, 0, 255).astype(np.uint8))
-    return frames
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -103,6 +98,38 @@ class Timer:
         return np.array(self.marks)
 
 
+class PeakMemory:
+    """A backend's own peak: CUDA max allocated, or the process's peak RSS since `reset` (Linux clear_refs)."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.kind = "cuda_max_allocated" if cuda else "peak_rss"
+
+    def reset(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak RSS) to the current RSS
+        except OSError:
+            self.kind = "peak_rss_cumulative"  # not Linux: the peak covers earlier backends too
+
+    def peak_mb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def memory_mb(cuda: bool) -> float:
     if cuda:
         return torch.cuda.memory_allocated() / 2**20
@@ -114,31 +141,46 @@ def device_used_mb() -> float:
     return (total - free) / 2**20
 
 
-def open_stream(name: str, args, cfg, engines: Path | None):
+def parse_backend(name: str) -> tuple[str, bool]:
+    base, _, suffix = name.partition("+")
+    if base not in BACKENDS or suffix not in ("", "graphs"):
+        raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}, optionally with +graphs")
+    return base, bool(suffix)
+
+
+def engine_folder(args, spec, base: str) -> Path:
+    """The build folder `base` runs, built first when it is missing or stale (build_engines reuses what it can)."""
+    from build_engines import BuildConfig, build
+
+    builder = ENGINE_BACKENDS[base]
+    if builder == "tensorrt":  # the flavour that imports: full TensorRT, else TensorRT-RTX
+        from streamv2v_trt.backends.tensorrt_import import import_tensorrt
+
+        builder = import_tensorrt()[1]
+    out = args.engines / spec.folder_name(builder)
+    log.info("build folder for %s: %s", base, out)
+    return build(BuildConfig(spec, out=out, builder=builder or "auto", onnx_only=builder is None)).out
+
+
+def open_stream(name: str, args, cfg):
     from streamv2v_trt import StreamV2V
     from streamv2v_trt.cuda_graph import CudaGraphStream
 
-    base, _, graphs = name.partition("+")
-    if graphs and graphs != "graphs":
-        raise ValueError(f"backend {name!r}: the only suffix is +graphs")
-    if base == "eager":
-        stream = StreamV2V.from_pretrained(
-            args.model, cfg, prompt=args.prompt, device=args.device, dtype=args.dtype, vae=args.vae
-        )
-    elif base in ("onnxruntime", "tensorrt"):
-        stream = StreamV2V.from_engines(
-            engines, base, cfg, prompt=args.prompt, device=args.device, threads=args.threads
-        )
+    base, graphs = parse_backend(name)
+    folder = None
+    if base in ("eager", "compiled"):
+        stream = StreamV2V.from_pretrained(cfg, device=args.device, prompt=args.prompt, compile=base == "compiled")
     else:
-        raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}, optionally with +graphs")
-    return (CudaGraphStream(stream) if graphs else stream), stream
+        folder = engine_folder(args, cfg.spec, base)
+        stream = StreamV2V.from_engines(folder, base, cfg, prompt=args.prompt, device=args.device, threads=args.threads)
+    return (CudaGraphStream(stream) if graphs else stream), stream, folder
 
 
-def run_backend(name: str, args, cfg, engines, frames, reference) -> tuple[Result, list[np.ndarray]]:
+def run_backend(name: str, args, cfg, frames, reference) -> tuple[Result, list[np.ndarray]]:
     cuda = args.device.startswith("cuda")
-    if cuda:
-        torch.cuda.empty_cache()
-    runner, stream = open_stream(name, args, cfg, engines)
+    memory = PeakMemory(cuda)
+    memory.reset()
+    runner, stream, folder = open_stream(name, args, cfg)
     warm = frames[: args.warmup]
     timed = frames[args.warmup : args.warmup + args.frames]
     for f in warm:
@@ -149,34 +191,35 @@ def run_backend(name: str, args, cfg, engines, frames, reference) -> tuple[Resul
     timer = Timer(cuda)
     outputs = []
     t0 = time.perf_counter()
-    for i, f in enumerate(timed):
+    for f in timed:
         start = timer.start()
         out = runner(f)
         timer.stop(start)
-        if i < PSNR_FRAMES:
-            outputs.append(out)
+        outputs.append(out)
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     lat = timer.latencies_ms()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else psutil.Process().memory_info().rss / 2**20
     result = Result(
         backend=name,
         device=str(stream.device),
         dtype=str(stream.dtype).removeprefix("torch."),
+        threads=args.threads,
         frames=len(timed),
         warmup=len(warm),
         fps=len(timed) / wall,
         p50_ms=float(np.percentile(lat, 50)),
         p99_ms=float(np.percentile(lat, 99)),
         mean_ms=float(lat.mean()),
-        peak_mem_mb=peak,
-        mem_kind="cuda_max_allocated" if cuda else "rss",
+        peak_mem_mb=memory.peak_mb(),
+        mem_kind=memory.kind,
         device_used_mb=device_used_mb() if cuda else None,
+        engines=str(folder) if folder else None,
     )
-    if reference is not None and name != "eager":
+    if reference is not None:
         scores = [psnr(a, b) for a, b in zip(reference, outputs)]
         result.psnr_vs_eager_db, result.psnr_min_db = float(np.mean(scores)), float(np.min(scores))
+        result.psnr_ok = result.psnr_min_db >= args.psnr_floor
     if args.soak:
         result.soak = soak(runner, frames, args.soak, cuda)
     del runner, stream
@@ -187,13 +230,17 @@ def soak(runner, frames: list[np.ndarray], n: int, cuda: bool) -> dict:
     """n more frames (the clip loops); memory and latency sampled in windows, drift = last window vs first."""
     window = max(1, n // 20)
     timer = Timer(cuda)
-    mem = []
+    mem, changes = [], []
+    last = None
     for i in range(n):
         start = timer.start()
-        runner(frames[i % len(frames)])
+        out = runner(frames[i % len(frames)])
         timer.stop(start)
         if (i + 1) % window == 0:
             mem.append(memory_mb(cuda))
+            if last is not None:  # a stuck stream (the same frame forever) shows as no change at all
+                changes.append(float(np.abs(out.astype(np.int16) - last.astype(np.int16)).mean()))
+            last = out
     lat = timer.latencies_ms()
     p50 = [float(np.percentile(lat[j : j + window], 50)) for j in range(0, len(lat) - window + 1, window)]
     return {
@@ -203,30 +250,10 @@ def soak(runner, frames: list[np.ndarray], n: int, cuda: bool) -> dict:
         "memory_drift_mb": mem[-1] - mem[0] if mem else 0.0,
         "p50_ms": p50,
         "latency_drift_pct": 100 * (p50[-1] / p50[0] - 1) if p50 else 0.0,
+        "p99_ms": float(np.percentile(lat, 99)),
+        "mean_output_change": float(np.mean(changes)) if changes else None,
         "device_used_mb_end": device_used_mb() if cuda else None,
     }
-
-
-def ensure_engines(args, cfg, backends: list[str]) -> Path | None:
-    """The build folder the engine backends read; built with build_engines when it has no manifest yet."""
-    if not any(b.split("+")[0] in ("onnxruntime", "tensorrt") for b in backends):
-        return None
-    need_engines = any(b.startswith("tensorrt") for b in backends)
-    precision = "fp16" if args.dtype == torch.float16 else "fp32"
-    steps = "-".join(map(str, cfg.t_index_list))
-    out = args.engines or Path("engines") / f"bench-{args.model}-{cfg.height}x{cfg.width}-t{steps}-{precision}"
-    if (out / "manifest.json").is_file() and (not need_engines or "engine" in (out / "manifest.json").read_text()):
-        return out
-    from build_engines import BuildConfig, build
-
-    log.info("building %s (%s, %s) into %s", args.model, precision, "engines" if need_engines else "onnx", out)
-    build(
-        BuildConfig(
-            out, model=args.model, height=cfg.height, width=cfg.width, t_index_list=cfg.t_index_list,
-            bank=cfg.bank, vae=args.vae, precision=precision, onnx_only=not need_engines,
-        )
-    )  # fmt: skip
-    return out
 
 
 def machine() -> dict:
@@ -238,11 +265,11 @@ def machine() -> dict:
         "logical_cpus": psutil.cpu_count(),
         "load_avg_1m": psutil.getloadavg()[0],
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
         "onnxruntime": onnxruntime.__version__,
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
         info["cuda"] = torch.version.cuda
     return info
 
@@ -259,38 +286,49 @@ def _cpu_model() -> str:
 
 def table(results: list[Result]) -> str:
     head = f"{'backend':<18} {'device':<7} {'dtype':<8} {'FPS':>8} {'p50 ms':>8} {'p99 ms':>8} {'peak MB':>9}"
-    head += f" {'PSNR dB':>8}"
+    head += f" {'PSNR dB (min)':>15}"
     rows = [head, "-" * len(head)]
     for r in results:
-        ps = "" if r.psnr_vs_eager_db is None else f"{r.psnr_vs_eager_db:.1f}"
+        ps = "" if r.psnr_vs_eager_db is None else f"{r.psnr_vs_eager_db:.1f} ({r.psnr_min_db:.1f})"
+        mark = "" if r.psnr_ok in (None, True) else "  FAIL: below the PSNR floor"
         rows.append(
             f"{r.backend:<18} {r.device:<7} {r.dtype:<8} {r.fps:>8.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
-            f"{r.peak_mem_mb:>9.0f} {ps:>8}"
+            f"{r.peak_mem_mb:>9.0f} {ps:>15}{mark}"
         )
         if r.soak:
             s = r.soak
             rows.append(
                 f"  soak {s['frames']} frames: memory drift {s['memory_drift_mb']:+.1f} MB, "
-                f"p50 latency drift {s['latency_drift_pct']:+.1f}%"
+                f"p50 latency drift {s['latency_drift_pct']:+.1f}%, p99 {s['p99_ms']:.2f} ms"
             )
     return "\n".join(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.fps", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.fps",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--model", default="tiny", help="preset (tiny, sd-turbo, sd15) or diffusers folder")
-    p.add_argument("--backends", default="eager,onnxruntime", help="comma list: eager, onnxruntime, tensorrt[+graphs]")
+    p.add_argument(
+        "--backends", default="eager,onnxruntime", help=f"comma list of {', '.join(BACKENDS)}, each with +graphs"
+    )
     p.add_argument("--frames", type=int, default=100, help="timed frames per backend")
-    p.add_argument("--warmup", type=int, default=10, help="untimed frames first (graph capture happens here)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed frames first (compilation, graph capture)")
     p.add_argument("--soak", type=int, default=0, help="then N more frames, tracking memory and latency drift")
     p.add_argument("--height", type=int, default=None, help="default: the preset's")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--t-index-list", default=None, help="e.g. 32 or 30,35,40,45 (steps = its length)")
+    p.add_argument("--width", type=int, default=None, help="default: the preset's")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
+    p.add_argument("--t-index-list", default=None, help="e.g. 30,35,40,45 (default: the spec's)")
     p.add_argument("--vae", default="taesd", choices=("taesd", "full"))
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("fp16", "fp32"), help="default: fp16 on cuda, fp32 on cpu")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads for torch and onnxruntime")
-    p.add_argument("--engines", type=Path, default=None, help="build folder (default: engines/bench-...)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="intra-op threads of torch AND onnxruntime (default: 1 on a CPU)"
+    )
+    p.add_argument("--psnr-floor", type=float, default=30.0, help="a backend whose min PSNR vs eager is lower fails")
+    p.add_argument("--engines", type=Path, default=Path("engines"), help="parent folder of the build folders")
     p.add_argument("--prompt", default="a watercolor painting")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     return p
@@ -299,31 +337,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
-    from streamv2v_trt import StreamConfig
-    from streamv2v_trt.models.presets import PRESETS
+    from streamv2v_trt import EngineSpec, StreamConfig
+    from streamv2v_trt.clips import pattern_clip
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     fp16 = args.dtype == "fp16" or (args.dtype is None and args.device.startswith("cuda"))
-    args.dtype = torch.float16 if fp16 else torch.float32
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    preset = PRESETS.get(args.model)
-    height = args.height or (preset.height if preset else 512)
-    width = args.width or (preset.width if preset else 512)
-    t_index = (
-        tuple(int(t) for t in args.t_index_list.split(","))
-        if args.t_index_list
-        else (preset.t_index_list if preset else (32,))
-    )
-    cfg = StreamConfig(height=height, width=width, t_index_list=t_index)
+    if args.threads is None:
+        args.threads = torch.get_num_threads() if args.device.startswith("cuda") else 1
+    torch.set_num_threads(args.threads)
+    t_index = tuple(int(t) for t in args.t_index_list.split(",")) if args.t_index_list else ()
+    spec = EngineSpec.resolve(
+        args.model, height=args.height, width=args.width, steps=len(t_index) or args.steps,
+        vae=args.vae, precision="fp16" if fp16 else "fp32",
+    )  # fmt: skip
+    cfg = StreamConfig(spec, t_index_list=t_index)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    engines = ensure_engines(args, cfg, backends)
-    frames = synthetic_video(args.warmup + args.frames, height, width)
+    for b in backends:
+        parse_backend(b)
+    frames = pattern_clip(args.warmup + args.frames, spec.height, spec.width)
 
     results, reference = [], None
+    if "eager" not in backends:
+        log.warning("no eager backend in this run: outputs are not checked (PSNR needs eager as the reference)")
     for name in sorted(backends, key=lambda b: b != "eager"):  # eager first: it is the reference
-        log.info("running %s: %d warm-up + %d timed frames", name, args.warmup, args.frames)
-        result, outputs = run_backend(name, args, cfg, engines, frames, reference)
+        log.info("running %s: %d warm-up + %d timed frames, %d thread(s)", name, args.warmup, args.frames, args.threads)
+        result, outputs = run_backend(name, args, cfg, frames, reference if name != "eager" else None)
         if name == "eager":
             reference = outputs
         results.append(result)
@@ -331,27 +369,34 @@ def main(argv: list[str] | None = None) -> int:
 
     by = {r.backend: r for r in results}
     ratios = {f"{r.backend}/eager": r.fps / by["eager"].fps for r in results if "eager" in by and r.backend != "eager"}
-    print(f"{args.model} {height}x{width}, steps {cfg.steps}, {machine()['cpu_model']}", end="")
-    print(f", GPU {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
+    info = machine()
+    print(
+        f"{args.model} {spec.width}x{spec.height}, {spec.steps} step(s) {list(cfg.t_index_list)}, "
+        f"{'fp16' if fp16 else 'fp32'}, {args.threads} thread(s) for every backend (torch and onnxruntime), "
+        f"{info.get('gpu') or info['cpu_model']}"
+    )
     print(table(results))
     for k, v in ratios.items():
         print(f"FPS ratio {k}: {v:.2f}x")
+    failed = [r.backend for r in results if r.psnr_ok is False]
+    if failed:
+        print(f"FAILED: {', '.join(failed)} below the PSNR floor of {args.psnr_floor} dB vs eager")
     if args.json:
         report = {
-            "machine": machine(),
+            "machine": info,
+            "command": "python -m benchmarks.fps " + " ".join(argv if argv is not None else sys.argv[1:]),
             "config": {
-                "model": args.model, "height": height, "width": width, "t_index_list": list(t_index),
-                "bank": cfg.bank.kind.value, "interval": cfg.bank.interval, "vae": args.vae,
-                "device": args.device, "dtype": str(args.dtype).removeprefix("torch."), "threads": args.threads,
-                "engines": str(engines) if engines else None,
+                "spec": spec.to_json(), "t_index_list": list(cfg.t_index_list), "interval": cfg.bank.interval,
+                "device": args.device, "threads": args.threads, "psnr_floor": args.psnr_floor,
             },
             "results": [asdict(r) for r in results],
             "ratios": ratios,
+            "failed": failed,
         }  # fmt: skip
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
         log.info("wrote %s", args.json)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

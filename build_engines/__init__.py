@@ -1,17 +1,16 @@
-"""`python -m build_engines`: ONNX export with the bank as explicit I/O, graph cleanup, TensorRT / TensorRT-RTX
-engines and `manifest.json`.
+"""`python -m build_engines`: the UNet (feature bank as explicit I/O) and the VAE encoder/decoder, compiled.
 
-Library use (what `python -m streamv2v_trt demo` calls):
+Builders: TensorRT / TensorRT-RTX engines from a cleaned ONNX export, or AOTInductor packages (`torch.export`
+of the same modules), plus `manifest.json`. Library use (what `python -m streamv2v_trt demo` calls):
 
     from build_engines import BuildConfig, build
-    result = build(BuildConfig(out=Path("engines/tiny"), model="tiny", height=64, width=64, builder="tensorrt-rtx"))
-    result.manifest  # streamv2v_trt.engine.Manifest; result.reused is True when nothing was rebuilt
+    from streamv2v_trt import EngineSpec
 
-    # or exactly what a stream config needs (size, UNet batch from steps and guidance, bank):
-    build(BuildConfig.from_stream("tiny", stream_cfg, "engines/tiny", precision="fp32", onnx_only=True))
+    result = build(BuildConfig(EngineSpec("tiny", height=64, width=64, precision="fp32"), onnx_only=True))
+    result.out, result.manifest, result.reused   # engines/tiny-64x64-b1-dyme1-taesd-fp32; True when nothing rebuilt
 """
 
 from .build import Artifact, BuildResult, build, stages
-from .config import BuildConfig, Builder, Precision
+from .config import BuildConfig, Builder, choose_builder
 
-__all__ = ["Artifact", "BuildConfig", "BuildResult", "Builder", "Precision", "build", "stages"]
+__all__ = ["Artifact", "BuildConfig", "BuildResult", "Builder", "build", "choose_builder", "stages"]

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-from streamv2v_trt.cli.log_setup import configure_logging
-from streamv2v_trt.config import BankConfig, BankKind, CfgType
-from streamv2v_trt.engine.trt import TensorRTUnavailable
-from streamv2v_trt.models import PRESETS, VaeKind
-from streamv2v_trt.models.lora import LoraSpec
+from streamv2v_trt.backends.tensorrt_import import TensorRTUnavailable
+from streamv2v_trt.console import HelpFormatter, configure_logging
+from streamv2v_trt.models.presets import PRESETS
+from streamv2v_trt.spec import FF_LAYER_PREFIXES, BankKind, CfgType, EngineSpec, LoraSpec, Precision, VaeKind
 
-from .build import BuildResult, build, stages
-from .config import BuildConfig, Builder, Precision, default_t_index_list
+from .build import build, stages
+from .config import BuildConfig, Builder, choose_builder
 
 
 def _t_index_list(text: str) -> tuple[int, ...]:
@@ -29,28 +27,28 @@ def _t_index_list(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m build_engines",
-        description="Export the StreamV2V UNet (feature bank as explicit I/O) and the VAE encoder/decoder to ONNX, "
-        "clean the graphs, build TensorRT or TensorRT-RTX engines, and write manifest.json beside them. "
-        "Re-running with the same arguments reuses what is already built.",
+        description="Compile the StreamV2V UNet (feature bank as explicit I/O) and the VAE encoder/decoder: ONNX "
+        "(cleaned) + TensorRT or TensorRT-RTX engines, or AOTInductor packages; write manifest.json beside them. "
+        "Re-running with the same arguments reuses what is already built. Note: this command defaults to the "
+        "sd-turbo model (the one the project is built for); the runtime commands default to the tiny test model.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--model",
         default="sd-turbo",
         help=f"preset ({', '.join(PRESETS)}; random weights unless real ones are in the Hugging Face cache) "
-        "or a local diffusers folder / hub id (default: sd-turbo)",
+        "or a local diffusers folder / hub id",
     )
-    p.add_argument("--height", type=int, help="frame height in pixels, multiple of 8 (default: the preset's, 512)")
-    p.add_argument("--width", type=int, help="frame width in pixels, multiple of 8 (default: the preset's, 512)")
+    p.add_argument("--height", type=int, help="frame height in pixels, multiple of 8 (default: the preset's)")
+    p.add_argument("--width", type=int, help="frame width in pixels, multiple of 8 (default: the preset's)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument(
-        "--steps",
-        type=int,
-        help="denoising steps, the UNet batch without guidance (default: the preset's: 1 sd-turbo, 4 sd15)",
+        "--steps", type=int, help="denoising steps = the UNet batch without guidance (default: the preset's)"
     )
     steps.add_argument(
         "--t-index-list",
         type=_t_index_list,
-        help="indices into the 50-step LCM schedule, e.g. 30,35,40,45; only their count changes the engines",
+        help="e.g. 30,35,40,45: sets --steps to its length; the timestep values themselves are chosen at runtime",
     )
     p.add_argument(
         "--cfg-type",
@@ -58,38 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="guidance the UNet batch is sized for: none/self = steps, initialize = steps + 1, full = 2 x steps",
     )
+    p.add_argument("--bank", choices=[k.value for k in BankKind], default="dyme", help="feature bank kind")
+    p.add_argument("--bank-frames", type=int, default=1, help="frames held by a fifo bank (dyme holds 1)")
+    p.add_argument("--ff-threshold", type=float, default=0.98, help="feature-fusion cosine threshold (compiled in)")
+    p.add_argument("--ff-strength", type=float, default=0.8, help="feature-fusion blend strength (compiled in)")
     p.add_argument(
-        "--bank", choices=[k.value for k in BankKind], default="dyme", help="feature bank kind (default: dyme)"
+        "--ff-layers",
+        default=",".join(FF_LAYER_PREFIXES),
+        help="comma-separated prefixes of the layers with feature fusion",
     )
-    p.add_argument("--bank-frames", type=int, default=1, help="frames held by a fifo bank (dyme holds 1; default: 1)")
-    p.add_argument("--interval", type=int, default=4, help="bank update interval in frames, recorded (default: 4)")
-    p.add_argument("--ff-threshold", type=float, default=0.98, help="feature-fusion cosine threshold (default: 0.98)")
-    p.add_argument("--ff-strength", type=float, default=0.8, help="feature-fusion blend strength (default: 0.8)")
-    p.add_argument(
-        "--vae",
-        choices=[v.value for v in VaeKind],
-        default="taesd",
-        help="taesd (fast) or the full KL autoencoder (default: taesd)",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        metavar="DIR",
-        help="output folder for the ONNX files, engines and manifest (default: engines/<model>-<W>x<H>-b<UNet batch>"
-        "-<bank><frames>-<vae>-<precision>, a name that changes with everything the engines are specialised for)",
-    )
-    p.add_argument("--onnx-only", action="store_true", help="stop after the ONNX export (no TensorRT needed)")
-    p.add_argument(
-        "--builder",
-        choices=[b.value for b in Builder],
-        default="auto",
-        help="auto: tensorrt if installed, else tensorrt-rtx (which builds without a GPU)",
-    )
+    p.add_argument("--vae", choices=[v.value for v in VaeKind], default="taesd", help="taesd (fast) or the full KL VAE")
     p.add_argument(
         "--precision",
         choices=[x.value for x in Precision],
-        default="fp16",
-        help="fp16: engines (the ONNX itself is fp16); fp32: CPU parity with ONNX Runtime (default: fp16)",
+        help="fp16 for GPUs (the exported graph itself is fp16); fp32 for CPU parity (default: fp32 when the "
+        "build is AOTInductor for the CPU, else fp16)",
     )
     p.add_argument(
         "--lora",
@@ -99,76 +80,88 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE[:SCALE]",
         help="LoRA safetensors fused into the UNet before export (repeatable; scale default 1)",
     )
+    p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+    p.add_argument(
+        "--max-streams",
+        type=int,
+        default=1,
+        help="streams batched into one network call (python -m streamv2v_trt serve --streams K runs them)",
+    )
+    p.add_argument(
+        "--builder",
+        choices=[b.value for b in Builder],
+        default="auto",
+        help="auto: tensorrt if it imports and a GPU is here; tensorrt-rtx where it runs (8.0, 8.6, 8.9, 12.x, or "
+        "no GPU: it builds ahead of time); else aoti (AOTInductor: any GPU torch supports, Hopper included, and "
+        "the CPU)",
+    )
+    p.add_argument("--onnx-only", action="store_true", help="stop after the ONNX export (ONNX Runtime runs it)")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="aoti: the device to compile for (default: cuda if any)")
+    p.add_argument("--max-autotune", action="store_true", help="aoti: autotune kernels (much slower build)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="output folder (default: engines/<model>-<W>x<H>-b<UNet batch>-<bank><frames>-<vae>-<precision>"
+        "[-aoti], a name that changes with everything the networks are specialised for)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild everything even if an intact matching build exists")
-    p.add_argument("--seed", type=int, default=0, help="seed of random-weight presets (default: 0)")
-    p.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT builder workspace limit (default: 4)")
+    p.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT builder workspace limit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (TensorRT info messages included)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
-    preset = PRESETS.get(args.model)
-    if args.t_index_list is not None:
-        t_index_list = args.t_index_list
-    elif args.steps is not None:
-        t_index_list = default_t_index_list(args.steps, preset.t_index_list if preset else None)
-    else:
-        t_index_list = preset.t_index_list if preset else (32,)
-    bank = BankConfig(
-        kind=BankKind(args.bank),
-        frames=args.bank_frames,
-        interval=args.interval,
+    """The build the flags ask for. Raises ValueError (bad values) or TensorRTUnavailable (asked builder)."""
+    cfg = _config(args, args.precision or "fp16")
+    if args.precision is None:  # fp16 is what GPUs run; an AOTInductor package for the CPU is fp32
+        builder, _ = choose_builder(cfg)
+        if builder == "aoti" and cfg.aoti_device.type == "cpu":
+            cfg = _config(args, "fp32")
+    return cfg
+
+
+def _config(args: argparse.Namespace, precision: str) -> BuildConfig:
+    steps = len(args.t_index_list) if args.t_index_list else args.steps
+    spec = EngineSpec.resolve(
+        args.model,
+        height=args.height,
+        width=args.width,
+        steps=steps,
+        cfg_type=args.cfg_type,
+        bank=args.bank,
+        bank_frames=args.bank_frames,
         ff_threshold=args.ff_threshold,
         ff_strength=args.ff_strength,
+        ff_layer_prefixes=tuple(p for p in args.ff_layers.split(",") if p),
+        vae=args.vae,
+        precision=precision,
+        loras=tuple(args.lora),
+        weights_seed=args.seed,
+        max_streams=args.max_streams,
     )
-    cfg = BuildConfig(
-        out=args.out or Path("engines"),
-        model=args.model,
-        height=args.height or (preset.height if preset else 512),
-        width=args.width or (preset.width if preset else 512),
-        t_index_list=t_index_list,
-        bank=bank,
-        cfg_type=CfgType(args.cfg_type),
-        vae=VaeKind(args.vae),
-        precision=Precision(args.precision),
-        builder=Builder(args.builder),
+    return BuildConfig(
+        spec,
+        out=args.out,
+        builder=args.builder,
         onnx_only=args.onnx_only,
         force=args.force,
-        seed=args.seed,
         workspace_gib=args.workspace_gib,
-        loras=tuple(args.lora),
+        device=args.device,
+        max_autotune=args.max_autotune,
     )
-    return cfg if args.out else replace(cfg, out=cfg.default_out())
-
-
-def summary(result: BuildResult) -> str:
-    m = result.manifest
-    rows = [("network", "file", "size MB", "time s", "nodes", "status")]
-    for a in result.artifacts:
-        status = "reused" if a.reused else "built"
-        nodes = str(a.nodes) if a.nodes is not None else ""
-        rows.append((a.network, a.path.name, f"{a.bytes / 1e6:.1f}", f"{a.seconds:.1f}", nodes, status))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    builder = f"{m.builder} {m.builder_version}" if m.builder else "none (--onnx-only)"
-    head = (
-        f"{m.model} {m.width}x{m.height}, {m.steps} step(s), UNet batch {m.unet_batch}, "
-        f"bank {m.bank_kind} x{m.bank_frames}, vae {m.vae}, "
-        f"{m.precision}, builder {builder}, weights {m.weights_hash}{' (random)' if m.random_weights else ''}"
-    )
-    total = f"total {result.seconds:.1f} s -> {result.out / 'manifest.json'}"
-    return "\n".join([head, *lines, total])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)  # ours at INFO: node counts per cleanup pass, engine sizes
+    configure_logging(args.verbose)  # ours at INFO: the builder choice, node counts per cleanup pass, sizes
     try:
         cfg = config_from_args(args)
-    except ValueError as e:
+        builder, _ = choose_builder(cfg)
+    except (ValueError, TensorRTUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    with tqdm(total=len(stages(cfg)), desc="build_engines", unit="stage", file=sys.stderr) as bar:
+        return 2 if isinstance(e, ValueError) else 1
+    with tqdm(total=len(stages(builder)), desc="build_engines", unit="stage", file=sys.stderr) as bar:
 
         def step(desc: str) -> None:
             bar.set_postfix_str(desc)
@@ -179,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         except TensorRTUnavailable as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    print(summary(result))
+    print(result.summary())
     return 0
 
 

@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from streamv2v_trt.engine.trt import import_tensorrt, trt_logger
+from streamv2v_trt.backends.tensorrt_import import import_tensorrt, trt_logger
 
 log = logging.getLogger(__name__)
 

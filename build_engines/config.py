@@ -1,153 +1,96 @@
-"""BuildConfig: everything that decides what `build_engines` produces (and so what its cache key is)."""
+"""BuildConfig: an `EngineSpec` (what the networks are built for) plus where and how to build them.
+
+`choose_builder` resolves `--builder auto` from what is installed and which GPU is here, and says why.
+"""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from streamv2v_trt.config import BankConfig, BankKind, CfgType, StreamConfig
-from streamv2v_trt.engine.manifest import EngineRequest
-from streamv2v_trt.models import VaeKind
-from streamv2v_trt.models.lora import LoraSpec
-
-
-class Precision(str, enum.Enum):
-    FP16 = "fp16"  # what engines run: TensorRT-RTX is strongly typed, so the ONNX itself is fp16
-    FP32 = "fp32"  # CPU parity tests with ONNX Runtime
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return torch.float16 if self is Precision.FP16 else torch.float32
+from streamv2v_trt.backends.tensorrt_import import TensorRTUnavailable, import_tensorrt, rtx_refusal, rtx_runs_on
+from streamv2v_trt.spec import EngineSpec
 
 
 class Builder(str, enum.Enum):
-    AUTO = "auto"  # tensorrt if installed, else tensorrt-rtx
+    AUTO = "auto"  # tensorrt if it imports and a GPU is here; tensorrt-rtx where it runs (or no GPU); else aoti
     TENSORRT = "tensorrt"
     TENSORRT_RTX = "tensorrt-rtx"
+    AOTI = "aoti"  # torch.export + AOTInductor: any GPU torch supports (Hopper included), and the CPU
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """One build: model, resolution, UNet batch (steps), bank, VAE, precision, where to write."""
+    """One build: the spec, the folder, the builder, and the builder's knobs."""
 
-    out: Path
-    model: str = "sd-turbo"
-    height: int = 512
-    width: int = 512
-    t_index_list: tuple[int, ...] = (32,)
-    bank: BankConfig = field(default_factory=BankConfig)
-    cfg_type: CfgType = CfgType.NONE  # guidance sizes the UNet batch: steps, + 1 (initialize), x 2 (full)
-    vae: VaeKind = VaeKind.TAESD
-    precision: Precision = Precision.FP16
+    spec: EngineSpec
+    out: Path | None = None  # None: engines/<spec.folder_name(builder)>
     builder: Builder = Builder.AUTO
-    onnx_only: bool = False
-    force: bool = False
-    seed: int = 0  # random-weight presets are seeded: the same seed gives the same weights hash
+    onnx_only: bool = False  # stop after the ONNX export (ONNX Runtime runs it; no TensorRT needed)
+    force: bool = False  # rebuild even if an intact matching build exists
     workspace_gib: float = 4.0  # TensorRT builder workspace limit
-    loras: tuple[LoraSpec, ...] = ()  # fused into the UNet before export, in this order
+    device: str | None = None  # AOTInductor: compile for this device (default: cuda when present, else cpu)
+    max_autotune: bool = False  # AOTInductor: benchmark kernel choices while compiling (much slower builds)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "out", Path(self.out))
-        object.__setattr__(self, "vae", VaeKind(self.vae))
-        object.__setattr__(self, "cfg_type", CfgType(self.cfg_type))
-        object.__setattr__(self, "precision", Precision(self.precision))
         object.__setattr__(self, "builder", Builder(self.builder))
-        object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
-        object.__setattr__(self, "loras", tuple(self.loras))
-        StreamConfig(height=self.height, width=self.width, t_index_list=self.t_index_list)  # same validation
-
-    @classmethod
-    def from_stream(
-        cls,
-        model: str,
-        stream: StreamConfig,
-        out: Path | str,
-        *,
-        vae: VaeKind | str = VaeKind.TAESD,
-        precision: Precision | str = Precision.FP16,
-        builder: Builder | str = Builder.AUTO,
-        onnx_only: bool = False,
-        force: bool = False,
-        seed: int = 0,
-        loras: tuple[LoraSpec, ...] = (),
-    ) -> BuildConfig:
-        """The build that serves `stream`: its size, UNet batch (steps and guidance) and bank."""
-        return cls(
-            out=Path(out),
-            model=model,
-            height=stream.height,
-            width=stream.width,
-            t_index_list=stream.t_index_list,
-            bank=stream.bank,
-            cfg_type=stream.cfg_type,
-            vae=vae,
-            precision=precision,
-            builder=builder,
-            onnx_only=onnx_only,
-            force=force,
-            seed=seed,
-            loras=tuple(loras),
-        )
+        if self.out is not None:
+            object.__setattr__(self, "out", Path(self.out))
+        if self.onnx_only and self.builder is Builder.AOTI:
+            raise ValueError("--onnx-only builds ONNX for ONNX Runtime / TensorRT; --builder aoti exports no ONNX")
+        if self.device is not None and self.builder in (Builder.TENSORRT, Builder.TENSORRT_RTX):
+            raise ValueError(
+                f"--device picks the device AOTInductor compiles for; builder {self.builder.value} has none"
+            )
 
     @property
-    def steps(self) -> int:
-        return len(self.t_index_list)
+    def aoti_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    @property
-    def unet_batch(self) -> int:
-        return self.cfg_type.unet_batch(self.steps)
-
-    def default_out(self) -> Path:
-        """engines/<model>-<W>x<H>-b<UNet batch>-<bank><frames>-<vae>-<precision>: one folder per specialisation,
-        so builds for another resolution, batch or bank never overwrite each other."""
-        name = Path(self.model).name or "model"
-        return Path("engines") / (
-            f"{name}-{self.width}x{self.height}-b{self.unet_batch}-{self.bank.kind.value}{self.bank.frames}"
-            f"-{self.vae.value}-{self.precision.value}"
-        )
-
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        return self.height // 8, self.width // 8
-
-    def request(self, weights_hash: str | None = None) -> EngineRequest:
-        """What this build must produce, in the terms the runtime's manifest check uses."""
-        return EngineRequest(
-            model=self.model,
-            height=self.height,
-            width=self.width,
-            t_index_list=self.t_index_list,
-            bank_kind=self.bank.kind,
-            bank_frames=self.bank.frames,
-            vae=self.vae.value,
-            precision=self.precision.value,
-            ff_threshold=self.bank.ff_threshold,
-            ff_strength=self.bank.ff_strength,
-            weights_hash=weights_hash,
-            need="onnx" if self.onnx_only else "engine",
-            builder=None if self.builder is Builder.AUTO else self.builder.value,
-            cfg_type=self.cfg_type,
-            loras=self.loras,
-        )
+    def folder(self, builder: str | None) -> Path:
+        return self.out or Path("engines") / self.spec.folder_name(builder)
 
 
-def default_t_index_list(steps: int, preset_default: tuple[int, ...] | None = None) -> tuple[int, ...]:
-    """`--steps N`: the preset's own list when it has N steps, else StreamV2V's strength-0.4 schedule.
+def choose_builder(cfg: BuildConfig) -> tuple[str | None, str]:
+    """(builder, why): the builder `cfg` asks for, or what `auto` picks here. None: an --onnx-only build.
 
-    Only the count changes the engines (it is the UNet batch); the values are runtime inputs.
-    """
-    from streamv2v_trt.config import t_index_list_from_strength
+    Raises before any export when the asked builder cannot run: TensorRT not installed, or TensorRT-RTX for a
+    GPU it does not run on (it would build, then fail to load: measured on an H200)."""
+    if cfg.onnx_only:
+        return None, "--onnx-only"
+    gpu = torch.cuda.is_available()
+    cap = torch.cuda.get_device_capability() if gpu else None
+    name = torch.cuda.get_device_name() if gpu else "no GPU"
+    if cfg.builder is Builder.AOTI:
+        return "aoti", "asked (--builder aoti)"
+    if cfg.builder is Builder.TENSORRT_RTX:
+        import_tensorrt("tensorrt-rtx")  # TensorRTUnavailable with the install command
+        if cap is not None and not rtx_runs_on(cap):
+            raise TensorRTUnavailable(rtx_refusal(cap, name))
+        return "tensorrt-rtx", "asked (--builder tensorrt-rtx)"
+    if cfg.builder is Builder.TENSORRT:
+        import_tensorrt("tensorrt")
+        return "tensorrt", "asked (--builder tensorrt)"
+    if gpu and _imports("tensorrt"):
+        return "tensorrt", f"auto: TensorRT is installed and a GPU is here ({name})"
+    if _imports("tensorrt-rtx"):
+        if cap is None:
+            return "tensorrt-rtx", "auto: no GPU here; TensorRT-RTX builds ahead of time on the CPU"
+        if rtx_runs_on(cap):
+            return "tensorrt-rtx", f"auto: TensorRT-RTX runs on {name} (compute capability {cap[0]}.{cap[1]})"
+        return "aoti", f"auto: TensorRT-RTX does not run on {name} (compute capability {cap[0]}.{cap[1]})"
+    if gpu:
+        return "aoti", f"auto: neither TensorRT nor TensorRT-RTX imports ({name})"
+    why = "full TensorRT needs a GPU to build" if _imports("tensorrt") else "neither TensorRT nor TensorRT-RTX imports"
+    return "aoti", f"auto: no GPU here and {why}"
 
-    if steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
-    if preset_default is not None and len(preset_default) == steps:
-        return preset_default
-    if steps == 1:
-        return (32,)
-    return t_index_list_from_strength(0.4, steps)
 
-
-__all__ = ["BankKind", "BuildConfig", "Builder", "Precision", "default_t_index_list"]
+def _imports(flavour: str) -> bool:
+    try:
+        import_tensorrt(flavour)
+    except TensorRTUnavailable:
+        return False
+    return True

@@ -2,7 +2,7 @@
 
 The exported graphs are traced from the same modules the eager backend runs, so there is one copy of the
 algorithm. Shapes are static (one graph per resolution and UNet batch). We use the dynamo exporter: it traces
-with fake tensors, so an fp16 graph exports in seconds even on a CPU with no fp16 arithmetic (DESIGN.md §7).
+with fake tensors, so an fp16 graph exports in seconds even on a CPU with no fp16 arithmetic (docs/BUILD.md).
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ import torch
 from torch import nn
 
 from streamv2v_trt.bank_unet import BankUNet
-from streamv2v_trt.engine.manifest import VAE_IO, TensorEntry
-from streamv2v_trt.layout import BankLayout, TensorSpec
-from streamv2v_trt.models import Models
+from streamv2v_trt.layout import DTYPES, TensorSpec
+from streamv2v_trt.models.loader import Models
+from streamv2v_trt.prompt import text_shape
+from streamv2v_trt.spec import EngineSpec
 from streamv2v_trt.vae import VaeDecoder, VaeEncoder
-
-from .config import BuildConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,29 +38,28 @@ def exporter_name() -> str:
     return f"torch {torch.__version__} dynamo, opset {OPSET}"
 
 
-def text_shape(models: Models) -> tuple[int, int]:
-    """(tokens, dim) of the prompt embeddings the UNet cross-attends to."""
-    cfg = models.text_encoder.config
-    return int(cfg.max_position_embeddings), int(models.unet.config.cross_attention_dim)
+def network_modules(models: Models, spec: EngineSpec) -> tuple[dict[str, nn.Module], dict[str, list[TensorSpec]]]:
+    """The three modules to export (the very ones the eager backend runs) and their I/O contract."""
+    unet = BankUNet(models.unet, spec).eval()
+    modules = {"unet": unet, "vae_encoder": VaeEncoder(models.vae).eval(), "vae_decoder": VaeDecoder(models.vae).eval()}
+    return modules, unet.layout.network_specs(spec, text_shape(models.tokenizer, models.text_encoder))
 
 
-def unet_specs(layout: BankLayout, cfg: BuildConfig, models: Models) -> list[TensorSpec]:
-    return layout.tensor_specs(cfg.unet_batch, cfg.latent_hw, *text_shape(models))
-
-
-def unet_example_inputs(
-    specs: list[TensorSpec], dtype: torch.dtype, *, bank_valid: float = 1.0, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """Random inputs for every UNet input spec (timesteps int64 in [0, 1000)); also what parity tests feed."""
+def example_inputs(specs: list[TensorSpec], *, bank_valid: float = 1.0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs for every input spec (timesteps int64 in [0, 1000), images in [-1, 1]); also what parity
+    tests feed."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for s in specs:
-        if s.role not in ("input", "bank"):
+        if not s.is_input:
             continue
+        dtype = DTYPES[s.dtype]
         if s.name == "timestep":
             out[s.name] = torch.randint(0, 1000, s.shape, generator=gen, dtype=torch.int64)
         elif s.name == "bank_valid":
             out[s.name] = torch.full(s.shape, bank_valid, dtype=dtype)
+        elif s.name == "images":
+            out[s.name] = (torch.rand(s.shape, generator=gen) * 2 - 1).to(dtype)
         else:
             out[s.name] = torch.randn(s.shape, generator=gen).to(dtype)
     return out
@@ -106,35 +104,16 @@ def _export(module: nn.Module, args: tuple, input_names: list[str], output_names
     return model
 
 
-def export_unet(models: Models, cfg: BuildConfig) -> tuple[onnx.ModelProto, BankLayout, list[TensorSpec]]:
-    """The bank-I/O UNet at cfg's resolution and batch (= steps), in the models' dtype."""
-    module = BankUNet(models.unet, cfg.bank, cfg.latent_hw).eval()
-    specs = unet_specs(module.layout, cfg, models)
-    inputs = unet_example_inputs(specs, next(models.unet.parameters()).dtype, seed=cfg.seed)
-    model = export_module(module, inputs, module.layout.input_names(), module.layout.output_names())
-    return model, module.layout, specs
+def export_network(module: nn.Module, specs: list[TensorSpec], seed: int = 0) -> onnx.ModelProto:
+    """Trace one network at its static shapes; the exported I/O names are checked against `specs`."""
+    inputs = example_inputs(specs, seed=seed)
+    names_in = [s.name for s in specs if s.is_input]
+    names_out = [s.name for s in specs if not s.is_input]
+    return export_module(module, inputs, names_in, names_out)
 
 
-def vae_specs(which: str, cfg: BuildConfig) -> list[TensorSpec]:
-    h, w = cfg.latent_hw
-    images, latents = (1, 3, cfg.height, cfg.width), (1, 4, h, w)  # the pipeline encodes/decodes one frame
-    (inp,), (out,) = VAE_IO[which]
-    shapes = {"images": images, "latents": latents}
-    return [TensorSpec(inp, shapes[inp], "input"), TensorSpec(out, shapes[out], "output")]
-
-
-def export_vae(models: Models, cfg: BuildConfig, which: str) -> tuple[onnx.ModelProto, list[TensorSpec]]:
-    """`which` is "vae_encoder" (images -> latents) or "vae_decoder" (latents -> images)."""
-    module = (VaeEncoder if which == "vae_encoder" else VaeDecoder)(models.vae).eval()
-    specs = vae_specs(which, cfg)
-    dtype = next(models.vae.parameters()).dtype
-    gen = torch.Generator().manual_seed(cfg.seed)
-    inputs = {specs[0].name: (torch.rand(specs[0].shape, generator=gen) * 2 - 1).to(dtype)}
-    return export_module(module, inputs, [specs[0].name], [specs[1].name]), specs
-
-
-def tensor_entries(model: onnx.ModelProto, specs: list[TensorSpec]) -> tuple[TensorEntry, ...]:
-    """Manifest entries from the graph's own I/O, checked against the layout: names, order and shapes must match."""
+def tensor_entries(model: onnx.ModelProto, specs: list[TensorSpec]) -> tuple[TensorSpec, ...]:
+    """Manifest entries from the graph's own I/O, checked against the layout: names, order, shapes, dtypes."""
     graph_io = [*model.graph.input, *model.graph.output]
     if [v.name for v in graph_io] != [s.name for s in specs]:
         raise RuntimeError(f"ONNX I/O {[v.name for v in graph_io]} differs from the layout {[s.name for s in specs]}")
@@ -144,5 +123,8 @@ def tensor_entries(model: onnx.ModelProto, specs: list[TensorSpec]) -> tuple[Ten
         shape = tuple(d.dim_value for d in t.shape.dim)
         if shape != tuple(s.shape):
             raise RuntimeError(f"ONNX tensor {v.name} has shape {shape}, the layout says {s.shape} (static shapes)")
-        entries.append(TensorEntry(v.name, shape, _ONNX_DTYPES[t.elem_type], s.role, s.layer))
+        dtype = _ONNX_DTYPES.get(t.elem_type, f"onnx type {t.elem_type}")
+        if dtype != s.dtype:
+            raise RuntimeError(f"ONNX tensor {v.name} is {dtype}, the layout says {s.dtype}")
+        entries.append(TensorSpec(v.name, shape, dtype, s.role, s.layer))
     return tuple(entries)

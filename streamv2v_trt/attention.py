@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from .config import BankKind
-from .layout import BankLayer
+from kernels.dyme import COSINE_EPS  # one fp16-safe epsilon for every cosine similarity (FF here, DyMe there)
 
-# Cosine similarity in fp16 engines: F.normalize's default eps (1e-12) underflows to 0 in fp16.
-COSINE_EPS = 1e-4
+from .layout import BankLayer
+from .spec import BankKind
 
 
 def cosine_normalize(x: torch.Tensor) -> torch.Tensor:
+    # F.normalize's default eps (1e-12) underflows to 0 in fp16 engines.
     return x / x.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
 
 
@@ -29,10 +29,11 @@ def feature_fusion(
 ) -> torch.Tensor:
     """Blend each token of `o` with its most cosine-similar valid bank token, where similarity >= threshold.
 
-    o: [B, N, C]; bank_o: [B, M, C]; bank_valid_tokens: [M] bool (empty FIFO slots and an empty bank are invalid).
+    o: [B, N, C]; bank_o: [B, M, C]; bank_valid_tokens: [B, M] bool (empty FIFO slots and an empty bank are
+    invalid).
     """
     sim = cosine_normalize(o) @ cosine_normalize(bank_o).transpose(1, 2)  # [B, N, M]
-    sim = sim.masked_fill(~bank_valid_tokens, -2.0)  # below any cosine, so never chosen nor above threshold
+    sim = sim.masked_fill(~bank_valid_tokens.unsqueeze(1), -2.0)  # below any cosine: never chosen nor fused
     best, idx = sim.max(dim=-1)  # [B, N]
     nearest = torch.gather(bank_o, 1, idx.unsqueeze(-1).expand(-1, -1, o.shape[-1]))  # [B, N, C]
     fused = (1.0 - strength) * o + strength * nearest
@@ -44,13 +45,13 @@ class BankIO:
 
     def __init__(self, kind: BankKind, bank_valid: torch.Tensor, banks: Sequence[tuple[torch.Tensor, ...]]) -> None:
         self.kind = kind
-        self.bank_valid = bank_valid  # [S] slot validity (1/0), S = bank frames
+        self.bank_valid = bank_valid  # [B, S] slot validity (1/0) per batch element, S = bank frames
         self.banks = banks  # per layer: (K, V) or (K, V, O), each [B, S*N, C]
         self.current: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def valid_tokens(self, tokens_per_slot: int) -> torch.Tensor:
-        """[S*N] bool: which bank tokens hold a stored frame."""
-        return (self.bank_valid > 0).repeat_interleave(tokens_per_slot)
+        """[B, S*N] bool: which bank tokens hold a stored frame, per batch element."""
+        return (self.bank_valid > 0).repeat_interleave(tokens_per_slot, dim=1)
 
     def record(self, layer: int, *tensors: torch.Tensor) -> None:
         self.current[layer] = tensors
@@ -75,9 +76,9 @@ class BankSelfAttnProcessor:
         self,
         attn: Attention,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,  # noqa: ARG002 (diffusers' processor signature)
+        attention_mask: torch.Tensor | None = None,  # noqa: ARG002
+        temb: torch.Tensor | None = None,  # noqa: ARG002
         bank_io: BankIO | None = None,
     ) -> torch.Tensor:
         if bank_io is None:
@@ -86,11 +87,11 @@ class BankSelfAttnProcessor:
         B, N, _ = hidden_states.shape  # [B, N, C]
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
 
-        valid_tokens = bank_io.valid_tokens(N)  # [S*N]
+        valid_tokens = bank_io.valid_tokens(N)  # [B, S*N]
         if self.kind is BankKind.DYME:
             # An empty bank attends over [k ; k], which equals plain attention over k; no mask keeps the
             # flash-attention path for every steady frame.
-            has_bank = (bank_io.bank_valid > 0).view(1, 1, 1)
+            has_bank = (bank_io.bank_valid > 0).view(B, 1, 1)  # S = 1
             keys = torch.cat([k, torch.where(has_bank, bank[0], k)], dim=1)  # [B, 2N, C]
             values = torch.cat([v, torch.where(has_bank, bank[1], v)], dim=1)
             mask = None
@@ -98,7 +99,7 @@ class BankSelfAttnProcessor:
             # FIFO slots not yet filled are masked out; copies in them would change the softmax weights.
             keys = torch.cat([k, bank[0]], dim=1)  # [B, N + S*N, C]
             values = torch.cat([v, bank[1]], dim=1)
-            mask = torch.cat([valid_tokens.new_ones(N), valid_tokens]).view(1, 1, 1, -1)
+            mask = torch.cat([valid_tokens.new_ones(B, N), valid_tokens], dim=1).view(B, 1, 1, -1)
 
         heads = attn.heads
         d = k.shape[-1] // heads
@@ -129,6 +130,6 @@ class CrossAttnProcessor(AttnProcessor2_0):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        bank_io: BankIO | None = None,
+        bank_io: BankIO | None = None,  # noqa: ARG002 (the bank carrier reaches every attention; attn2 ignores it)
     ) -> torch.Tensor:
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)

@@ -6,13 +6,13 @@ import torch
 from torch import nn
 
 from .attention import BankIO, BankSelfAttnProcessor, CrossAttnProcessor
-from .config import BankConfig
 from .layout import BankLayout, bank_layout
+from .spec import EngineSpec
 
 
-def install_bank_processors(unet: nn.Module, cfg: BankConfig, latent_hw: tuple[int, int]) -> BankLayout:
+def install_bank_processors(unet: nn.Module, spec: EngineSpec) -> BankLayout:
     """Swap every attention processor: attn1 -> EA/FF with bank I/O, attn2 -> plain (bank-aware signature)."""
-    layout = bank_layout(unet, cfg, latent_hw)
+    layout = bank_layout(unet, spec)
     by_name = {layer.name: layer for layer in layout.layers}
     processors = {}
     for key in unet.attn_processors:  # "<module name>.processor"
@@ -24,7 +24,7 @@ def install_bank_processors(unet: nn.Module, cfg: BankConfig, latent_hw: tuple[i
         attn = unet.get_submodule(module_name)
         if attn.group_norm is not None or attn.spatial_norm is not None or attn.norm_q is not None:
             raise NotImplementedError(f"{module_name}: attention with group/spatial/qk norm is not supported")
-        processors[key] = BankSelfAttnProcessor(layer, cfg.kind, cfg.ff_threshold, cfg.ff_strength)
+        processors[key] = BankSelfAttnProcessor(layer, spec.bank, spec.ff_threshold, spec.ff_strength)
     unet.set_attn_processor(processors)
     return layout
 
@@ -35,11 +35,10 @@ class BankUNet(nn.Module):
     `banks` and `current` are flat, in `layout.bank_names()` / `layout.current_names()` order.
     """
 
-    def __init__(self, unet: nn.Module, cfg: BankConfig, latent_hw: tuple[int, int]) -> None:
+    def __init__(self, unet: nn.Module, spec: EngineSpec) -> None:
         super().__init__()
         self.unet = unet
-        self.cfg = cfg
-        self.layout = install_bank_processors(unet, cfg, latent_hw)
+        self.layout = install_bank_processors(unet, spec)
         self._n_parts = [len(BankLayout.parts(layer)) for layer in self.layout.layers]
 
     def forward(
@@ -56,7 +55,7 @@ class BankUNet(nn.Module):
             i += n
         if i != len(banks):
             raise ValueError(f"expected {i} bank tensors for {len(self._n_parts)} layers, got {len(banks)}")
-        io = BankIO(self.cfg.kind, bank_valid, grouped)
+        io = BankIO(self.layout.kind, bank_valid, grouped)
         noise_pred = self.unet(
             sample, timestep, encoder_hidden_states, cross_attention_kwargs={"bank_io": io}, return_dict=False
         )[0]

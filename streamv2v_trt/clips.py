@@ -1,4 +1,4 @@
-"""Generated test clips with known motion: a pan across a real photo (scikit-image), or a synthetic pattern."""
+"""Generated clips with known motion: a pan across a real photo (scikit-image), or a moving pattern of any length."""
 
 from __future__ import annotations
 
@@ -37,4 +37,20 @@ def pan_clip(frames: int, height: int, width: int, image: str = "astronaut", ste
         crop = torch.from_numpy(np.ascontiguousarray(src[:win, i * step : i * step + win, :3])).permute(2, 0, 1)
         crop = F.interpolate(crop[None].float(), size=(height, width), mode="bilinear", antialias=True)[0]
         out.append(crop.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    return out
+
+
+def pattern_clip(frames: int, height: int, width: int, seed: int = 0) -> list[np.ndarray]:
+    """`frames` uint8 HxWx3 frames of a drifting sine pattern with a little noise: consecutive frames are similar,
+    as in a camera stream, and any number of frames fits (what benchmarks loop over)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = []
+    for i in range(frames):
+        phase = i * 0.15
+        r = 127 + 100 * np.sin(x / 9 + phase)
+        g = 127 + 100 * np.sin(y / 7 - phase)
+        b = 127 + 100 * np.sin((x + y) / 11 + 2 * phase)
+        img = np.stack([r, g, b], -1) + rng.normal(0, 4, (height, width, 3))
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
     return out

@@ -1,59 +1,29 @@
-"""Frozen configs: what the bank and the stream do. Engines record these in their manifest."""
+"""Frozen configs of a stream: the `EngineSpec` it runs (build-time) plus what may change at runtime.
+
+A `StreamConfig` holds the spec and never restates it: `cfg.height`, `cfg.steps`, `cfg.unet_batch` read the spec.
+What is not in the spec is chosen per stream without a rebuild: the timesteps (only their count is compiled),
+the noise seed, the guidance scale, how often the bank is updated and DyMe's random split.
+"""
 
 from __future__ import annotations
 
-import enum
+import dataclasses
 from dataclasses import dataclass, field
 
-
-class BankKind(str, enum.Enum):
-    DYME = "dyme"  # one frame of tokens, merged with every stored frame (the paper's default)
-    FIFO = "fifo"  # the last k stored frames (ablation)
-
-
-class CfgType(str, enum.Enum):
-    """Guidance, as StreamDiffusion defines it (docs/FEATURES.md has the formulas)."""
-
-    NONE = "none"
-    SELF = "self"  # RCFG with the stock noise as the negative (StreamDiffusion's "self")
-    INITIALIZE = "initialize"  # RCFG whose slot-0 negative is a real uncond UNet pass: one extra batch element
-    FULL = "full"  # classic CFG: an uncond copy of every slot, twice the UNet batch (its own engine)
-
-    def unet_batch(self, steps: int) -> int:
-        """The UNet batch this guidance needs for `steps` denoising steps (what the engine is built for)."""
-        return {CfgType.INITIALIZE: steps + 1, CfgType.FULL: 2 * steps}.get(self, steps)
-
-
-# Layers whose attention output is fused with the bank: the low-resolution ones (DESIGN.md §3).
-FF_LAYER_PREFIXES = ("mid_block.", "up_blocks.0.", "up_blocks.1.")
+from .spec import CfgType, EngineSpec
 
 
 @dataclass(frozen=True)
 class BankConfig:
-    kind: BankKind = BankKind.DYME
-    frames: int = 1  # bank size in frames of tokens; DyMe always keeps 1
+    """How the bank is updated at runtime. Its size and the fusion constants are compiled (EngineSpec)."""
+
     interval: int = 4  # update the bank every `interval` UNet calls (frame ids 0, 4, 8, ...)
-    ff_threshold: float = 0.98
-    ff_strength: float = 0.8
-    ff_layer_prefixes: tuple[str, ...] = FF_LAYER_PREFIXES
     seed: int = 0  # DyMe's random bipartite split
     perm_pool: int = 32  # seeded permutations drawn up front, so a merge never needs the host
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", BankKind(self.kind))
-        if self.kind is BankKind.DYME and self.frames != 1:
-            raise ValueError(f"a DyMe bank holds exactly 1 frame of tokens, got frames={self.frames}; use --bank fifo")
-        if self.frames < 1 or self.interval < 1 or self.perm_pool < 1:
-            raise ValueError(f"bank frames, interval and perm_pool must be >= 1, got {self}")
-        if not 0.0 <= self.ff_strength <= 1.0:
-            raise ValueError(f"ff_strength must be in [0, 1], got {self.ff_strength}")
-
-    @property
-    def slots(self) -> int:
-        return self.frames
-
-    def fuses(self, layer_name: str) -> bool:
-        return layer_name.startswith(self.ff_layer_prefixes)
+        if self.interval < 1 or self.perm_pool < 1:
+            raise ValueError(f"bank interval and perm_pool must be >= 1, got {self}")
 
 
 @dataclass(frozen=True)
@@ -74,12 +44,10 @@ class SimilarFilterConfig:
 
 @dataclass(frozen=True)
 class StreamConfig:
-    height: int = 512
-    width: int = 512
-    t_index_list: tuple[int, ...] = (32,)  # indices into the 50-step LCM schedule, one per denoising step
+    spec: EngineSpec
+    t_index_list: tuple[int, ...] = ()  # indices into the 50-step LCM schedule, one per step; () = spec's default
     num_inference_steps: int = 50
-    seed: int = 2
-    cfg_type: CfgType = CfgType.NONE
+    seed: int = 2  # the per-slot noise
     guidance_scale: float = 1.0
     delta: float = 1.0  # RCFG: scale of the stock noise used as the negative
     resize: bool = False  # resize frames of another size instead of refusing them
@@ -90,27 +58,51 @@ class StreamConfig:
     prime: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "cfg_type", CfgType(self.cfg_type))
-        object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
-        if self.height % 8 or self.width % 8:
-            raise ValueError(f"height and width must be multiples of 8, got {self.height}x{self.width}")
-        if not self.t_index_list or any(not 0 <= t < self.num_inference_steps for t in self.t_index_list):
+        if not isinstance(self.spec, EngineSpec):
+            raise TypeError(f"StreamConfig.spec must be an EngineSpec, got {type(self.spec).__name__}")
+        t_index = tuple(int(t) for t in self.t_index_list) or self.spec.default_t_index_list()
+        object.__setattr__(self, "t_index_list", t_index)
+        if len(t_index) != self.spec.steps:
             raise ValueError(
-                f"t_index_list must hold indices in [0, {self.num_inference_steps}), got {self.t_index_list}"
+                f"t_index_list {t_index} has {len(t_index)} step(s), the spec {self.spec.steps}: "
+                "the number of steps is compiled (EngineSpec.steps), their values are not"
             )
+        if any(not 0 <= t < self.num_inference_steps for t in t_index):
+            raise ValueError(f"t_index_list must hold indices in [0, {self.num_inference_steps}), got {t_index}")
+
+    @classmethod
+    def from_spec(cls, spec: EngineSpec, **runtime) -> StreamConfig:
+        """The stream config of `spec` with runtime settings (`t_index_list`, `seed`, `bank`, ...) given or
+        defaulted. Unknown names raise: a build-time setting belongs in the spec."""
+        unknown = sorted(set(runtime) - ({f.name for f in dataclasses.fields(cls)} - {"spec"}))
+        if unknown:
+            raise TypeError(f"{unknown} are not runtime settings of a stream (build-time ones go in EngineSpec)")
+        return cls(spec=spec, **runtime)
+
+    def with_spec(self, **changes) -> StreamConfig:
+        """This config with spec fields changed (the timesteps are re-defaulted when the step count changes)."""
+        spec = dataclasses.replace(self.spec, **changes)
+        t_index = self.t_index_list if spec.steps == self.spec.steps else ()
+        return dataclasses.replace(self, spec=spec, t_index_list=t_index)
+
+    # The spec's facts, read where they are kept (never copied).
+    @property
+    def height(self) -> int:
+        return self.spec.height
+
+    @property
+    def width(self) -> int:
+        return self.spec.width
 
     @property
     def steps(self) -> int:
-        return len(self.t_index_list)
+        return self.spec.steps
 
     @property
     def unet_batch(self) -> int:
-        """UNet (and bank) batch: steps, + 1 for RCFG initialize, x 2 for full CFG. Engines are built for it."""
-        return self.cfg_type.unet_batch(self.steps)
+        """This stream's part of the UNet batch (the whole batch of a single-stream build)."""
+        return self.spec.stream_batch
 
-
-def t_index_list_from_strength(strength: float, steps: int, num_inference_steps: int = 50) -> tuple[int, ...]:
-    """StreamV2V's schedule: start at int(50 * (1 - strength)), stride int(50 * strength) // steps."""
-    init = int(num_inference_steps * (1 - strength))
-    stride = max(1, int(num_inference_steps * strength) // steps)
-    return tuple(min(init + i * stride, num_inference_steps - 1) for i in range(steps))
+    @property
+    def cfg_type(self) -> CfgType:
+        return self.spec.cfg_type

@@ -1,10 +1,36 @@
-"""Which self-attention layers carry a bank, their token counts and channels, and the engine tensor names."""
+"""Which self-attention layers carry a bank, their token counts and channels, and every network's tensors.
+
+`BankLayout` is the engine I/O contract (docs/DESIGN.md, "Engine I/O"): names, shapes and dtypes of the UNet's
+inputs and outputs, and of the VAE encoder's and decoder's. The export, the manifest check and every runner
+compare against `network_specs`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import BankConfig, BankKind
+import torch
+
+from .spec import BankKind, EngineSpec
+
+NETWORKS = ("unet", "vae_encoder", "vae_decoder")
+
+# The one table of tensor dtypes: layout and manifest name them ("float16"), runners report torch dtypes.
+DTYPES = {
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float16 -> "float16" (the names of `DTYPES`)."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
@@ -20,13 +46,18 @@ class BankLayer:
 class TensorSpec:
     name: str
     shape: tuple[int, ...]
-    role: str  # "input", "bank", "output", "current"
-    layer: str | None = None
+    dtype: str  # "float16", "float32", "int64"
+    role: str  # "input", "bank" (inputs); "output", "current" (outputs)
+    layer: str | None = None  # qualified attn1 name of bank/current tensors
+
+    @property
+    def is_input(self) -> bool:
+        return self.role in ("input", "bank")
 
 
 @dataclass(frozen=True)
 class BankLayout:
-    """The fixed-size bank of one UNet at one latent resolution (DESIGN.md §4)."""
+    """The fixed-size bank of one UNet at one latent resolution."""
 
     layers: tuple[BankLayer, ...]
     kind: BankKind
@@ -51,23 +82,44 @@ class BankLayout:
     def output_names(self) -> list[str]:
         return ["noise_pred", *self.current_names()]
 
-    def tensor_specs(self, batch: int, latent_hw: tuple[int, int], text_len: int, text_dim: int) -> list[TensorSpec]:
-        h, w = latent_hw
+    def unet_specs(self, spec: EngineSpec, text: tuple[int, int]) -> list[TensorSpec]:
+        """Every UNet tensor in I/O order; `text` = (tokens, dim) of the prompt embeddings."""
+        B, (h, w), f = spec.unet_batch, spec.latent_hw, _float(spec)
         specs = [
-            TensorSpec("sample", (batch, 4, h, w), "input"),
-            TensorSpec("timestep", (batch,), "input"),
-            TensorSpec("encoder_hidden_states", (batch, text_len, text_dim), "input"),
-            TensorSpec("bank_valid", (self.slots,), "input"),
+            TensorSpec("sample", (B, 4, h, w), f, "input"),
+            TensorSpec("timestep", (B,), "int64", "input"),
+            TensorSpec("encoder_hidden_states", (B, *text), f, "input"),
+            TensorSpec("bank_valid", (B, self.slots), f, "input"),
         ]
         for layer in self.layers:
             for p in self.parts(layer):
-                specs.append(TensorSpec(f"bank_{p}.{layer.index}", self.bank_shape(layer, batch), "bank", layer.name))
-        specs.append(TensorSpec("noise_pred", (batch, 4, h, w), "output"))
+                specs.append(TensorSpec(f"bank_{p}.{layer.index}", self.bank_shape(layer, B), f, "bank", layer.name))
+        specs.append(TensorSpec("noise_pred", (B, 4, h, w), f, "output"))
         for layer in self.layers:
             for p in self.parts(layer):
-                cur = (batch, layer.tokens, layer.channels)
-                specs.append(TensorSpec(f"cur_{p}.{layer.index}", cur, "current", layer.name))
+                cur = (B, layer.tokens, layer.channels)  # [B, N, C]
+                specs.append(TensorSpec(f"cur_{p}.{layer.index}", cur, f, "current", layer.name))
         return specs
+
+    def network_specs(self, spec: EngineSpec, text: tuple[int, int]) -> dict[str, list[TensorSpec]]:
+        """The I/O of the three networks. The VAEs encode and decode one frame per stream: images [K, 3, H, W] in
+        [-1, 1] <-> latents [K, 4, H/8, W/8], scaled for the UNet (K = max_streams)."""
+        f, (h, w), K = _float(spec), spec.latent_hw, spec.max_streams
+        images = TensorSpec("images", (K, 3, spec.height, spec.width), f, "input")
+        latents = TensorSpec("latents", (K, 4, h, w), f, "input")
+        return {
+            "unet": self.unet_specs(spec, text),
+            "vae_encoder": [images, _as_output(latents)],
+            "vae_decoder": [latents, _as_output(images)],
+        }
+
+
+def _float(spec: EngineSpec) -> str:
+    return "float16" if spec.precision.value == "fp16" else "float32"
+
+
+def _as_output(t: TensorSpec) -> TensorSpec:
+    return TensorSpec(t.name, t.shape, t.dtype, "output")
 
 
 def _level_sizes(size: int, levels: int) -> list[int]:
@@ -77,10 +129,13 @@ def _level_sizes(size: int, levels: int) -> list[int]:
     return sizes
 
 
-def bank_layout(unet, cfg: BankConfig, latent_hw: tuple[int, int]) -> BankLayout:
-    """The bank layout of a diffusers UNet2DConditionModel: one layer per attn1, in module order."""
+def bank_layout(unet, spec: EngineSpec) -> BankLayout:
+    """The bank layout of a diffusers UNet2DConditionModel at `spec`'s size: one layer per attn1, in module order.
+
+    Reads only the module structure, so a UNet on the meta device (no weights) gives the same layout."""
     n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
-    hs, ws = _level_sizes(latent_hw[0], n_down), _level_sizes(latent_hw[1], n_down)
+    latent_h, latent_w = spec.latent_hw
+    hs, ws = _level_sizes(latent_h, n_down), _level_sizes(latent_w, n_down)
     layers = []
     for name, module in unet.named_modules():
         if not name.endswith(".attn1"):
@@ -94,7 +149,7 @@ def bank_layout(unet, cfg: BankConfig, latent_hw: tuple[int, int]) -> BankLayout
             level = n_up - 1 - int(idx)
         else:
             raise ValueError(f"unexpected self-attention layer {name}: not in down_blocks, mid_block or up_blocks")
-        layers.append(BankLayer(len(layers), name, hs[level] * ws[level], module.to_k.out_features, cfg.fuses(name)))
+        layers.append(BankLayer(len(layers), name, hs[level] * ws[level], module.to_k.out_features, spec.fuses(name)))
     if not layers:
         raise ValueError("the UNet has no self-attention (attn1) layers: StreamV2V needs transformer blocks")
-    return BankLayout(tuple(layers), cfg.kind, cfg.slots)
+    return BankLayout(tuple(layers), spec.bank, spec.bank_slots)

@@ -1,8 +1,12 @@
 """StreamV2V: streaming img2img with a stream batch, a feature bank, and any backend.
 
-Per frame (DESIGN.md §2): encode -> noise at t_0 -> UNet on the stream batch (slot i = step i, each slot
-with its own bank) -> LCM step -> re-noise into the next slots -> decode the frame leaving the last slot.
-Every `interval` UNet calls the current k/v/o are stored into the bank (DyMe or FIFO).
+Per frame (docs/DESIGN.md, "Per-frame data flow"): encode -> noise at t_0 -> UNet on the stream batch (slot i =
+step i, each slot with its own bank) -> LCM step -> re-noise into the next slots -> decode the frame leaving the
+last slot. Every `interval` UNet calls the current k/v/o are stored into the bank (DyMe or FIFO).
+
+A frame is three steps: `plan()` decides on the host what the frame runs (priming? which bank update?),
+`render(plan, image)` is the device work and touches no host state, `advance(plan)` moves the host counters.
+`__call__` runs the three; `CudaGraphStream` captures `render` once per plan and replays it.
 Features (docs/FEATURES.md): RCFG none/self/initialize and full CFG, prompt and seed blending, similar-frame
 skip, priming of the stream batch, LoRAs fused at load.
 """
@@ -10,46 +14,80 @@ skip, priming of the stream batch, LoRAs fused at load.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from os import PathLike
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
-from .backends import Backend
-from .bank import FeatureBank
+from .bank import NO_UPDATE, BankOp, FeatureBank
 from .blending import PromptBlend, SeedBlend, blend_prompts, blend_seeds
-from .config import BankConfig, CfgType, StreamConfig
-from .frames import frame_to_tensor, tensor_to_frame
-from .models.lora import LoraSpec
+from .config import StreamConfig
+from .frames import HostStaging, frame_to_tensor, image_to_uint8, is_host, tensor_to_frame, uint8_to_image
 from .prompt import PromptEncoder
 from .schedule import StreamSchedule
 from .similar_filter import SimilarFrameFilter
+from .spec import CfgType, EngineSpec
+
+if TYPE_CHECKING:
+    from .backends import Backend
+    from .spec import LoraSpec
 
 log = logging.getLogger(__name__)
+
+
+class FramePlan(NamedTuple):
+    """What a frame runs besides the steady work; decided on the host, it picks the CUDA graph."""
+
+    prime: bool  # first frame after a reset with `cfg.prime`: steps - 1 extra stream steps fill the batch
+    bank: BankOp  # the bank update after the UNet call
 
 
 class StreamV2V:
     """Translate an endless stream of frames: `out = stream(frame)`, `update_prompt(text)`, `reset()`."""
 
-    def __init__(self, backend: Backend, prompt_encoder: PromptEncoder, scheduler, cfg: StreamConfig) -> None:
-        if backend.layout.kind is not cfg.bank.kind or backend.layout.slots != cfg.bank.slots:
+    def __init__(
+        self,
+        backend: Backend,
+        prompt_encoder: PromptEncoder,
+        scheduler,
+        cfg: StreamConfig,
+        *,
+        views: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """`views`: the UNet input buffers this stream writes, by engine input name (`sample`, `timestep`,
+        `encoder_hidden_states`, `bank_valid`, `bank_*`), e.g. its rows of a batch shared with other streams
+        (`MultiStream`); by default the stream allocates its own and runs the networks itself."""
+        layout = backend.layout
+        if layout.kind is not cfg.spec.bank or layout.slots != cfg.spec.bank_slots:
             raise ValueError(
-                f"backend {backend.name} was built for a {backend.layout.kind.value} bank x{backend.layout.slots}, "
-                f"the stream config asks {cfg.bank.kind.value} x{cfg.bank.slots}"
+                f"backend {backend.name} was built for a {layout.kind.value} bank x{layout.slots}, "
+                f"the stream config asks {cfg.spec.bank.value} x{cfg.spec.bank_slots}"
+            )
+        if views is None and cfg.spec.max_streams > 1:
+            raise ValueError(
+                f"this build batches {cfg.spec.max_streams} streams in every network call: run it with "
+                "streamv2v_trt.multistream.MultiStream (python -m streamv2v_trt serve does)"
             )
         self.backend, self.cfg = backend, cfg
         self.prompt_encoder = prompt_encoder
         self.scheduler = scheduler  # kept so another stream (own bank) can share this backend
         device, dtype = backend.device, backend.dtype
         self.device, self.dtype = device, dtype
-        B, h, w = cfg.steps, cfg.height // 8, cfg.width // 8
+        B, (h, w) = cfg.steps, cfg.spec.latent_hw
         # UNet batch Bu = [uncond elements ; B stream slots]: 0 uncond (none/self), 1 (initialize: slot 0's
         # negative), B (full CFG). Every element has its own bank, so the bank batch follows the UNet batch.
         Bu = cfg.unet_batch
         self._n_uncond = Bu - B
         self.schedule = StreamSchedule(scheduler, cfg.t_index_list, cfg.num_inference_steps, device, dtype)
-        self.bank = FeatureBank(backend.layout, cfg.bank, Bu, device, dtype)
+        D, L = prompt_encoder.dim, prompt_encoder.length
+        if views is None:
+            views = {
+                "sample": torch.zeros(Bu, 4, h, w, device=device, dtype=dtype),  # [Bu, 4, h, w]
+                "timestep": torch.zeros(Bu, device=device, dtype=torch.long),  # [Bu]
+                "encoder_hidden_states": torch.zeros(Bu, L, D, device=device, dtype=dtype),  # [Bu, 77, D]
+            }
+        self.bank = FeatureBank(layout, cfg.bank, Bu, device, dtype, views=views if "bank_valid" in views else None)
 
         # Per-slot noise, drawn once per stream from the seed and reused for every frame (update_seed blends).
         self.noise = blend_seeds(cfg.seed, (B, 4, h, w)).to(device=device, dtype=dtype)  # [B, 4, h, w]
@@ -57,18 +95,19 @@ class StreamV2V:
         self.stock_noise = torch.zeros_like(self.noise)  # RCFG: the negative's noise estimate (0, as StreamDiffusion)
         # Every piece of stream state is a fixed buffer written in place, so a captured CUDA graph (cuda_graph.py)
         # and bound engine inputs keep seeing it; these are the constants and scratch of the in-place updates.
-        self._noise_next = torch.cat([self.noise[1:], self.noise[0:1]])  # slot i+1's noise moves to slot i
+        self._noise_next = torch.roll(self.noise, -1, dims=0)  # slot i+1's noise moves to slot i
         ones = torch.ones_like(self.schedule.alpha[0:1])
         self._alpha_next = torch.cat([self.schedule.alpha[1:], ones])  # [B, 1, 1, 1]
         self._beta_next = torch.cat([self.schedule.beta[1:], ones])
         self._shift = torch.empty_like(self.noise[1:])  # [B-1, 4, h, w]: stock noise moving one slot down
         # UNet inputs (engines bind them once); `latents` and `prompt_embeds` are views of the stream slots' part.
-        self.sample = torch.zeros(Bu, 4, h, w, device=device, dtype=dtype)  # [Bu, 4, h, w]
+        self.sample = views["sample"]  # [Bu, 4, h, w]
+        self.sample.zero_()
         self.latents = self.sample[self._n_uncond :]  # [B, 4, h, w]: slot i at step i
         t = self.schedule.timesteps
-        self.timestep = torch.cat([t[: self._n_uncond], t])  # [Bu]: an uncond element runs at its slot's step
-        D, L = prompt_encoder.dim, prompt_encoder.length
-        self.encoder_hidden_states = torch.zeros(Bu, L, D, device=device, dtype=dtype)  # [Bu, 77, D]
+        self.timestep = views["timestep"]  # [Bu]: an uncond element runs at its slot's step
+        self.timestep.copy_(torch.cat([t[: self._n_uncond], t]))
+        self.encoder_hidden_states = views["encoder_hidden_states"]  # [Bu, 77, D]
         self.prompt_embeds = self.encoder_hidden_states[self._n_uncond :]  # [B, 77, D]
         self.negative_embeds = self.encoder_hidden_states[: self._n_uncond]  # [Bu - B, 77, D]
         self.frame_id = 0  # UNet calls since reset; drives the bank interval
@@ -76,39 +115,33 @@ class StreamV2V:
         # Decoded output of the last processed frame, which a skipped frame returns. A copy: an engine backend's
         # output buffer is overwritten by the next decode (of this stream or another sharing the backend).
         self._last_image: torch.Tensor | None = None
+        self.staging = HostStaging(cfg.height, cfg.width, device) if device.type == "cuda" else None
         self.update_prompt("", negative_prompt="")
 
     @classmethod
     def from_pretrained(
         cls,
-        model: str = "tiny",
-        cfg: StreamConfig | None = None,
+        model: str | EngineSpec | StreamConfig = "tiny",
         *,
-        prompt: str = "",
-        vae: str = "taesd",
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        seed: int = 0,
-        loras: Sequence[LoraSpec] = (),
+        prompt: PromptBlend = "",
         negative_prompt: str = "",
+        compile: bool | str = False,
+        channels_last: bool | None = None,
     ) -> StreamV2V:
-        """The eager (PyTorch) pipeline for a preset, a local diffusers folder, or a hub id.
+        """The eager (PyTorch) pipeline.
 
-        `loras` are fused into the UNet (and text encoder) weights before anything runs; `negative_prompt`
-        is what RCFG initialize and full CFG guide away from.
+        `model`: a preset name, a local diffusers folder or a hub id (the preset's size and steps, fp16 on a GPU
+        and fp32 on the CPU), an `EngineSpec`, or a whole `StreamConfig`. The spec's LoRAs are fused into the
+        UNet and text encoder before anything runs; `negative_prompt` is what RCFG initialize and full CFG
+        guide away from. `compile=True` runs the UNet and VAE forwards through torch.compile with inductor (the first
+        frames compile them: a minute or more); a string picks another torch.compile backend. `channels_last`
+        (default: on for CUDA) lays the convolution networks out NHWC.
         """
-        from .backends.eager import EagerBackend
-        from .models import load_models
-        from .models.lora import fuse_loras
+        from .backends.eager import open_eager
 
-        models = load_models(model, vae=vae, device=device, dtype=dtype, seed=seed)
-        if loras:
-            fuse_loras(models.unet, loras, text_encoder=models.text_encoder)
-        if cfg is None:
-            h, w = models.default_size
-            cfg = StreamConfig(height=h, width=w, t_index_list=models.default_t_index_list)
-        backend = EagerBackend(models, cfg.bank, (cfg.height // 8, cfg.width // 8))
-        stream = cls(backend, PromptEncoder(models.tokenizer, models.text_encoder), models.scheduler, cfg)
+        opened = open_eager(model, torch.device(device), compile=compile, channels_last=channels_last)
+        stream = cls(*opened)
         stream.update_prompt(prompt, negative_prompt=negative_prompt)
         return stream
 
@@ -119,26 +152,42 @@ class StreamV2V:
         backend: str = "onnxruntime",
         cfg: StreamConfig | None = None,
         *,
-        prompt: str = "",
+        prompt: PromptBlend = "",
+        negative_prompt: str = "",
         device: torch.device | str | None = None,
-        **options,
+        loras: tuple[LoraSpec, ...] | None = None,
+        verify_hashes: bool = True,
+        threads: int | None = None,
+        **runtime,
     ) -> StreamV2V:
-        """The pipeline on a `python -m build_engines` folder: backend "onnxruntime" (its ONNX; CPU, or CUDA with
-        onnxruntime-gpu) or "tensorrt" (its engines, on a GPU). The manifest is checked against `cfg` (default:
-        what the folder was built for); a mismatch raises `EngineMismatch` with the rebuild command.
-        `options`: precision, seed, verify_hashes, threads (see `backends.engines.open_engines`)."""
-        from .backends.engines import open_engines
+        """The pipeline on a `python -m build_engines` folder with `backend`: "onnxruntime" (its ONNX; CPU, or
+        CUDA with onnxruntime-gpu), "tensorrt" (TensorRT or TensorRT-RTX engines, GPU) or "aoti" (AOTInductor
+        packages, for the device they were built for).
 
-        opened = open_engines(directory, backend, cfg, device=device, **options)
+        The folder's manifest says what it was built for (`EngineSpec`); `cfg` (default: that spec with the
+        `runtime` settings, e.g. `seed=3, t_index_list=(30,)`) must ask the same, else `EngineMismatch` names
+        every difference and the command that rebuilds it. `loras`: the LoRA files the folder was built with
+        (their text-encoder layers run here). Only open folders you built: engines and packages are native
+        code that runs when loaded (docs/RUNTIME.md).
+        """
+        from .build_folder import open_build_folder
+
+        opened = open_build_folder(
+            directory, backend, cfg, device=device, loras=loras, verify_hashes=verify_hashes, threads=threads,
+            runtime=runtime,
+        )  # fmt: skip
         stream = cls(opened.backend, opened.prompt_encoder, opened.scheduler, opened.cfg)
-        stream.manifest = opened.manifest
-        stream.update_prompt(prompt)
+        stream.update_prompt(prompt, negative_prompt=negative_prompt)
         return stream
 
-    @property
-    def bank_config(self) -> BankConfig:
-        return self.cfg.bank
+    def sibling(self) -> StreamV2V:
+        """A new stream on the same loaded networks: its own bank, noise and counters; this one's config, prompt
+        and negative prompt. (Streams sharing a backend must run one frame at a time: engine outputs are shared.)"""
+        other = StreamV2V(self.backend, self.prompt_encoder, self.scheduler, self.cfg)
+        other.update_prompt(self.prompt, negative_prompt=self.negative_prompt)
+        return other
 
+    # -- what the stream says and changes ---------------------------------------------------------------------
     def update_prompt(self, prompt: PromptBlend, negative_prompt: str | None = None) -> None:
         """A prompt, or a weighted blend [(text, weight), ...] (embeddings mixed linearly, weights normalised).
 
@@ -181,39 +230,67 @@ class StreamV2V:
             **self.bank.inputs(),
         }
 
+    # -- one frame --------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(self, frame: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-        """One frame in (uint8 HxWx3), one frame out.
+        """One frame in (uint8 HxWx3), one frame out of the same type.
 
         Latency: steps - 1 frames. Without `prime`, the first steps - 1 outputs decode slots that started from
         zero latents; with it, the first frame after a reset costs `steps` UNet calls and the first steps
         outputs all show frame 0's translation. A similar frame (when enabled) returns the previous output.
         """
-        cfg = self.cfg
-        image = frame_to_tensor(
-            frame, cfg.height, cfg.width, resize=cfg.resize, device=self.device, dtype=self.dtype
-        )  # validated before any state changes, so a bad frame leaves the stream usable
+        image = self._image(frame)  # validated before any state changes, so a bad frame leaves the stream usable
         if self.similar_filter is not None and self.similar_filter.should_skip(image):
             return tensor_to_frame(self._last_image, frame)  # no UNet call, frame_id (bank interval) unchanged
-        latent = self.backend.encode(image)  # [1, 4, h, w]
-        if cfg.prime and self.frame_id == 0:
-            self._prime(latent)
-        image = self.backend.decode(self._stream_step(latent))
+        plan = self.plan()
+        out = self.render(plan, image)
+        self.advance(plan)
         if self.similar_filter is not None:
             if self._last_image is None:
-                self._last_image = torch.empty_like(image)  # [1, 3, H, W], once per stream
-            self._last_image.copy_(image)
-        return tensor_to_frame(image, frame)
+                self._last_image = torch.empty_like(out)  # [1, 3, H, W], once per stream
+            self._last_image.copy_(out)
+        if self.staging is not None and is_host(frame):
+            return self.staging.download(image_to_uint8(out), frame)
+        return tensor_to_frame(out, frame)
 
-    def _prime(self, latent: torch.Tensor) -> None:
-        """Run frame 0 through steps - 1 stream steps first, so every slot holds it at its own step, exactly
-        as if the stream had shown frame 0 for steps - 1 frames; nothing is stored in the (empty) bank."""
-        for _ in range(self.cfg.steps - 1):
-            self._stream_step(latent, store=False)
+    def _image(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """[1, 3, H, W] in [-1, 1] on the device; host uint8 frames go through the pinned staging buffer."""
+        if self.staging is not None and self.staging.accepts(frame):
+            return uint8_to_image(self.staging.upload(frame), self.dtype)
+        cfg = self.cfg
+        return frame_to_tensor(frame, cfg.height, cfg.width, resize=cfg.resize, device=self.device, dtype=self.dtype)
 
-    def _stream_step(self, latent: torch.Tensor, *, store: bool = True) -> torch.Tensor:
+    def plan(self) -> FramePlan:
+        """What the next frame runs, from the host counters alone."""
+        prime = self.cfg.prime and self.frame_id == 0 and self.cfg.steps > 1
+        return FramePlan(prime, self.bank.plan(self.frame_id))
+
+    def render(self, plan: FramePlan, image: torch.Tensor) -> torch.Tensor:
+        """The device work of one frame: image [1, 3, H, W] in [-1, 1] -> the decoded output of the last slot.
+
+        Writes only device buffers, so running it inside CUDA graph capture records exactly one frame.
+        """
+        latent = self.backend.encode(image)  # [1, 4, h, w]
+        if plan.prime:
+            # Frame 0 through steps - 1 stream steps first, so every slot holds it at its own step, exactly as if
+            # the stream had shown frame 0 for steps - 1 frames; nothing is stored in the (empty) bank.
+            for _ in range(self.cfg.steps - 1):
+                self._stream_step(latent, NO_UPDATE)
+        return self.backend.decode(self._stream_step(latent, plan.bank))
+
+    def advance(self, plan: FramePlan) -> None:
+        """Host bookkeeping after a frame ran (eagerly or replayed from a graph)."""
+        self.bank.advance(plan.bank)
+        self.frame_id += 1
+
+    def _stream_step(self, latent: torch.Tensor, bank_op: BankOp) -> torch.Tensor:
         """One UNet call on the stream batch with `latent` entering slot 0; returns the latent leaving the last
-        slot [1, 4, h, w]. store=False (priming) leaves the bank and frame_id alone."""
+        slot [1, 4, h, w]. (A MultiStream runs `begin` for every stream, one UNet call, then `finish`.)"""
+        self.begin(latent)
+        return self.finish(self.backend.unet(self.unet_inputs()), bank_op)
+
+    def begin(self, latent: torch.Tensor) -> None:
+        """The stream batch before its UNet call: `latent` [1, 4, h, w] enters slot 0 at t_0."""
         cfg = self.cfg
         self.latents[0:1].copy_(self.schedule.add_noise(latent, self.noise[0:1], slice(0, 1)))
         if cfg.steps > 1:  # stock noise moves one slot down, slot 0 starts from its own noise (in place)
@@ -223,16 +300,15 @@ class StreamV2V:
         if self._n_uncond:  # uncond elements see the same latents as their slots (initialize: slot 0; full: all)
             self.sample[: self._n_uncond].copy_(self.latents[: self._n_uncond])
 
-        out = self.backend.unet(self.unet_inputs())
+    def finish(self, out: dict[str, torch.Tensor], bank_op: BankOp) -> torch.Tensor:
+        """The stream batch after its UNet call (`out`: this stream's rows of the outputs): guidance, LCM step,
+        the bank update, re-noising into the next slots. Returns the latent leaving the last slot [1, 4, h, w]."""
+        cfg = self.cfg
         eps = self._guide(out["noise_pred"])  # [B, 4, h, w]
         denoised = self.schedule.step(self.latents, eps)  # [B, 4, h, w]
         if cfg.cfg_type in (CfgType.SELF, CfgType.INITIALIZE):
             self._update_stock_noise(eps)
-
-        if store:
-            if self.frame_id % cfg.bank.interval == 0:
-                self.bank.update(out)
-            self.frame_id += 1
+        self.bank.apply(bank_op, out)
         if cfg.steps > 1:  # re-noise each denoised slot into the next step's slot
             self.latents[1:].copy_(self.schedule.add_noise(denoised[:-1], self.noise[1:], slice(1, None)))
         return denoised[-1:]

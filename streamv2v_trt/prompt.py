@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import CLIPTextModel, CLIPTokenizer
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+
+def text_shape(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel) -> tuple[int, int]:
+    """(tokens, dim) of the prompt embeddings: the UNet's `encoder_hidden_states` is [B, tokens, dim]."""
+    return int(tokenizer.model_max_length), int(text_encoder.config.hidden_size)
 
 
 class PromptEncoder:
     def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
-
-    @property
-    def dim(self) -> int:
-        return self.text_encoder.config.hidden_size
-
-    @property
-    def length(self) -> int:
-        return self.tokenizer.model_max_length
+        self.length, self.dim = text_shape(tokenizer, text_encoder)
 
     @torch.inference_mode()
     def __call__(self, text: str) -> torch.Tensor:
         if not isinstance(text, str):
             raise TypeError(f"prompt must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: the tokenizer would fail deep inside
+            raise ValueError(f"prompt is not valid text ({e.reason} at position {e.start})") from e
         ids = self.tokenizer(
             text, padding="max_length", max_length=self.length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.text_encoder.device)

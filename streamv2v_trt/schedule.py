@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import LCMScheduler
+
+if TYPE_CHECKING:
+    from diffusers import LCMScheduler
 
 
 class StreamSchedule:

@@ -1,4 +1,4 @@
-"""Video files in and out (PyAV), and the loop that translates one file with a stream.
+"""Video files in and out (PyAV).
 
 Reading yields RGB uint8 frames with their timestamps; writing keeps the input's timestamps (so its fps and
 time base, variable frame rate included) and copies the audio packets through untouched. Every failure is a
@@ -9,17 +9,13 @@ playable partial file.
 from __future__ import annotations
 
 import logging
-import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +136,10 @@ class VideoReader:
             except av.error.FFmpegError:
                 pass
             raise VideoError(f"decode error in {self.path} after {n} frames: {_one_line(error)}") from error
+        self._check_count(n)
+
+    def _check_count(self, n: int) -> None:
+        """A stream that decoded fewer frames than it declared is truncated or damaged."""
         expected = self.info.expected_frames
         # A declared count is exact; a duration-based estimate gets some slack for rounding.
         slack = 0 if self.info.frames else max(2, expected // 50)
@@ -212,6 +212,7 @@ class VideoWriter:
             else:
                 log.warning("audio codec %s cannot go into a %s file; the output has no audio", name, suffix)
         self.frames_written = 0
+        self.audio_packets = 0  # audio packets actually muxed (a stream without packets is no audio)
         self.failed = False  # the encoder refused a frame: nothing more can be written
         self._last_pts: int | None = None
         self._closed = False
@@ -240,6 +241,7 @@ class VideoWriter:
             packet.stream = self.audio
             try:
                 self.container.mux(packet)
+                self.audio_packets += 1
             except av.error.FFmpegError as e:  # audio is a bonus: keep the video going without it
                 log.warning("audio dropped from %s: %s", self.path, _one_line(e))
                 self.audio = None
@@ -262,100 +264,3 @@ class VideoWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def fit_to_size(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Center-crop an RGB uint8 [H, W, 3] frame to the target aspect ratio, then resize (antialiased)."""
-    h, w = image.shape[:2]
-    if (h, w) == (height, width):
-        return image
-    # Crop rather than stretch: a stretched face or object translates worse than a cropped one.
-    if w * height > h * width:  # too wide
-        cw = max(1, round(h * width / height))
-        x0 = (w - cw) // 2
-        image = image[:, x0 : x0 + cw]
-    else:  # too tall
-        ch = max(1, round(w * height / width))
-        y0 = (h - ch) // 2
-        image = image[y0 : y0 + ch]
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float()  # [1, 3, h, w]
-    x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-@dataclass
-class TranslateReport:
-    frames_in: int = 0
-    frames_out: int = 0
-    seconds: float = 0.0
-    model_seconds: list[float] = field(default_factory=list)  # per stream call
-    error: str | None = None  # set when the run stopped early; the output holds the frames before it
-    interrupted: bool = False
-
-    @property
-    def fps(self) -> float:
-        return self.frames_out / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def model_fps(self) -> float:
-        total = sum(self.model_seconds)
-        return len(self.model_seconds) / total if total > 0 else 0.0
-
-    def latency_ms(self, q: float) -> float:
-        return float(np.percentile(np.asarray(self.model_seconds) * 1e3, q)) if self.model_seconds else 0.0
-
-
-def translate_video(
-    stream,
-    reader: VideoReader,
-    writer: VideoWriter,
-    *,
-    max_frames: int | None = None,
-    on_frame: Callable[[TranslateReport], None] | None = None,
-) -> TranslateReport:
-    """Translate every frame of `reader` into `writer` with `stream` (a StreamV2V); frame i out = frame i in.
-
-    The stream batch delays its output by `steps - 1` frames; those first outputs (from empty slots) are
-    dropped and the last input frame is pushed again at the end to flush, so the output has exactly the
-    input's frames and timestamps. A read error stops the run and is returned in `report.error`; the
-    writer is always closed, so the output is playable. KeyboardInterrupt also finalises the output.
-    """
-    cfg = stream.cfg
-    delay = cfg.steps - 1
-    pending: deque[int | None] = deque()  # timestamps of frames inside the stream batch
-    report = TranslateReport()
-    start = time.perf_counter()
-    last: np.ndarray | None = None
-
-    def push(image: np.ndarray, pts: int | None) -> None:
-        t0 = time.perf_counter()
-        out = stream(image)
-        report.model_seconds.append(time.perf_counter() - t0)
-        pending.append(pts)
-        if len(pending) > delay:
-            writer.write(out, pending.popleft())
-            report.frames_out += 1
-        report.seconds = time.perf_counter() - start
-        if on_frame is not None:
-            on_frame(report)
-
-    try:
-        try:
-            for frame in reader.frames(max_frames, on_audio=writer.mux_audio):
-                report.frames_in += 1
-                last = fit_to_size(frame.image, cfg.height, cfg.width)
-                push(last, frame.pts)
-        except VideoError as e:  # a read error, or the writer failed
-            report.error = str(e)
-        # Flush: push the last frame again until every real frame has left the stream batch.
-        while last is not None and not writer.failed and report.frames_out < report.frames_in:
-            try:
-                push(last, None)
-            except VideoError as e:
-                report.error = report.error or str(e)
-    except KeyboardInterrupt:
-        report.interrupted = True
-    finally:
-        report.seconds = time.perf_counter() - start
-        writer.close()
-    return report

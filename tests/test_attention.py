@@ -4,18 +4,21 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_spec
 
 from streamv2v_trt.attention import BankIO, feature_fusion
 from streamv2v_trt.bank_unet import BankUNet
-from streamv2v_trt.config import BankConfig, BankKind
-from streamv2v_trt.models import load_models
+from streamv2v_trt.models.loader import load_models
+from streamv2v_trt.spec import FF_LAYER_PREFIXES, BankKind
 
-LATENT = (8, 8)
+LATENT = (8, 8)  # tiny_spec(): 64x64 frames
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def models():
-    return load_models("tiny")
+    return load_models(tiny_spec())
 
 
 def unet_inputs(batch=2, seed=0):
@@ -39,17 +42,31 @@ def random_banks(layout, batch, seed=1):
 @pytest.mark.parametrize("kind,frames", [(BankKind.DYME, 1), (BankKind.FIFO, 3)])
 def test_frame0_equals_plain_unet(models, kind, frames):
     plain = models.unet
-    bank_unet = BankUNet(copy.deepcopy(models.unet), BankConfig(kind=kind, frames=frames), LATENT)
+    bank_unet = BankUNet(copy.deepcopy(models.unet), tiny_spec(bank=kind, bank_frames=frames))
     sample, t, text = unet_inputs()
     expected = plain(sample, t, text).sample
     # An empty bank holding garbage: it must be ignored entirely.
     banks = [b * 100 for b in random_banks(bank_unet.layout, 2)]
-    got = bank_unet(sample, t, text, torch.zeros(frames), *banks)[0]
+    got = bank_unet(sample, t, text, torch.zeros(2, frames), *banks)[0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind,frames", [(BankKind.DYME, 1), (BankKind.FIFO, 2)])
+def test_bank_validity_is_per_batch_element(models, kind, frames):
+    """Batch elements of different streams can be at different points: element 0 with an empty bank is the plain
+    UNet, element 1 with a full one is not, in the same call."""
+    bank_unet = BankUNet(copy.deepcopy(models.unet), tiny_spec(bank=kind, bank_frames=frames))
+    sample, t, text = unet_inputs()
+    expected = models.unet(sample, t, text).sample
+    valid = torch.zeros(2, frames)
+    valid[1] = 1
+    got = bank_unet(sample, t, text, valid, *random_banks(bank_unet.layout, 2))[0]
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=0)
+    assert (got[1] - expected[1]).abs().max() > 1e-3
+
+
 def test_layout_covers_every_self_attention_and_fuses_low_resolution(models):
-    layout = BankUNet(copy.deepcopy(models.unet), BankConfig(), LATENT).layout
+    layout = BankUNet(copy.deepcopy(models.unet), tiny_spec()).layout
     attn1 = [n for n, _ in models.unet.named_modules() if n.endswith(".attn1")]
     assert [layer.name for layer in layout.layers] == attn1
     for layer in layout.layers:
@@ -76,21 +93,20 @@ def reference_extended_attention(attn, h, bank_k, bank_v):
 @pytest.mark.parametrize("kind,frames", [(BankKind.DYME, 1), (BankKind.FIFO, 2)])
 def test_extended_attention_equals_hand_written(models, kind, frames):
     unet = copy.deepcopy(models.unet)
-    cfg = BankConfig(kind=kind, frames=frames)
-    layout = BankUNet(unet, cfg, LATENT).layout
+    layout = BankUNet(unet, tiny_spec(bank=kind, bank_frames=frames)).layout
     layer = next(layer for layer in layout.layers if not layer.fuse)
     attn = unet.get_submodule(layer.name)
     g = torch.Generator().manual_seed(3)
     h = torch.randn(2, layer.tokens, attn.to_q.in_features, generator=g)
     bank_k, bank_v = (torch.randn(layout.bank_shape(layer, 2), generator=g) for _ in range(2))
     banks = [(bank_k, bank_v) if other is layer else () for other in layout.layers]
-    io = BankIO(kind, torch.ones(frames), banks)
+    io = BankIO(kind, torch.ones(2, frames), banks)
     got = attn(h, bank_io=io)
     torch.testing.assert_close(got, reference_extended_attention(attn, h, bank_k, bank_v), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(io.current[layer.index][0], attn.to_k(h))
     if kind is BankKind.FIFO:  # one of two slots filled: only that slot's tokens are attended
         n = layer.tokens
-        io = BankIO(kind, torch.tensor([1.0, 0.0]), banks)
+        io = BankIO(kind, torch.tensor([[1.0, 0.0], [1.0, 0.0]]), banks)
         got = attn(h, bank_io=io)
         expected = reference_extended_attention(attn, h, bank_k[:, :n], bank_v[:, :n])
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -110,7 +126,7 @@ def test_feature_fusion_threshold_and_strength():
     best = sims.max(-1)
     assert best.indices.tolist() == [0, 1, 2]
     threshold = float(best.values[2])  # token 2 sits exactly at the threshold, token 0 above, token 1 below
-    valid = torch.ones(3, dtype=torch.bool)
+    valid = torch.ones(1, 3, dtype=torch.bool)  # [B, M]
     out = feature_fusion(o, bank, valid, threshold, strength=0.8)
     torch.testing.assert_close(out[0, 0], 0.2 * o[0, 0] + 0.8 * bank[0, 0])  # above: fused
     torch.testing.assert_close(out[0, 1], o[0, 1])  # below: untouched
@@ -120,7 +136,7 @@ def test_feature_fusion_threshold_and_strength():
     torch.testing.assert_close(full[0, 0], bank[0, 0])
     torch.testing.assert_close(full[0, 1], o[0, 1])
     # Invalid bank tokens are never chosen: with every token invalid nothing is fused.
-    torch.testing.assert_close(feature_fusion(o, bank, torch.zeros(3, dtype=torch.bool), -1.0, 1.0), o)
+    torch.testing.assert_close(feature_fusion(o, bank, torch.zeros(1, 3, dtype=torch.bool), -1.0, 1.0), o)
 
 
 def run_with_bank_o(bank_unet, banks, scale):
@@ -131,27 +147,46 @@ def run_with_bank_o(bank_unet, banks, scale):
             out.append(banks[i] * scale if p == "o" else banks[i])
             i += 1
     sample, t, text = unet_inputs()
-    return bank_unet(sample, t, text, torch.ones(1), *out)[0]
+    return bank_unet(sample, t, text, torch.ones(2, 1), *out)[0]
 
 
 def test_fusion_only_in_configured_layers(models):
     sample, t, text = unet_inputs()
     # The bank's O holds the current frame's own outputs, so every token finds a perfect match (cosine 1).
-    cfg = BankConfig(ff_threshold=0.98, ff_strength=1.0)
-    bank_unet = BankUNet(copy.deepcopy(models.unet), cfg, LATENT)
-    current = bank_unet(sample, t, text, torch.zeros(1), *random_banks(bank_unet.layout, 2))[1:]
+    bank_unet = BankUNet(copy.deepcopy(models.unet), tiny_spec(ff_threshold=0.98, ff_strength=1.0))
+    current = bank_unet(sample, t, text, torch.zeros(2, 1), *random_banks(bank_unet.layout, 2))[1:]
     layout = bank_unet.layout
     assert sum(len(layout.parts(layer)) == 3 for layer in layout.layers) == sum(layer.fuse for layer in layout.layers)
     # Scaling O keeps the cosine at 1, so a fusing layer output changes with the scale; with strength 0 it does not.
     a = run_with_bank_o(bank_unet, list(current), 1.0)
     b = run_with_bank_o(bank_unet, list(current), 3.0)
     assert (a - b).abs().max() > 1e-3
-    no_ff = BankUNet(copy.deepcopy(models.unet), BankConfig(ff_strength=0.0), LATENT)
+    no_ff = BankUNet(copy.deepcopy(models.unet), tiny_spec(ff_strength=0.0))
     torch.testing.assert_close(run_with_bank_o(no_ff, list(current), 1.0), run_with_bank_o(no_ff, list(current), 3.0))
     # Only the low-resolution layers fuse: restricting fusion to the mid block changes the output vs the default.
-    mid_only = BankUNet(
-        copy.deepcopy(models.unet), BankConfig(ff_strength=1.0, ff_layer_prefixes=("mid_block.",)), LATENT
-    )
+    mid_only = BankUNet(copy.deepcopy(models.unet), tiny_spec(ff_strength=1.0, ff_layer_prefixes=("mid_block.",)))
     assert [layer.name for layer in mid_only.layout.layers if layer.fuse] == [
         layer.name for layer in layout.layers if layer.name.startswith("mid_block.")
     ]
+
+
+def fused_output(models, prefixes):
+    """The UNet output when each fusion layer's bank holds its own K/V and 3x its own O (cosine 1: every token
+    fuses at strength 1, and the fused O is 3x the layer's output); `prefixes` picks the fusion layers."""
+    bank_unet = BankUNet(copy.deepcopy(models.unet), tiny_spec(ff_strength=1.0, ff_layer_prefixes=prefixes))
+    sample, t, text = unet_inputs()
+    current = bank_unet(sample, t, text, torch.zeros(2, 1), *random_banks(bank_unet.layout, 2))[1:]
+    return run_with_bank_o(bank_unet, list(current), 3.0)
+
+
+def test_mid_block_fusion_changes_the_output(models):
+    sample, t, text = unet_inputs()
+    plain = models.unet(sample, t, text).sample
+    none = fused_output(models, ())
+    mid = fused_output(models, ("mid_block.",))
+    default = fused_output(models, FF_LAYER_PREFIXES)
+    # Without fusion a bank holding the frame's own K/V is attention over [k ; k]: the plain UNet.
+    torch.testing.assert_close(none, plain, atol=1e-5, rtol=0)
+    # Fusing only the mid block changes the output, and fusing the up blocks too changes it further.
+    assert (mid - none).abs().max() > 1e-3
+    assert (default - mid).abs().max() > 1e-3

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from build_engines import BuildConfig, build
-from streamv2v_trt import CfgType, SimilarFilterConfig, StreamConfig
+from streamv2v_trt import CfgType, EngineSpec, SimilarFilterConfig, StreamConfig
 from streamv2v_trt.cli.main import build_parser, main
-from streamv2v_trt.cli.serve import stream_factory_from
-from streamv2v_trt.cli.stream_args import CliError, build_stream, stream_config
-from streamv2v_trt.models import load_models
+from streamv2v_trt.cli.stream_args import CliError, open_stream, resolve_spec, stream_config
+from streamv2v_trt.config import BankConfig
+from streamv2v_trt.models.loader import load_models
+from streamv2v_trt.spec import t_index_list_from_strength
 from streamv2v_trt.video_io import VideoReader
 
 SIZE = ["--height", "32", "--width", "32"]
@@ -49,7 +49,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def lora_file(tmp_path_factory):
     """A rank-2 LoRA on one UNet attention projection of the tiny model."""
-    w = load_models("tiny").unet.get_submodule(LORA_LAYER).weight
+    w = load_models(EngineSpec("tiny", precision="fp32")).unet.get_submodule(LORA_LAYER).weight
     gen = torch.Generator().manual_seed(0)
     path = tmp_path_factory.mktemp("lora") / "style.safetensors"
     save_file(
@@ -62,31 +62,52 @@ def lora_file(tmp_path_factory):
     return path
 
 
+CPU = torch.device("cpu")
+
+
+def config(args) -> StreamConfig:
+    return stream_config(args, resolve_spec(args, CPU))
+
+
 def test_video_defaults_keep_features_off_and_serve_turns_live_ones_on():
-    cfg = stream_config(video_args())
+    cfg = config(video_args())
     assert cfg.cfg_type is CfgType.NONE and cfg.guidance_scale == 1.0 and cfg.delta == 1.0
     assert not cfg.prime and not cfg.similar_filter.enabled
-    live = stream_config(serve_args())
+    live = config(serve_args())
     assert live.prime and live.similar_filter == SimilarFilterConfig(enabled=True, threshold=0.98, max_skip=10, seed=2)
-    off = stream_config(serve_args("--no-prime", "--no-similar-filter"))
+    off = config(serve_args("--no-prime", "--no-similar-filter"))
     assert not off.prime and not off.similar_filter.enabled
+    # CUDA graphs cannot replay the filter: live defaults turn it off there, an explicit --similar-filter is refused.
+    assert not config(serve_args("--cuda-graphs")).similar_filter.enabled
+    with pytest.raises(CliError, match="--cuda-graphs cannot replay the similar-frame filter"):
+        config(serve_args("--cuda-graphs", "--similar-filter"))
+
+
+def test_defaults_come_from_the_preset_and_cpu_runs_fp32():
+    spec = resolve_spec(build_parser().parse_args(["video", "a.mp4", "b.mp4", "--prompt", "x"]), CPU)
+    assert spec == EngineSpec.resolve("tiny", precision="fp32")
+    assert (spec.height, spec.width, spec.steps) == (128, 128, 1)
+    args = build_parser().parse_args(["video", "a.mp4", "b.mp4", "--prompt", "x", "--model", "sd15"])
+    assert resolve_spec(args, CPU).steps == 4 and config(args).t_index_list == (30, 35, 40, 45)
 
 
 def test_flags_map_into_the_stream_config():
-    cfg = stream_config(
+    cfg = config(
         video_args(
             "--cfg-type", "self", "--guidance-scale", "1.5", "--delta", "0.7", "--prime", "--seed", "5",
             "--similar-filter", "--similar-threshold", "0.9", "--max-skip", "3", "--steps", "2",
         )
     )  # fmt: skip
+    spec = EngineSpec("tiny", height=32, width=32, steps=2, cfg_type="self", precision="fp32")
     assert cfg == StreamConfig(
-        height=32, width=32, t_index_list=cfg.t_index_list, seed=5, cfg_type=CfgType.SELF, guidance_scale=1.5,
-        delta=0.7, prime=True, bank=cfg.bank, similar_filter=SimilarFilterConfig(True, 0.9, 3, seed=5),
+        spec, seed=5, guidance_scale=1.5, delta=0.7, prime=True, bank=BankConfig(seed=5),
+        similar_filter=SimilarFilterConfig(True, 0.9, 3, seed=5),
     )  # fmt: skip
     assert cfg.steps == 2
     # Guidance without --guidance-scale uses StreamDiffusion's default, so --cfg-type alone is not a no-op.
-    assert stream_config(video_args("--cfg-type", "full")).guidance_scale == 1.2
-    assert stream_config(video_args("--cfg-type", "initialize", "--negative-prompt", "blurry")).unet_batch == 2
+    assert config(video_args("--cfg-type", "full")).guidance_scale == 1.2
+    assert config(video_args("--cfg-type", "initialize", "--negative-prompt", "blurry")).unet_batch == 2
+    assert config(video_args("--strength", "0.5", "--steps", "2")).t_index_list == t_index_list_from_strength(0.5, 2)
 
 
 @pytest.mark.parametrize(
@@ -105,13 +126,13 @@ def test_flags_map_into_the_stream_config():
 )
 def test_bad_values_are_refused_with_the_flag_named(flags, message):
     with pytest.raises(CliError, match="^" + message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
-        stream_config(video_args(*flags))
+        config(video_args(*flags))
 
 
 def test_lora_flag_is_fused_and_a_bad_path_fails_in_one_line(lora_file, tmp_path, capsys):
-    stream = build_stream(video_args("--lora", f"{lora_file}:0.5", "--device", "cpu"))
+    stream = open_stream(video_args("--lora", f"{lora_file}:0.5", "--device", "cpu"))
     fused = stream.backend.bank_unet.unet.get_submodule(LORA_LAYER).weight
-    base = load_models("tiny").unet.get_submodule(LORA_LAYER).weight
+    base = load_models(EngineSpec("tiny", precision="fp32")).unet.get_submodule(LORA_LAYER).weight
     assert (fused - base).abs().max() > 1e-3
 
     clip = tmp_path / "in.mp4"
@@ -143,35 +164,58 @@ def test_video_with_guidance_and_priming_runs_on_a_short_clip(tmp_path):
     assert max(np.abs(a.astype(np.int16) - b).max() for a, b in zip(out, ref)) > 2  # the flags took effect
 
 
-def test_serve_streams_keep_the_config_and_negative_prompt():
-    args = serve_args("--cfg-type", "initialize", "--negative-prompt", "blurry", "--steps", "2", "--device", "cpu")
-    template = build_stream(args, prompt="a cat")
-    stream = stream_factory_from(template, "a cat")()
-    assert stream is not template and stream.cfg == template.cfg
-    assert stream.cfg.prime and stream.cfg.similar_filter.enabled and stream.similar_filter is not None
-    assert stream.negative_prompt == "blurry"
-    torch.testing.assert_close(stream.negative_embeds, template.negative_embeds)
-
-
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / "tiny32"
-    build(BuildConfig.from_stream("tiny", StreamConfig(32, 32), out, precision="fp32", onnx_only=True))
-    return out
+def engines(tiny_build):
+    return tiny_build(EngineSpec("tiny", height=32, width=32, steps=2, precision="fp32"))
+
+
+def engine_args(engines, *flags):
+    return build_parser().parse_args(["serve", "--engines", str(engines), "--device", "cpu", *flags])
 
 
 def test_engine_flags_apply_runtime_features_and_refuse_what_needs_a_rebuild(engines, lora_file):
-    def engine_args(*flags):
-        return build_parser().parse_args(["serve", "--engines", str(engines), "--device", "cpu", *flags])
-
-    stream = build_stream(engine_args("--cfg-type", "self", "--delta", "0.5", "--max-skip", "4"))
+    stream = open_stream(engine_args(engines, "--cfg-type", "self", "--delta", "0.5", "--max-skip", "4"))
     cfg = stream.cfg
     assert (cfg.cfg_type, cfg.guidance_scale, cfg.delta) == (CfgType.SELF, 1.2, 0.5)
     assert cfg.prime and cfg.similar_filter.enabled and cfg.similar_filter.max_skip == 4
     assert stream.backend.name == "onnxruntime"
     with pytest.raises(CliError, match="--lora") as lora:  # engines built without it: a LoRA needs a rebuild
-        build_stream(engine_args("--lora", str(lora_file)))
-    assert "loras: engine was built with no LoRA" in str(lora.value)
-    with pytest.raises(CliError, match="UNet batch: engines have 1") as batch:  # initialize: one more element
-        build_stream(engine_args("--cfg-type", "initialize"))
+        open_stream(engine_args(engines, "--lora", str(lora_file)))
+    assert "loras: engines were built with no LoRA" in str(lora.value)
+    with pytest.raises(CliError, match="UNet batch: engines have 2") as batch:  # initialize: one more element
+        open_stream(engine_args(engines, "--cfg-type", "initialize"))
     assert "--cfg-type initialize" in str(batch.value)
+
+
+def test_engine_runtime_flags_are_applied_not_dropped(engines):
+    """--seed and --strength are runtime settings: with --engines they reach the stream (they used to be dropped)."""
+    stream = open_stream(engine_args(engines, "--seed", "7", "--strength", "0.5", "--no-similar-filter"))
+    assert stream.cfg.seed == 7 and stream.seed == 7 and stream.cfg.bank.seed == 7
+    assert stream.cfg.t_index_list == t_index_list_from_strength(0.5, 2)
+    other = open_stream(engine_args(engines, "--seed", "8", "--no-similar-filter"))
+    assert not torch.equal(stream.noise, other.noise)
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--height", "64"], "--height 64 (engines: 32)"),
+        (["--steps", "1"], "--steps 1 (engines: 2)"),
+        (["--bank", "fifo", "--bank-frames", "2"], "--bank fifo (engines: dyme)"),
+        (["--vae", "full"], "--vae full (engines: taesd)"),
+        (["--model", "sd15"], "--model sd15 (engines: tiny)"),
+    ],
+)
+def test_flags_the_engines_fix_are_refused_with_the_rebuild_command(engines, flags, named):
+    with pytest.raises(CliError) as e:
+        open_stream(engine_args(engines, *flags))
+    assert named in str(e.value) and "python -m build_engines" in str(e.value)
+
+
+def test_engine_folders_run_on_their_own_backend_by_default_and_refuse_eager(engines):
+    with pytest.raises(CliError, match="--backend eager runs the PyTorch weights"):
+        open_stream(engine_args(engines, "--backend", "eager"))
+    with pytest.raises(CliError, match="--compile has no effect"):
+        open_stream(engine_args(engines, "--compile"))
+    with pytest.raises(CliError, match="no TensorRT engines in this folder"):
+        open_stream(engine_args(engines, "--backend", "tensorrt"))

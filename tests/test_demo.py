@@ -4,25 +4,30 @@ import importlib.util
 
 import av
 import pytest
+from conftest import tiny_spec
 
 from streamv2v_trt.cli.main import main
 
 
 @pytest.mark.slow
-def test_demo_builds_engines_runs_both_paths_and_writes_a_playable_mp4(tmp_path, capsys):
-    out, engines = tmp_path / "demo.mp4", tmp_path / "engines"
+def test_demo_reuses_or_builds_engines_runs_both_paths_and_writes_a_playable_mp4(tmp_path, capsys, tiny_build):
+    # The session's shared tiny folders: the demo's ONNX build (64x64, fp32) is one of them, so it is reused.
+    engines = tiny_build(tiny_spec()).parent
+    out = tmp_path / "demo.mp4"
     argv = ["demo", "--frames", "6", "--size", "64", "--out", str(out), "--engines", str(engines)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "eager (cpu):" in printed and "onnxruntime (fp32, cpu):" in printed and "x eager" in printed
-    assert "built " in printed and (engines / "onnxruntime-fp32" / "manifest.json").is_file()
+    assert "eager (cpu, fp32):" in printed and "onnxruntime (cpu, fp32):" in printed and "x eager" in printed
+    assert "1 CPU thread(s) for every path" in printed  # one thread policy, or the ratio means nothing
+    assert f"reused {engines / 'tiny-64x64-b1-dyme1-taesd-fp32'}" in printed
     if importlib.util.find_spec("tensorrt_rtx") or importlib.util.find_spec("tensorrt"):
-        assert (engines / "tensorrt-fp16" / "unet.engine").is_file()
+        # TensorRT-RTX builds ahead of time without a GPU: the demo shows it does (built now, or by a rerun).
+        assert (engines / "tiny-64x64-b1-dyme1-taesd-fp16" / "unet.engine").is_file()
     with av.open(str(out)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 6 and frames[0].shape == (64, 3 * 64, 3)  # input | eager | engine
 
-    # A second run reuses the engines instead of rebuilding them.
+    # A second run reuses every build instead of rebuilding it.
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "reused " in printed and "built " not in printed

@@ -1,26 +1,30 @@
 """Issue 7's features on the engine path (onnxruntime, CPU): a LoRA fused at build time, checked by the manifest,
 with its text-encoder part fused at load; RCFG and prompt blending, which are buffers, on the same engines.
 
-One tiny fp32 --onnx-only build (32x32, 2 steps) with a small random LoRA is shared by every test here.
+One tiny fp32 --onnx-only build (32x32, 2 steps) with a small random LoRA is shared by every test here (the
+same spec without the LoRA is the shared build other modules use).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import shlex
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_spec
 from safetensors.torch import save_file
 
-from build_engines import BuildConfig, build
-from streamv2v_trt import CfgType, StreamConfig, StreamV2V
-from streamv2v_trt.engine import EngineMismatch
-from streamv2v_trt.models import load_models
-from streamv2v_trt.models.lora import LoraSpec
+from build_engines.__main__ import build_parser, config_from_args
+from streamv2v_trt import CfgType, LoraSpec, StreamV2V
+from streamv2v_trt.manifest import EngineMismatch
+from streamv2v_trt.models.loader import load_models
 
-SIZE = 32
-T_INDEX = (20, 35)  # steps=2: the stream batch holds two frames in flight
+SPEC = tiny_spec(height=32, width=32, steps=2)  # the stream batch holds two frames in flight
+SIZE = SPEC.height
 PROMPT = "a watercolor cat"
 # UNet layers (attention linear, 1x1 and 3x3 convs) and text-encoder layers: the engine carries the first,
 # open_engines must fuse the second into the PyTorch text encoder.
@@ -35,7 +39,7 @@ TEXT_TARGETS = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.1.mlp.fc1")
 
 def write_lora(path, seed: int = 0, rank: int = 4) -> LoraSpec:
     """A random PEFT-format LoRA touching both the UNet and the text encoder."""
-    models = load_models("tiny")
+    models = load_models(SPEC)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     # Files name text-encoder layers under `text_model.` (older transformers' CLIPTextModel); recent versions
@@ -71,11 +75,8 @@ def lora(tmp_path_factory) -> LoraSpec:
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory, lora):
-    out = tmp_path_factory.mktemp("engines") / "tiny32-lora"
-    cfg = StreamConfig(height=SIZE, width=SIZE, t_index_list=T_INDEX)
-    build(BuildConfig.from_stream("tiny", cfg, out, precision="fp32", onnx_only=True, loras=(lora,)))
-    return out
+def engines(tiny_build, lora):
+    return tiny_build(replace(SPEC, loras=(lora,)))
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +84,25 @@ def ort_stream(engines, lora):
     return StreamV2V.from_engines(engines, "onnxruntime", prompt=PROMPT, threads=1, loras=[lora])
 
 
+def refused(engines, **kwargs) -> str:
+    with pytest.raises(EngineMismatch) as e:
+        StreamV2V.from_engines(engines, "onnxruntime", verify_hashes=False, **kwargs)
+    return str(e.value)
+
+
+def rebuild_spec(message: str):
+    """The spec the `Rebuild: python -m build_engines ...` command of a refusal builds."""
+    command = message.split("Rebuild: ", 1)[1].split(" The folder was built with", 1)[0]  # before the LoRA hint
+    command = re.sub(r" \(writes \S+; open that folder\)$", "", command)  # another spec: its own folder
+    return config_from_args(build_parser().parse_args(shlex.split(command)[3:])).spec
+
+
 def test_lora_engine_matches_eager_with_the_same_lora(ort_stream, lora):
     s = ort_stream
     s.reset()
-    eager = StreamV2V.from_pretrained("tiny", s.cfg, prompt=PROMPT, loras=[lora])
-    plain = StreamV2V.from_pretrained("tiny", s.cfg, prompt=PROMPT)
+    assert s.cfg.spec == replace(SPEC, loras=(lora,))
+    eager = StreamV2V.from_pretrained(s.cfg, prompt=PROMPT)
+    plain = StreamV2V.from_pretrained(s.cfg.with_spec(loras=()), prompt=PROMPT)
     # The text-encoder half of the LoRA was fused at load: the prompt embeddings are the LoRA'd ones.
     torch.testing.assert_close(s.prompt_embeds, eager.prompt_embeds, atol=1e-5, rtol=0)
     assert (s.prompt_embeds - plain.prompt_embeds).abs().max() > 1e-2
@@ -100,28 +115,38 @@ def test_lora_engine_matches_eager_with_the_same_lora(ort_stream, lora):
 
 
 def test_changed_or_missing_lora_is_refused_with_the_rebuild_command(engines, lora, tmp_path):
-    with pytest.raises(EngineMismatch, match="--lora") as missing:
-        StreamV2V.from_engines(engines, "onnxruntime", verify_hashes=False)
-    assert "loras:" in str(missing.value) and "no LoRA" in str(missing.value)
-    assert "--lora style.safetensors:0.8" in str(missing.value)  # how to run them as built
-    with pytest.raises(EngineMismatch, match="--lora") as rescaled:
-        StreamV2V.from_engines(engines, "onnxruntime", verify_hashes=False, loras=[LoraSpec(lora.path, 0.5)])
-    assert f"--lora {lora.path}:0.5" in str(rescaled.value)
-    other = write_lora(tmp_path / "other.safetensors", seed=1)  # same name pattern and scale, other contents
-    with pytest.raises(EngineMismatch, match="file contents or scales differ"):
-        StreamV2V.from_engines(engines, "onnxruntime", verify_hashes=False, loras=[other])
+    hint = "The folder was built with LoRA(s); pass the same file(s) and scale(s) when opening it (--lora style"
+    # Opened without naming the files: the manifest knows only their names and hashes, the text encoder needs them.
+    with pytest.raises(EngineMismatch, match=f"the LoRA files to open {engines} with were not given") as missing:
+        StreamV2V.from_engines(engines, "onnxruntime")
+    assert hint + ".safetensors:0.8" in str(missing.value)
+    gone = LoraSpec(tmp_path / "gone.safetensors", 0.8)
+    with pytest.raises(EngineMismatch, match=r"LoRA file\(s\) \[.*gone.safetensors'\] not found") as missing:
+        StreamV2V.from_engines(engines, "onnxruntime", loras=[gone])
+    assert hint in str(missing.value)
+    message = refused(engines, loras=[])  # asked explicitly without LoRA
+    assert "loras: engines were built with style.safetensors:0.8, asked no LoRA" in message and hint in message
+    assert rebuild_spec(message) == SPEC
+    message = refused(engines, loras=[LoraSpec(lora.path, 0.5)])
+    assert "asked " + LoraSpec(lora.path, 0.5).cli_arg() in message and hint in message
+    assert f"--lora {lora.path}:0.5" in message
+    assert rebuild_spec(message) == replace(SPEC, loras=(LoraSpec(lora.path, 0.5),))
+    other = write_lora(tmp_path / "style.safetensors", seed=1)  # same name and scale, other contents
+    message = refused(engines, loras=[other])
+    assert "file contents or scales differ" in message and hint in message
+    assert rebuild_spec(message) == replace(SPEC, loras=(other,))
 
 
-def test_rcfg_self_and_prompt_blend_match_eager_without_a_rebuild(engines, lora):
+def test_rcfg_self_and_prompt_blend_match_eager_without_a_rebuild(ort_stream, engines, lora):
     """Guidance `self` shares the UNet batch of `none`, and prompts are a buffer: the same engines serve them."""
-    built = StreamV2V.from_engines(engines, "onnxruntime", threads=1, loras=[lora], verify_hashes=False).cfg
-    cfg = dataclasses.replace(built, cfg_type=CfgType.SELF, guidance_scale=1.6, delta=0.7)
+    built = ort_stream.cfg
+    cfg = dataclasses.replace(built.with_spec(cfg_type=CfgType.SELF), guidance_scale=1.6, delta=0.7)
     blend = [("a watercolor cat", 0.7), ("a pencil sketch of a dog", 0.3)]
-    s = StreamV2V.from_engines(engines, "onnxruntime", cfg, threads=1, loras=[lora], verify_hashes=False)
+    s = StreamV2V.from_engines(engines, "onnxruntime", cfg, threads=1, verify_hashes=False)
     s.update_prompt(blend)
-    eager = StreamV2V.from_pretrained("tiny", cfg, loras=[lora])
+    eager = StreamV2V.from_pretrained(cfg)
     eager.update_prompt(blend)
-    unguided = StreamV2V.from_pretrained("tiny", built, loras=[lora])
+    unguided = StreamV2V.from_pretrained(built)
     unguided.update_prompt(blend)
     assert s.cfg.cfg_type is CfgType.SELF
     worst_unguided = 0

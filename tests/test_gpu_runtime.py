@@ -1,16 +1,28 @@
-"""CUDA graphs and the TensorRT backend. The GPU tests are marked `gpu` and skip without CUDA; the host-side
-logic that picks a graph per frame is checked on the CPU."""
+"""CUDA graphs and the engine backends on a GPU. The GPU tests are marked `gpu` and skip without CUDA; the host-side
+logic that picks a graph per frame (the stream's `plan()`) and the CPU refusals are checked everywhere.
+
+GPU builds come from the shared `tiny_build` (32x32, 2 steps): TensorRT where a flavour that runs on this GPU is
+installed (TensorRT-RTX does not run on Hopper), AOTInductor packages compiled for this GPU otherwise too.
+"""
 
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_spec
 
-from streamv2v_trt import BankConfig, BankKind, StreamConfig, StreamV2V
-from streamv2v_trt.cuda_graph import CudaGraphStream, FramePlan, frame_plan
+from streamv2v_trt import BankConfig, StreamConfig, StreamV2V
+from streamv2v_trt.bank import BankOp
+from streamv2v_trt.cuda_graph import CudaGraphStream
+from streamv2v_trt.pipeline import FramePlan
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+SPEC = tiny_spec(height=32, width=32, steps=2)
+T_INDEX = (20, 35)
+PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16"}
 
 
 def video(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
@@ -19,69 +31,120 @@ def video(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
     return [np.clip(base + rng.integers(-6, 7, base.shape) + i, 0, 255).astype(np.uint8) for i in range(n)]
 
 
+def describe(plan: FramePlan) -> str:
+    return (
+        ("prime " if plan.prime else "") + plan.bank.kind + (f" {plan.bank.slot}" if plan.bank.kind == "store" else "")
+    )
+
+
 @pytest.mark.parametrize(
-    "bank, expected",
+    "spec, expected",
     [
+        (tiny_spec(height=32, width=32), ["store 0", "none", "merge", "none", "merge", "none"]),
         (
-            BankConfig(interval=2),
-            ["first store 0", "none", "merge", "none", "merge", "none"],
-        ),
-        (
-            BankConfig(kind=BankKind.FIFO, frames=2, interval=2),
-            ["first store 0", "none", "store 1", "none", "store 0", "none"],
+            tiny_spec(height=32, width=32, bank="fifo", bank_frames=2),
+            ["store 0", "none", "store 1", "none", "store 0", "none"],
         ),
     ],
+    ids=["dyme", "fifo"],
 )
-def test_frame_plan_predicts_what_the_bank_does(one_thread, bank, expected):
+def test_plan_predicts_what_the_bank_does(one_thread, spec, expected):
     """The graph key is decided before the frame runs; it must agree with what the frame then does."""
-    stream = StreamV2V.from_pretrained("tiny", StreamConfig(height=32, width=32, bank=bank))
+    bank = BankConfig(interval=2)
+    stream = StreamV2V.from_pretrained(StreamConfig(spec, bank=bank))
     seen = []
     for frame in video(6, 32):
-        plan = frame_plan(stream)
+        plan = stream.plan()
         stored, perm = stream.bank.stored, stream.bank.perm_index.item()
+        valid = stream.bank.valid.clone()
         stream(frame)
-        seen.append(("first " if plan.first else "") + plan.bank + (f" {plan.slot}" if plan.bank == "store" else ""))
-        assert stream.bank.stored == stored + (plan.bank != "none")
-        if plan.bank == "store":
-            assert stream.bank.valid[plan.slot] == 1
-        assert stream.bank.perm_index.item() == (perm + (plan.bank == "merge")) % bank.perm_pool
+        seen.append(describe(plan))
+        assert stream.bank.stored == stored + (plan.bank.kind != "none")
+        if plan.bank.kind == "store":
+            assert (stream.bank.valid[:, plan.bank.slot] == 1).all()  # [B, S]: every batch element's slot
+        else:
+            assert torch.equal(stream.bank.valid, valid)
+        assert stream.bank.perm_index.item() == (perm + (plan.bank.kind == "merge")) % bank.perm_pool
     assert seen == expected
     stream.reset()
-    assert frame_plan(stream) == FramePlan(True, "store", 0)  # reset needs no recapture: a plan already seen
+    assert stream.plan() == FramePlan(False, BankOp("store", 0))  # reset needs no recapture: a plan already seen
+
+
+def test_prime_is_planned_for_the_first_frame_after_a_reset(one_thread):
+    stream = StreamV2V.from_pretrained(StreamConfig(SPEC, T_INDEX, prime=True))
+    plans = []
+    for frame in video(3, 32):
+        plans.append(stream.plan())
+        stream(frame)
+    assert [describe(p) for p in plans] == ["prime store 0", "none", "none"]
+    stream.reset()
+    assert stream.plan() == plans[0]
+    unprimed = StreamV2V.from_pretrained(StreamConfig(SPEC, T_INDEX))
+    assert unprimed.plan() == FramePlan(False, BankOp("store", 0))
 
 
 def test_graphs_refuse_a_cpu_stream(one_thread):
-    stream = StreamV2V.from_pretrained("tiny", StreamConfig(height=32, width=32))
+    stream = StreamV2V.from_pretrained(StreamConfig(SPEC, T_INDEX))
     with pytest.raises(ValueError, match="CUDA device"):
         CudaGraphStream(stream)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
-def test_tensorrt_backend_says_what_to_do_without_a_gpu(one_thread):
-    from streamv2v_trt.backends.tensorrt import TensorRTBackend
+def test_tensorrt_backend_says_what_to_do_without_a_gpu():
+    from streamv2v_trt.backends.tensorrt import check_device
 
-    stream = StreamV2V.from_pretrained("tiny", StreamConfig(height=32, width=32))
-    with pytest.raises(RuntimeError, match="runs on a CUDA GPU.*backend='onnxruntime'"):
-        TensorRTBackend("unet.engine", "vae_encoder.engine", "vae_decoder.engine", stream.backend.layout)
+    for flavour in ("tensorrt", "tensorrt-rtx"):
+        with pytest.raises(RuntimeError, match=r"runs on a CUDA GPU .*backend='onnxruntime'"):
+            check_device(torch.device("cuda"), flavour)
+    with pytest.raises(RuntimeError, match="asked cpu"):
+        check_device(torch.device("cpu"), "tensorrt")
 
 
 def test_tensorrt_dtypes_cover_the_engine_io():
     trt = pytest.importorskip("tensorrt_rtx")
-    from streamv2v_trt.backends.tensorrt import _torch_dtypes
+    from streamv2v_trt.backends.tensorrt import _TRT_TYPE_NAMES
+    from streamv2v_trt.layout import DTYPES
 
-    dtypes = _torch_dtypes(trt)
-    assert dtypes[trt.float16] is torch.float16 and dtypes[trt.float32] is torch.float32
-    assert dtypes[trt.int64] is torch.int64  # timestep
+    def torch_dtype(trt_dtype):
+        return DTYPES[_TRT_TYPE_NAMES[trt_dtype.name]]
+
+    assert torch_dtype(trt.float16) is torch.float16 and torch_dtype(trt.float32) is torch.float32
+    assert torch_dtype(trt.int64) is torch.int64  # timestep
+    assert set(_TRT_TYPE_NAMES.values()) <= set(DTYPES)
+
+
+def tensorrt_builder() -> str:
+    """The TensorRT flavour that builds engines that run on this GPU, or skip."""
+    from streamv2v_trt.backends.tensorrt_import import rtx_runs_on
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        return "tensorrt"
+    capability = torch.cuda.get_device_capability()
+    if importlib.util.find_spec("tensorrt_rtx") is not None and rtx_runs_on(capability):
+        return "tensorrt-rtx"
+    pytest.skip(f"no TensorRT flavour that runs on compute capability {capability} is installed")
+
+
+def open_stream(backend: str, dtype: torch.dtype, tiny_build, prompt: str) -> StreamV2V:
+    """A CUDA stream of the tiny 32x32 2-step model on `backend` ("eager", "tensorrt" or "aoti") in `dtype`."""
+    spec = tiny_spec(height=32, width=32, steps=2, precision=PRECISIONS[dtype])
+    if backend == "eager":
+        return StreamV2V.from_pretrained(StreamConfig(spec, T_INDEX), device="cuda", prompt=prompt)
+    options = {"builder": tensorrt_builder()} if backend == "tensorrt" else {"builder": "aoti", "device": "cuda"}
+    folder = tiny_build(spec, **options)
+    return StreamV2V.from_engines(folder, backend, device="cuda", prompt=prompt, t_index_list=T_INDEX)
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_graph_replay_equals_eager_on_gpu(dtype):
-    cfg = StreamConfig(height=64, width=64, t_index_list=(20, 35))
-    plain = StreamV2V.from_pretrained("tiny", cfg, prompt="a cat", device="cuda", dtype=dtype)
-    graphed = CudaGraphStream(StreamV2V.from_pretrained("tiny", cfg, prompt="a cat", device="cuda", dtype=dtype))
-    frames = video(30, 64)
+@pytest.mark.parametrize("backend", ["eager", "tensorrt", "aoti"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_graph_replay_equals_eager_on_gpu(tiny_build, backend, dtype):
+    """Whole frames replayed from CUDA graphs equal the same backend's frames run call by call."""
+    plain = open_stream(backend, dtype, tiny_build, "a cat")
+    graphed = CudaGraphStream(open_stream(backend, dtype, tiny_build, "a cat"))
+    assert plain.backend.name == backend and plain.dtype == dtype
+    frames = video(30, 32)
     for i, frame in enumerate(frames):
         if i == 15:  # a prompt change writes into the captured buffers: no recapture
             plain.update_prompt("a dog")
@@ -92,21 +155,11 @@ def test_graph_replay_equals_eager_on_gpu(dtype):
         a, b = plain(frame), graphed(frame)
         assert np.abs(a.astype(np.int16) - b).max() <= 1, f"frame {i}"
     # steady and merge frames replayed from graphs; the first frame (seen twice: start and reset) too.
-    assert {p.bank for p in graphed.graphs} == {"none", "merge", "store"}
-    assert len(graphed.graphs) == 3
+    assert {p.bank.kind for p in graphed.graphs} == {"none", "merge", "store"}
+    assert len(graphed.graphs) == 3 and graphed.prompt == "a dog"
     # A device frame gives a device frame, without a host sync.
     out = graphed(torch.from_numpy(frames[0]).cuda())
-    assert out.is_cuda and out.shape == (64, 64, 3)
-
-
-@pytest.fixture(scope="module")
-def trt_engines(tmp_path_factory):
-    pytest.importorskip("tensorrt_rtx")
-    from build_engines import BuildConfig, build
-
-    out = tmp_path_factory.mktemp("trt") / "tiny64"
-    build(BuildConfig(out, model="tiny", height=64, width=64, t_index_list=(20, 35), precision="fp16"))
-    return out
+    assert out.is_cuda and out.shape == (32, 32, 3) and out.dtype == torch.uint8
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -116,17 +169,14 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.gpu
 @needs_cuda
-def test_tensorrt_backend_matches_eager_in_fp16(trt_engines):
-    trt_stream = StreamV2V.from_engines(trt_engines, "tensorrt", prompt="a cat")
-    assert trt_stream.backend.name == "tensorrt" and trt_stream.dtype == torch.float16
-    eager = StreamV2V.from_pretrained("tiny", trt_stream.cfg, prompt="a cat", device="cuda", dtype=torch.float16)
-    graphed = CudaGraphStream(StreamV2V.from_engines(trt_engines, "tensorrt", prompt="a cat"))
-    scores = []
-    for i, frame in enumerate(video(20, 64)):
-        a, b, c = eager(frame), trt_stream(frame), graphed(frame)
-        scores.append(psnr(a, b))
-        assert np.abs(b.astype(np.int16) - c).max() <= 1, f"graphed tensorrt differs at frame {i}"
+@pytest.mark.parametrize("backend", ["tensorrt", "aoti"])
+def test_engine_backend_matches_eager_in_fp16(tiny_build, backend):
+    engine = open_stream(backend, torch.float16, tiny_build, "a cat")
+    assert engine.backend.name == backend and engine.dtype == torch.float16
+    eager = open_stream("eager", torch.float16, tiny_build, "a cat")
+    assert eager.cfg == engine.cfg
+    scores = [psnr(eager(frame), engine(frame)) for frame in video(20, 32)]
     assert min(scores) >= 30.0, scores  # fp16 engine vs fp16 eager: different kernels, same maths
-    # Bank buffers are bound once: the engine reads the pipeline's own tensors.
-    bound = trt_stream.backend._unet.bind_inputs.bound
-    assert bound["bank_k.0"] == trt_stream.bank.tensors["bank_k.0"].data_ptr()
+    if backend == "tensorrt":  # bank buffers are bound once: the engine reads the pipeline's own tensors
+        bound = engine.backend._unet.bind_inputs.bound
+        assert bound["bank_k.0"] == engine.bank.tensors["bank_k.0"].data_ptr()

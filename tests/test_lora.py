@@ -2,27 +2,21 @@
 
 import copy
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_spec
 from safetensors.torch import save_file
 from torch import nn
 
-from streamv2v_trt import StreamConfig, StreamV2V
-from streamv2v_trt.config import BankKind
-from streamv2v_trt.engine.manifest import EngineRequest, Manifest
-from streamv2v_trt.models import load_models
-from streamv2v_trt.models.lora import (
-    LoraError,
-    LoraSpec,
-    fuse_loras,
-    lora_fingerprint,
-    lora_mismatch,
-    lora_record,
-    read_lora,
-)
+from streamv2v_trt import StreamV2V
+from streamv2v_trt.manifest import Manifest
+from streamv2v_trt.models.loader import load_models
+from streamv2v_trt.models.lora import LoraError, fuse_loras, read_lora
+from streamv2v_trt.spec import LoraSpec
 
 # Linear (self/cross attention, FF) and conv (1x1 proj_in, 3x3 resnet conv) layers, as LCM-LoRA targets them.
 TARGETS = (
@@ -37,7 +31,7 @@ TARGETS = (
 
 @pytest.fixture(scope="module")
 def base():
-    return load_models("tiny")
+    return load_models(tiny_spec())
 
 
 def factors(module: nn.Module, rank: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,25 +197,31 @@ def test_bad_files_raise_clear_errors_and_change_nothing(base, tmp_path):
         read_lora(tmp_path / "missing.safetensors")
 
 
-def test_fingerprint_follows_contents_and_scales(base, tmp_path):
+def test_spec_compares_loras_by_contents_and_scale(base, tmp_path):
     write_lora(tmp_path / "a.safetensors", base.unet, "kohya", seed=1)
     write_lora(tmp_path / "b.safetensors", base.unet, "kohya", seed=2)
     shutil.copy(tmp_path / "a.safetensors", tmp_path / "renamed.safetensors")
     a, b = LoraSpec(tmp_path / "a.safetensors"), LoraSpec(tmp_path / "b.safetensors")
-    fp = lora_fingerprint([a])
-    assert len(fp) == 64 and lora_fingerprint([]) == "none"
-    assert lora_fingerprint([LoraSpec(tmp_path / "renamed.safetensors")]) == fp  # names do not count
-    assert lora_fingerprint([LoraSpec(a.path, 0.5)]) != fp
-    assert lora_fingerprint([a, b]) not in (fp, lora_fingerprint([b, a]))
-    record = lora_record([a])
-    assert record["fingerprint"] == fp and record["files"][0]["name"] == "a.safetensors"
-    assert lora_mismatch(record, [LoraSpec(tmp_path / "renamed.safetensors")]) is None
-    assert lora_mismatch(None, []) is None
+    renamed = LoraSpec(tmp_path / "renamed.safetensors")
+    digest = a.digest()
+    assert len(digest) == 64 and renamed.digest() == digest and b.digest() != digest  # names do not count
+    assert a.record() == {"name": "a.safetensors", "sha256": digest, "scale": 1.0}
+
+    def diffs(built, asked) -> list[str]:
+        return tiny_spec(loras=built).differences(tiny_spec(loras=asked))
+
+    assert diffs((a,), (renamed,)) == [] and diffs((), ()) == []
+    assert diffs((a,), (LoraSpec(a.path, 0.5),)) == [
+        f"loras: engines were built with a.safetensors:1, asked {a.path}:0.5 (file contents or scales differ)"
+    ]
+    assert diffs((a, b), (b, a)) and diffs((a, b), (a,)) and diffs((a,), (b,))  # order and contents count
+    assert "loras: engines were built with no LoRA" in diffs((), (a,))[0]
+    assert "asked no LoRA" in diffs((a,), ())[0]
     # The same file changed on disk: refused, and the message names what was built and what is asked.
+    built = tiny_spec(loras=(LoraSpec(a.path),))
+    built.loras[0].digest()  # hashed at build time
     write_lora(tmp_path / "a.safetensors", base.unet, "kohya", seed=3)
-    msg = lora_mismatch(record, [a])
-    assert msg is not None and "a.safetensors:1" in msg
-    assert "no LoRA" in lora_mismatch(None, [a])
+    assert "a.safetensors:1, asked" in built.differences(tiny_spec(loras=(LoraSpec(a.path),)))[0]
 
 
 def test_lora_spec_parse():
@@ -234,28 +234,33 @@ def test_lora_spec_parse():
 
 def test_stream_from_pretrained_fuses_loras(base, tmp_path):
     write_lora(tmp_path / "a.safetensors", base.unet, "kohya", alpha=4.0, seed=5)
-    cfg = StreamConfig(height=64, width=64)
     frame = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    plain = StreamV2V.from_pretrained("tiny", cfg, prompt="a cat")(frame)
-    fused = StreamV2V.from_pretrained("tiny", cfg, prompt="a cat", loras=[LoraSpec(tmp_path / "a.safetensors", 2.0)])
+    plain = StreamV2V.from_pretrained(tiny_spec(), prompt="a cat")(frame)
+    spec = tiny_spec(loras=(LoraSpec(tmp_path / "a.safetensors", 2.0),))
+    fused = StreamV2V.from_pretrained(spec, prompt="a cat")
+    assert fused.cfg.spec.loras == spec.loras
     assert not np.array_equal(fused(frame), plain)
 
 
 def test_manifest_refuses_a_changed_lora(base, tmp_path):
     write_lora(tmp_path / "a.safetensors", base.unet, "kohya", seed=1)
-    spec = LoraSpec(tmp_path / "a.safetensors", 0.8)
+    lora = LoraSpec(tmp_path / "a.safetensors", 0.8)
+    spec = tiny_spec(height=32, width=32, loras=(lora,))
     manifest = Manifest(
-        model="tiny", weights_hash="w", random_weights=True, height=32, width=32, t_index_list=(32,),
-        bank_kind="dyme", bank_frames=1, interval=4, ff_layers=(), ff_threshold=0.98, ff_strength=0.8, vae="taesd",
-        precision="fp32", builder=None, builder_version=None, exporter="x", created="now", build_command="",
-        networks={}, loras=lora_record([spec]),
+        spec=spec, weights_hash="w", random_weights=True, ff_layers=(), builder=None, builder_version=None,
+        target={}, build_options={}, exporter="x", created="now", build_command="", networks={},
     )  # fmt: skip
-    request = EngineRequest("tiny", 32, 32, (32,), BankKind.DYME, precision="fp32", need="onnx", loras=(spec,))
-    assert not any(d.startswith("loras") for d in manifest.differences(request))
-    assert f"--lora {spec.path}:0.8" in request.command("out")
+    # What the manifest records and reads back: the file's name, hash and scale (not the path it was built from).
+    stored = Manifest.from_json(manifest.to_json())
+    assert stored.spec.loras == (LoraSpec("a.safetensors", 0.8),) and stored.spec.loras[0].digest() == lora.digest()
+    assert not any(d.startswith("loras") for d in stored.differences(spec))
+    assert f"--lora {lora.path}:0.8" in spec.build_command("out")
     write_lora(tmp_path / "a.safetensors", base.unet, "kohya", seed=2)  # the file changed after the build
-    assert any(d.startswith("loras: engine was built with a.safetensors:0.8") for d in manifest.differences(request))
-    legacy = {k: v for k, v in manifest.to_json().items() if k != "loras"}  # a manifest from before LoRA support
-    old = Manifest.from_json(legacy)
-    assert any("no LoRA" in d for d in old.differences(request))
-    assert not any(d.startswith("loras") for d in old.differences(EngineRequest("tiny", 32, 32, (32,), "dyme")))
+    asked = replace(spec, loras=(LoraSpec(lora.path, 0.8),))
+    assert any(d.startswith("loras: engines were built with a.safetensors:0.8") for d in stored.differences(asked))
+    # A spec written without LoRAs (none fused) refuses a LoRA and accepts none.
+    d = manifest.to_json()
+    del d["spec"]["loras"]
+    plain = Manifest.from_json(d)
+    assert plain.spec.loras == () and any("no LoRA" in d for d in plain.differences(asked))
+    assert not any(d.startswith("loras") for d in plain.differences(replace(spec, loras=())))

@@ -5,15 +5,22 @@ import gc
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_spec
 
-from streamv2v_trt import BankConfig, FrameError, StreamConfig, StreamV2V
+from streamv2v_trt import BankConfig, EngineSpec, FrameError, StreamConfig, StreamV2V
+from streamv2v_trt.bank import NO_UPDATE, BankOp
+from streamv2v_trt.frames import image_to_uint8, uint8_to_image
+from streamv2v_trt.pipeline import FramePlan
 
 SIZE = 64
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-def make_stream(prompt="a painting of a cat", **kw):
-    cfg = StreamConfig(height=SIZE, width=SIZE, t_index_list=kw.pop("t_index_list", (32,)), **kw)
-    return StreamV2V.from_pretrained("tiny", cfg, prompt=prompt)
+
+def make_stream(prompt="a painting of a cat", t_index_list=(32,), spec=None, **runtime):
+    """A tiny 64x64 fp32 stream; `spec`: EngineSpec fields besides the steps (which follow `t_index_list`)."""
+    cfg = StreamConfig(tiny_spec(steps=len(t_index_list), **(spec or {})), t_index_list=t_index_list, **runtime)
+    return StreamV2V.from_pretrained(cfg, prompt=prompt)
 
 
 def clip(n, seed=0):
@@ -90,11 +97,11 @@ def test_reset_restores_frame0_behaviour(t_index_list):
 
 
 def test_fifo_bank_streams():
-    stream = make_stream(bank=BankConfig(kind="fifo", frames=2, interval=2))
+    stream = make_stream(spec=dict(bank="fifo", bank_frames=2), bank=BankConfig(interval=2))
     for f in clip(7):
         stream(f)
     assert stream.bank.stored == 4  # frames 0, 2, 4, 6
-    assert stream.bank.valid.tolist() == [1.0, 1.0]
+    assert stream.bank.valid.unique(dim=0).squeeze(0).tolist() == [1.0, 1.0]
 
 
 def test_torch_frames_in_torch_frames_out():
@@ -138,8 +145,45 @@ def test_bad_prompt_and_config_errors():
     with pytest.raises(TypeError, match="prompt must be a str"):
         stream.update_prompt(None)
     with pytest.raises(ValueError, match="multiples of 8"):
-        StreamConfig(height=60, width=64)
+        StreamConfig(tiny_spec(height=60, width=64))
     with pytest.raises(ValueError, match="t_index_list"):
-        StreamConfig(t_index_list=(50,))
+        StreamConfig(tiny_spec(), t_index_list=(50,))
     with pytest.raises(ValueError, match="DyMe bank holds exactly 1 frame"):
-        BankConfig(kind="dyme", frames=2)
+        EngineSpec("tiny", bank="dyme", bank_frames=2)
+    with pytest.raises(ValueError, match="has 2 step"):  # the step count is the spec's
+        StreamConfig(tiny_spec(), t_index_list=(20, 30))
+    with pytest.raises(TypeError, match="build-time"):
+        StreamConfig.from_spec(tiny_spec(), bank_frames=2)
+
+
+# --- a frame is plan (host) -> render (device) -> advance (host counters) -----------------------------------
+
+
+def test_plans_follow_the_bank_interval_and_priming():
+    stream = make_stream(t_index_list=(20, 30), prime=True)
+    frames = clip(9)
+    plans = []
+    for f in frames:
+        plans.append(stream.plan())
+        stream(f)
+    store, merge = BankOp("store", 0), BankOp("merge")
+    banks = [store, NO_UPDATE, NO_UPDATE, NO_UPDATE, merge, NO_UPDATE, NO_UPDATE, NO_UPDATE, merge]
+    assert plans == [FramePlan(i == 0, op) for i, op in enumerate(banks)]  # only the first frame primes
+    stream.reset()
+    assert stream.plan() == FramePlan(True, store)
+    assert make_stream().plan() == FramePlan(False, store)  # one step: nothing to prime
+
+
+def test_call_is_plan_render_advance():
+    a, b = make_stream(t_index_list=(20, 30, 40), prime=True), make_stream(t_index_list=(20, 30, 40), prime=True)
+    for f in clip(6):
+        want = a(f)
+        with torch.inference_mode():
+            plan = b.plan()
+            image = uint8_to_image(torch.from_numpy(f), torch.float32)  # [1, 3, H, W] in [-1, 1]
+            counters = (b.frame_id, b.bank.stored)
+            out = b.render(plan, image)
+            assert (b.frame_id, b.bank.stored) == counters  # render moves no host counter
+            b.advance(plan)
+        np.testing.assert_array_equal(image_to_uint8(out).numpy(), want)
+    assert (a.frame_id, a.bank.stored) == (b.frame_id, b.bank.stored) == (6, 2)

@@ -145,3 +145,17 @@ def test_reader_reports_a_stream_that_ends_before_its_declared_length(tmp_path):
         for frame in reader.frames():
             got.append(frame)
     assert 0 < len(got) < 24 and [f.index for f in got] == list(range(len(got)))
+
+
+def test_audio_is_reported_copied_only_when_the_output_has_it(tmp_path, capsys):
+    """A partial run used to print "audio copied" for an output without an audio stream."""
+    full = tmp_path / "full.mp4"
+    write_clip(full, pan_frames(24), audio=True)
+    for name, data_ in (("whole", full.read_bytes()), ("cut", full.read_bytes()[: int(full.stat().st_size * 0.8)])):
+        src, out = tmp_path / f"{name}.mp4", tmp_path / f"{name}-out.mp4"
+        src.write_bytes(data_)
+        main(["video", str(src), str(out), "--prompt", "x", *SIZE])
+        printed = capsys.readouterr().out
+        with av.open(str(out)) as c:
+            audio_packets = sum(1 for p in c.demux(audio=0) if p.size) if c.streams.audio else 0
+        assert ("audio packets copied" in printed) == (audio_packets > 0), (name, printed, audio_packets)

@@ -1,24 +1,45 @@
-"""The live demo: WebSocket protocol with TestClient, and the real page in headless Chromium (fake camera)."""
+"""The live demo over a Hub: WebSocket protocol with TestClient and a real server, and the real page in headless
+Chromium (fake camera). The hub is a StreamServer on the slots `serve` makes; StreamServer alone: test_serving.py."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import io
+import json
 import shutil
 import socket
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
+from conftest import tiny_spec  # noqa: E402
+from fastapi import WebSocketDisconnect  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from streamv2v_trt import StreamConfig, StreamV2V  # noqa: E402
-from streamv2v_trt.cli.serve import stream_factory_from  # noqa: E402
-from streamv2v_trt.web import Limits, create_app  # noqa: E402
+from streamv2v_trt import StreamV2V  # noqa: E402
+from streamv2v_trt.cli import serve  # noqa: E402
+from streamv2v_trt.cli.stream_args import CliError  # noqa: E402
+from streamv2v_trt.images import fit_to_size  # noqa: E402
+from streamv2v_trt.multistream import MultiStream  # noqa: E402
+from streamv2v_trt.serving import StreamServer  # noqa: E402
+from streamv2v_trt.web import (  # noqa: E402
+    LOCAL_HOSTS,
+    Access,
+    Limits,
+    codec,  # noqa: E402
+    create_app,
+)
+from streamv2v_trt.web import app as web_app  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -33,49 +54,122 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+K = 3  # slots of the module's MultiStream
+TIMEOUT = 10  # seconds to wait for a message
+
+
+def serve_args(*argv: str) -> argparse.Namespace:
+    """`serve`'s flags: the defaults, and `argv`."""
+    parser = argparse.ArgumentParser()
+    serve.add_parser(parser.add_subparsers())
+    return parser.parse_args(["serve", *argv])
 
 
 @pytest.fixture(scope="module")
-def template() -> StreamV2V:
-    return StreamV2V.from_pretrained("tiny", StreamConfig(height=64, width=64), prompt="")
+def multi() -> MultiStream:
+    """What `serve --streams 3 --height 64 --width 64 --prompt "a photo"` serves on the CPU: the tiny model, fp32,
+    with the live defaults (priming, similar-frame filter)."""
+    args = serve_args("--streams", str(K), "--height", "64", "--width", "64", "--prompt", "a photo", "--device", "cpu")
+    return serve.open_slots(args)
 
 
-class Recorder:
-    """Factory that remembers every stream it made, so tests can look at the server side."""
-
-    def __init__(self, template: StreamV2V, delay_s: float = 0.0) -> None:
-        self.make = stream_factory_from(template, "a photo")
-        self.delay_s = delay_s
-        self.streams: list[StreamV2V] = []
-
-    def __call__(self) -> StreamV2V:
-        stream = self.make()
-        if self.delay_s:  # a slow model: the server must drop frames rather than queue them
-            stream = SlowStream(stream, self.delay_s)
-        self.streams.append(stream)
-        return stream
+@pytest.fixture(scope="module")
+def reference(multi) -> StreamV2V:
+    """A stream by itself with the slots' settings and its own networks; `reference.sibling()` is a fresh one."""
+    return StreamV2V.from_pretrained(multi.cfg, prompt="a photo")
 
 
-class SlowStream:
-    """The real stream, with `delay` seconds added per frame (a model slower than the camera)."""
+class Paced:
+    """A MultiStream whose every tick takes `delay_s` longer (a model slower than the camera)."""
 
-    def __init__(self, stream: StreamV2V, delay: float) -> None:
-        self.stream, self.delay = stream, delay
-        self.cfg = stream.cfg
+    def __init__(self, multi: MultiStream, delay_s: float) -> None:
+        self.multi, self.delay_s = multi, delay_s
+        self.streams, self.cfg, self.slots = multi.streams, multi.cfg, multi.slots
+
+    def submit(self, slot: int, frame) -> None:
+        self.multi.submit(slot, frame)
+
+    def tick(self):
+        time.sleep(self.delay_s)
+        return self.multi.tick()
+
+
+def fail(message: str):
+    def job(stream) -> None:
+        raise RuntimeError(message)
+
+    return job
+
+
+class SpyHub:
+    """The Hub protocol, and nothing more, over a real StreamServer: what the app may use. Records the slots opened
+    and closed, the frames each slot's results carried (before JPEG) and the threads results came from; `broken`
+    fails the prompt "boom" and every reset on the loop thread, as a failing text encoder or bank would."""
+
+    def __init__(self, server: StreamServer, broken: bool = False) -> None:
+        self.server, self.broken = server, broken
+        self.capacity, self.width, self.height = server.capacity, server.width, server.height
+        self.prompt = server.prompt
+        self.opened: list[int] = []
+        self.closed: list[int] = []
+        self.outputs: dict[int, list[np.ndarray]] = defaultdict(list)
+        self.threads: list[str] = []
 
     @property
-    def prompt(self) -> str:
-        return self.stream.prompt
+    def streams(self) -> list[StreamV2V]:
+        """The opened slots' streams, in the order connections opened them."""
+        return [self.server.multi.slots[slot] for slot in self.opened]
 
-    def update_prompt(self, text: str) -> None:
-        self.stream.update_prompt(text)
+    def open(self) -> int | None:
+        slot = self.server.open()
+        if slot is not None:
+            self.opened.append(slot)
+            self.outputs[slot] = []
+        return slot
 
-    def reset(self) -> None:
-        self.stream.reset()
+    def close(self, slot: int) -> None:
+        self.closed.append(slot)
+        self.server.close(slot)
 
-    def __call__(self, frame):
-        time.sleep(self.delay)
-        return self.stream(frame)
+    def push(self, slot: int, frame, deliver) -> int:
+        def spy(result) -> None:
+            if result.frame is not None:
+                self.outputs[slot].append(result.frame)
+                self.threads.append(threading.current_thread().name)
+            deliver(result)
+
+        return self.server.push(slot, frame, spy)
+
+    def update_prompt(self, slot: int, prompt: str):
+        if self.broken and prompt == "boom":
+            return self.server.run(slot, fail("the text encoder failed"))
+        return self.server.update_prompt(slot, prompt)
+
+    def reset(self, slot: int):
+        if self.broken:
+            return self.server.run(slot, fail("the bank could not be reset"))
+        return self.server.reset(slot)
+
+
+@pytest.fixture
+def hub(multi):
+    """`hub(delay_s=0.0, broken=False) -> SpyHub` on a fresh StreamServer over the module's slots; stopped after."""
+    servers: list[StreamServer] = []
+
+    def make(delay_s: float = 0.0, broken: bool = False) -> SpyHub:
+        servers.append(StreamServer(Paced(multi, delay_s), prompt="a photo"))  # slots left by other tests
+        return SpyHub(servers[-1], broken)
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+TEST_HOSTS = Access(LOCAL_HOSTS | {"testserver"})  # TestClient sends Host: testserver
+
+
+def make_app(hub: SpyHub, limits: Limits | None = None, access: Access = TEST_HOSTS):
+    return create_app(hub, limits or Limits(), access)
 
 
 def jpeg(h: int = 48, w: int = 80, seed: int = 0) -> bytes:
@@ -91,8 +185,33 @@ def receive_result(ws) -> tuple[dict, np.ndarray]:
     return msg, np.asarray(Image.open(io.BytesIO(ws.receive_bytes())))
 
 
-def test_page_and_ready_message(template):
-    with TestClient(create_app(Recorder(template))) as client:
+def assert_same(got: np.ndarray, want: np.ndarray) -> None:
+    """The same frame, up to rounding (a batch of several streams may round differently from a batch of one)."""
+    assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 1
+
+
+def exchange(spy: SpyHub, sockets: list, refs: list[StreamV2V], seeds: list[int]) -> None:
+    """One frame on every socket at once, then every result: each is its own stream's (`refs[k]` fed the same
+    frame), and the JPEG the page got is that frame's."""
+    data = [jpeg(seed=seed) for seed in seeds]
+    for ws, d in zip(sockets, data):
+        ws.send_bytes(d)
+    for ws, d, ref, slot in zip(sockets, data, refs, spy.opened):
+        _, page = receive_result(ws)
+        frame = spy.outputs[slot][-1]
+        assert_same(frame, ref(codec.decode_frame(d, Limits(), 64, 64)))
+        assert np.array_equal(page, np.asarray(Image.open(io.BytesIO(codec.encode_jpeg(frame, 85)))))
+
+
+def wait_until(condition, what: str, seconds: float = 1.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {seconds:g} s"
+        time.sleep(0.01)
+
+
+def test_page_and_ready_message(hub):
+    with TestClient(make_app(hub())) as client:
         page = client.get("/")
         assert page.status_code == 200 and "getUserMedia" in page.text
         with client.websocket_connect("/ws") as ws:
@@ -101,8 +220,8 @@ def test_page_and_ready_message(template):
             }  # fmt: skip
 
 
-def test_bad_frames_get_an_error_and_the_socket_keeps_working(template):
-    with TestClient(create_app(Recorder(template), Limits(max_frame_bytes=10_000))) as client:
+def test_bad_frames_get_an_error_and_the_socket_keeps_working(hub):
+    with TestClient(make_app(hub(), Limits(max_frame_bytes=10_000))) as client:
         with client.websocket_connect("/ws") as ws:
             ws.receive_json()
             ws.send_bytes(b"\xff\xd8 not really a jpeg")
@@ -120,76 +239,277 @@ def test_bad_frames_get_an_error_and_the_socket_keeps_working(template):
             assert msg["seq"] == 2 and out.shape == (64, 64, 3)
 
 
-def test_prompt_change_reaches_this_connections_stream_only(template):
-    recorder = Recorder(template)
-    with TestClient(create_app(recorder)) as client:
+def test_connections_at_once_each_get_their_own_stream(hub, reference):
+    """K cameras streaming at once: each one's frames equal its stream's alone; a prompt change or a reset of one
+    touches no other."""
+    spy = hub()
+    with TestClient(make_app(spy)) as client, contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(client.websocket_connect("/ws")) for _ in range(K)]
+        assert [ws.receive_json()["type"] for ws in sockets] == ["ready"] * K and len(set(spy.opened)) == K
+        refs = [reference.sibling() for _ in range(K)]
+        sockets[0].send_text('{"type": "prompt", "prompt": "a watercolor"}')
+        assert sockets[0].receive_json() == {"type": "prompt", "prompt": "a watercolor"}
+        refs[0].update_prompt("a watercolor")
+        for i in range(6):  # DyMe stores at frames 0 and 4, merges at 4
+            if i == 3:
+                sockets[1].send_text('{"type": "reset"}')
+                assert sockets[1].receive_json() == {"type": "reset"}
+                refs[1].reset()
+            exchange(spy, sockets, refs, [100 * k + i for k in range(K)])
+        assert [s.prompt for s in spy.streams] == ["a watercolor", "a photo", "a photo"]
+        assert [s.frame_id for s in spy.streams] == [6, 3, 6]
+
+
+def test_slow_model_drops_frames_latest_wins_per_connection(hub):
+    spy = hub(delay_s=0.3)
+    with TestClient(make_app(spy)) as client:
         with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
             a.receive_json(), b.receive_json()
-            a.send_text('{"type": "prompt", "prompt": "a watercolor"}')
-            assert a.receive_json() == {"type": "prompt", "prompt": "a watercolor"}
-            a.send_bytes(jpeg())
-            receive_result(a)
-            assert len(recorder.streams) == 2 and recorder.streams[0] is not recorder.streams[1]
-            assert recorder.streams[0].bank is not recorder.streams[1].bank  # one bank per connection
-            assert recorder.streams[0].prompt == "a watercolor" and recorder.streams[1].prompt == "a photo"
-
-
-def test_slow_model_drops_frames_latest_wins(template):
-    recorder = Recorder(template, delay_s=0.3)
-    with TestClient(create_app(recorder)) as client:
-        with client.websocket_connect("/ws") as ws:
-            ws.receive_json()
             n = 8
             for i in range(n):
-                ws.send_bytes(jpeg(seed=i))
-            results, dropped = [], []
-            while len(results) + len(dropped) < n:
-                msg = ws.receive_json()
-                if msg["type"] == "result":
-                    ws.receive_bytes()
-                    results.append(msg["seq"])
-                else:
-                    assert msg["type"] == "dropped", msg
-                    dropped.append(msg["seq"])
-            assert sorted(results + dropped) == list(range(n))  # every frame answered exactly once
-            assert dropped and len(results) < n
-            assert results[-1] == n - 1  # the newest frame is never dropped
-            assert recorder.streams[0].stream.frame_id == len(results)  # dropped frames never reached the model
+                a.send_bytes(jpeg(seed=i))
+                b.send_bytes(jpeg(seed=50 + i))
+            for ws, stream in zip((a, b), spy.streams):
+                results, dropped = [], []
+                while len(results) + len(dropped) < n:
+                    msg = ws.receive_json()
+                    if msg["type"] == "result":
+                        ws.receive_bytes()
+                        results.append(msg["seq"])
+                    else:
+                        assert msg["type"] == "dropped", msg
+                        dropped.append(msg["seq"])
+                assert sorted(results + dropped) == list(range(n))  # every frame answered exactly once
+                assert dropped and len(results) < n
+                assert results[-1] == n - 1  # the newest frame is never dropped
+                assert stream.frame_id == len(results)  # dropped frames never reached the model
 
 
-def test_connection_limit(template):
-    with TestClient(create_app(Recorder(template), Limits(max_connections=1))) as client:
-        with client.websocket_connect("/ws") as a:
-            a.receive_json()
-            with client.websocket_connect("/ws") as b:
-                assert "server busy" in b.receive_json()["message"]
-            a.send_bytes(jpeg())
-            receive_result(a)  # the first camera is still served
+def test_every_text_message_gets_an_answer_and_the_socket_keeps_working(hub, caplog):
+    spy = hub(broken=True)
+    with TestClient(make_app(spy)) as client:
+        with client.websocket_connect("/ws") as ws:
+            ws.receive_json()
+            bad = {
+                '{"type": "prompt", "prompt": "a\\ud800b"}': "lone surrogate",  # the tokenizer raises TypeError
+                "[" * 5000: "malformed message",  # RecursionError in json.loads
+                "[" * 100_000: "over the limit of 16384",  # refused before parsing
+                "[1]": "malformed message",
+                '"prompt"': "malformed message",
+                "null": "malformed message",
+                '{"type": 5}': "malformed message",
+                '{"type": ["prompt"]}': "malformed message",
+                '{"type": "prompt", "prompt": 7}': "prompt must be a string",
+                '{"type": "prompt", "prompt": "boom"}': "internal error: the text encoder failed",
+                '{"type": "reset"}': "internal error: the bank could not be reset",
+            }
+            for text, message in bad.items():
+                ws.send_text(text)
+                reply = ws.receive_json()
+                assert reply["type"] == "error" and message in reply["message"], (text[:50], reply)
+            ws.send_text('{"type": "prompt", "prompt": "a watercolor"}')
+            assert ws.receive_json() == {"type": "prompt", "prompt": "a watercolor"}
+            ws.send_bytes(jpeg())
+            msg, out = receive_result(ws)
+            assert msg["seq"] == 0 and out.shape == (64, 64, 3)
+    assert spy.streams[0].prompt == "a watercolor"
+    # Only the stream's own failures are server errors worth a traceback; bad client messages are not.
+    errors = [str(r.exc_info[1]) for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["the text encoder failed", "the bank could not be reset"]
+
+
+@pytest.mark.parametrize(
+    "headers, refused",
+    [
+        ({"host": "localhost:7860"}, None),  # a script: no Origin
+        ({"host": "127.0.0.1:7860", "origin": "http://127.0.0.1:7860"}, None),  # the page itself
+        ({"host": "LOCALHOST", "origin": "http://localhost:80"}, None),  # default port, any case
+        ({"host": "[::1]:7860", "origin": "http://[::1]:7860"}, None),
+        ({"host": "box.lan:7860", "origin": "http://box.lan:7860"}, None),  # --allowed-host box.lan
+        ({"host": "localhost:7860", "origin": "https://app.example.com"}, None),  # --allowed-origin
+        ({"host": "localhost:7860", "origin": "https://app.example.com:8443"}, "origin"),
+        ({"host": "localhost:7860", "origin": "http://evil.example"}, "origin"),  # any page the user opens
+        ({"host": "localhost:7860", "origin": "null"}, "origin"),  # a file:// or sandboxed page
+        ({"host": "localhost:7860", "origin": "https://localhost:7860"}, "origin"),  # another scheme
+        ({"host": "localhost:7860", "origin": "http://localhost:7861"}, "origin"),  # another port
+        ({"host": "evil.example:7860", "origin": "http://evil.example:7860"}, "host"),  # DNS rebinding
+        ({"host": "evil.example"}, "host"),
+        ({"host": "localhost@evil.example"}, "host"),
+        ({}, "host"),
+    ],
+)
+def test_access_policy(headers, refused):
+    access = Access(LOCAL_HOSTS | {"box.lan"}, frozenset({"https://app.example.com"}))
+    refusal = access.refusal(headers, secure=False)
+    assert refusal is None if refused is None else refusal.startswith(refused), refusal
+
+
+def test_foreign_hosts_and_origins_are_refused_before_any_slot(hub):
+    with pytest.raises(ValueError, match="not an origin"):
+        Access(allowed_origins=frozenset({"app.example.com"}))
+    spy = hub()
+    with TestClient(create_app(spy)) as client:  # the default Access: localhost names only
+        assert client.get("/", headers={"host": "127.0.0.1:7860"}).status_code == 200
+        page = client.get("/")  # Host: testserver
+        assert page.status_code == 403 and "--allowed-host" in page.text
+        assert client.get("/docs", headers={"host": "127.0.0.1"}).status_code == 404  # nothing else is served
+        for headers in [{}, {"host": "localhost:7860", "origin": "http://evil.example"}]:
+            with client.websocket_connect("/ws", headers=headers) as ws:
+                err = ws.receive_json()
+                assert err["type"] == "error" and ("host" in err["message"] or "origin" in err["message"]), err
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    ws.receive_json()
+                assert closed.value.code == 1008 and "not allowed" in closed.value.reason
+        assert spy.opened == []  # refused before a slot (and its bank) was taken
+        page_origin = {"host": "localhost:7860", "origin": "http://localhost:7860"}
+        with client.websocket_connect("/ws", headers=page_origin) as ws:
+            assert ws.receive_json()["type"] == "ready"
+
+
+def test_busy_server_and_a_disconnect_frees_its_slot_for_a_fresh_stream(live_server, hub, reference):
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    spy = hub()
+    url = live_server(spy).replace("http", "ws") + "/ws"
+    with contextlib.ExitStack() as stack:
+        others = [stack.enter_context(connect(url)) for _ in range(K - 1)]
+        with connect(url) as first:
+            for ws in [*others, first]:
+                assert json.loads(ws.recv(timeout=TIMEOUT))["type"] == "ready"
+            first.send('{"type": "prompt", "prompt": "a sketch"}')
+            assert json.loads(first.recv(timeout=TIMEOUT))["type"] == "prompt"
+            first.send(jpeg())
+            assert json.loads(first.recv(timeout=TIMEOUT))["type"] == "result"
+            first.recv(timeout=TIMEOUT)
+            asked = time.monotonic()
+            with connect(url) as extra:  # one more than the slots
+                err = json.loads(extra.recv(timeout=TIMEOUT))
+                assert err["type"] == "error" and err["message"].startswith("server busy: all 3 streams"), err
+                with pytest.raises(ConnectionClosed) as closed:
+                    extra.recv(timeout=TIMEOUT)
+                assert closed.value.rcvd.code == 1013
+            assert time.monotonic() - asked < 1
+        slot = spy.opened[-1]
+        wait_until(lambda: spy.closed == [slot], "the disconnected slot was not given back")
+        with connect(url) as again:
+            assert json.loads(again.recv(timeout=TIMEOUT)) == {
+                "type": "ready", "width": 64, "height": 64, "prompt": "a photo", "max_frame_bytes": 2 * 1024 * 1024,
+            }  # fmt: skip
+            # the server's prompt, not the last client's
+            assert spy.opened[-1] == slot
+            fresh = reference.sibling()  # an empty bank
+            for i in range(5):
+                data = jpeg(seed=200 + i)
+                again.send(data)
+                assert json.loads(again.recv(timeout=TIMEOUT))["type"] == "result"
+                again.recv(timeout=TIMEOUT)
+                assert_same(spy.outputs[slot][-1], fresh(codec.decode_frame(data, Limits(), 64, 64)))
+        others[0].send(jpeg())  # the others were never disturbed
+        assert json.loads(others[0].recv(timeout=TIMEOUT))["type"] == "result"
+
+
+def test_idle_connection_is_closed_and_frees_its_slot(live_server, hub):
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    # The model takes longer than the idle timeout: a frame in work keeps the connection alive.
+    spy = hub(delay_s=0.6)
+    url = live_server(spy, Limits(idle_timeout_s=0.4))
+    with connect(url.replace("http", "ws") + "/ws") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "ready"
+        ws.send(jpeg())
+        assert json.loads(ws.recv(timeout=10))["type"] == "result"
+        ws.recv(timeout=10)
+        answered = time.monotonic()
+        ws.send('{"type": "prompt", "prompt": "a sketch"}')  # text messages hold no camera: they do not count
+        assert json.loads(ws.recv(timeout=10))["type"] == "prompt"
+        err = json.loads(ws.recv(timeout=10))
+        assert err["type"] == "error" and "no frame for 0.4 s" in err["message"]
+        assert time.monotonic() - answered > 0.3
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1001
+    wait_until(lambda: spy.closed == spy.opened and spy.server.in_use == 0, "the slot was not given back")
+    with connect(url.replace("http", "ws") + "/ws") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "ready"
+
+
+def test_images_are_decoded_and_encoded_off_the_model_thread(hub, monkeypatch):
+    threads: list[tuple[str, str]] = []
+
+    def spy_on(name):
+        module = codec if name == "fit_to_size" else web_app  # where the name is looked up when called
+        fn = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            threads.append((name, threading.current_thread().name))
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    spy_on("fit_to_size")
+    spy_on("encode_jpeg")
+    spy = hub()
+    with TestClient(make_app(spy)) as client:
+        with client.websocket_connect("/ws") as ws:
+            ws.receive_json()
+            ws.send_bytes(jpeg())  # 48x80: needs a crop and a resize
+            receive_result(ws)
+    assert [name for name, _ in threads] == ["fit_to_size", "encode_jpeg"]
+    assert all(thread.startswith("streamv2v-image") for _, thread in threads), threads
+    assert spy.threads == ["streamv2v-serve"]  # the model ran on the hub's loop thread
+
+
+def test_large_frames_decode_at_reduced_size(monkeypatch):
+    y, x = np.mgrid[0:600, 0:800]
+    smooth = np.stack([x * 255 // 799, y * 255 // 599, (x + y) * 255 // 1398], axis=-1).astype(np.uint8)
+    fitted: list[tuple[int, ...]] = []
+    monkeypatch.setattr(codec, "fit_to_size", lambda img, h, w: fitted.append(img.shape) or fit_to_size(img, h, w))
+    for fmt in ("JPEG", "PNG"):
+        buf = io.BytesIO()
+        Image.fromarray(smooth).save(buf, format=fmt)
+        out = codec.decode_frame(buf.getvalue(), Limits(), 64, 64)
+        exact = fit_to_size(np.asarray(Image.open(buf).convert("RGB")), 64, 64)
+        assert out.shape == (64, 64, 3) and np.abs(out.astype(int) - exact).mean() < 2, fmt
+    assert all(64 <= h < 128 for h, _, _ in fitted), fitted  # reduced to under twice the output before the resize
+    big = io.BytesIO()
+    Image.new("RGB", (2049, 2048)).save(big, format="PNG")
+    with pytest.raises(codec.BadFrame, match="2049x2048, over the limit of 4194304 pixels"):
+        codec.decode_frame(big.getvalue(), Limits(), 64, 64)
 
 
 @pytest.fixture
-def live_server(template):
+def live_server():
+    """Starts uvicorn on a free port: `live_server(hub, limits=Limits())` -> its http URL."""
     import uvicorn
 
-    recorder = Recorder(template)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
-    server = uvicorn.Server(uvicorn.Config(create_app(recorder), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", recorder
-    server.should_exit = True
-    thread.join(10)
+    servers = []
+
+    def start(hub: SpyHub, limits: Limits | None = None) -> str:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
+        server = uvicorn.Server(uvicorn.Config(create_app(hub, limits or Limits()), log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
-def test_browser_camera_round_trip(live_server):
+def test_browser_camera_round_trip(live_server, hub):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
-    url, recorder = live_server
+    spy = hub()
+    url = live_server(spy)  # the default Access: the page's own origin (127.0.0.1:port) must be allowed
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
@@ -198,12 +518,13 @@ def test_browser_camera_round_trip(live_server):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url)
             page.wait_for_function("window.streamStats && window.streamStats.received >= 3", timeout=60_000)
+            page.wait_for_function("document.getElementById('output').naturalWidth > 0", timeout=10_000)
             size = page.evaluate("[document.getElementById('output').naturalWidth, window.streamStats.errors]")
             assert size == [64, 0]
             page.fill("#prompt", "a watercolor painting")
             page.click("button[type=submit]")
             page.wait_for_function("window.streamStats.prompt === 'a watercolor painting'", timeout=30_000)
-            assert recorder.streams[0].prompt == "a watercolor painting"
+            assert spy.streams[0].prompt == "a watercolor painting"
             received = page.evaluate("window.streamStats.received")
             page.wait_for_function(f"window.streamStats.received >= {received + 2}", timeout=30_000)
             assert "latency" in page.inner_text("#stats")
@@ -213,6 +534,42 @@ def test_browser_camera_round_trip(live_server):
         finally:
             browser.close()
     assert (ARTIFACTS / "web_demo.png").stat().st_size > 1000
+
+
+def test_serve_refuses_bad_flags_in_one_line_before_loading(capsys):
+    for argv, message in [
+        (["--streams", "0"], "error: --streams must be >= 1, got 0"),
+        (["--idle-timeout", "nan"], "error: --idle-timeout must be a number of seconds >= 0 (0: never), got nan"),
+        (["--cuda-graphs", "--device", "cpu"], "error: --cuda-graphs needs a CUDA GPU, the streams run on cpu"),
+        (["--backend", "tensorrt"], "error: --backend tensorrt runs a build folder: add --engines DIR"),
+    ]:
+        assert serve.run(serve_args(*argv)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_serve_slots_keep_the_config_and_negative_prompt():
+    args = serve_args("--cfg-type", "initialize", "--negative-prompt", "blurry", "--steps", "2", "--prompt", "a cat",
+                      "--height", "64", "--width", "64", "--device", "cpu")  # fmt: skip
+    multi = serve.open_slots(args)
+    assert multi.streams == serve.DEFAULT_STREAMS["cpu"] and multi.backend.name == "eager"
+    cfg = multi.cfg
+    assert cfg.prime and cfg.similar_filter.enabled and cfg.steps == 2  # the live defaults, and the flags
+    first, *others = multi.slots
+    for stream in multi.slots:
+        assert stream.cfg == cfg and stream.prompt == "a cat" and stream.negative_prompt == "blurry"
+        assert stream.similar_filter is not None
+        torch.testing.assert_close(stream.negative_embeds, first.negative_embeds)
+    assert all(stream.bank is not first.bank for stream in others)  # one bank per slot
+
+
+@pytest.mark.slow  # an ONNX export (shared with test_multistream.py in a full run)
+def test_serve_opens_a_build_folder_for_as_many_streams_as_it_was_built_for(tiny_build):
+    folder = tiny_build(tiny_spec(max_streams=2))
+    multi = serve.open_slots(serve_args("--engines", str(folder), "--device", "cpu"))
+    assert multi.streams == 2 and multi.backend.name == "onnxruntime" and multi.cfg.prime  # live defaults
+    with pytest.raises(CliError, match=r"max_streams: engines have 2, asked 3.*--max-streams 3"):
+        serve.open_slots(serve_args("--engines", str(folder), "--streams", "3", "--device", "cpu"))
 
 
 def test_serve_command_serves_the_page(tmp_path):

@@ -1,14 +1,12 @@
 """Backends run the three networks; the pipeline, bank and schedule are shared by all of them.
 
 A backend provides: `name`, `device`, `dtype`, `layout` (the bank layout its UNet was built with),
-`unet(inputs: dict[str, Tensor]) -> dict[str, Tensor]` keyed by the engine tensor names (DESIGN.md §4),
-`encode(images) -> latents` and `decode(latents) -> images`.
+`unet(inputs: dict[str, Tensor]) -> dict[str, Tensor]` keyed by the engine tensor names (docs/DESIGN.md,
+"Engine I/O"), `encode(images) -> latents` and `decode(latents) -> images`.
 
-Backends: `eager` (PyTorch, eager.py), `onnxruntime` (the build's ONNX, onnxruntime.py), `tensorrt` (its
-engines, tensorrt.py); engines.py opens a build folder for the last two. Engine backends return their own
-preallocated output buffers, the same tensors every call: a result is valid until the next call of that
-network, so the pipeline consumes it (bank update, scheduler step) before calling again. Inputs are bound by
-pointer, so callers pass the same buffers every frame (binding.py).
+Backends: `eager` (PyTorch, eager.py), and on a build folder (`build_folder.py` opens it) `onnxruntime` (its
+ONNX, onnxruntime.py), `tensorrt` (its TensorRT / TensorRT-RTX engines, tensorrt.py) and `aoti` (its
+AOTInductor packages, aoti.py), all three as a `named_io.NamedIOBackend` over one runner per network.
 """
 
 from __future__ import annotations
@@ -18,6 +16,8 @@ from typing import Protocol
 import torch
 
 from ..layout import BankLayout
+
+ENGINE_BACKENDS = ("onnxruntime", "tensorrt", "aoti")  # what a build folder can be opened with
 
 
 class Backend(Protocol):

@@ -1,21 +1,20 @@
 """`python -m streamv2v_trt demo`: build (or reuse) the engines, stream a generated clip through eager PyTorch
-and the engine path, report both FPS and write input | eager | engine side by side to demo.mp4."""
+and the engine path with the same thread policy, report both FPS and write input | eager | engine to demo.mp4."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..clips import pan_clip
-from ..config import StreamConfig
+from ..console import HelpFormatter
 from ..pipeline import StreamV2V
+from ..spec import EngineSpec, Precision
 
 log = logging.getLogger(__name__)
 
@@ -26,21 +25,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="build engines, stream a generated clip through eager and engines, write a side-by-side MP4",
         description="Pans across a real photo (scikit-image's astronaut), builds the model's engines (or reuses "
         "them), translates every frame with StreamV2V (EA + FF + DyMe) in PyTorch eager and on the engine path "
-        "(TensorRT on a GPU, ONNX Runtime on the CPU), prints both FPS and writes input | eager | engine side by "
-        "side. Runs on the CPU with the tiny random-weight model.",
+        "(on a GPU: TensorRT where it runs, else AOTInductor; on the CPU: ONNX Runtime), prints both FPS and "
+        "writes input | eager | engine side by side, labelled. Runs on the CPU with the tiny random-weight model.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", default="tiny", help="preset (tiny, sd-turbo, sd15), diffusers folder or hub id")
-    p.add_argument("--frames", type=int, default=48, help="frames in the generated clip (default 48)")
+    p.add_argument("--frames", type=int, default=48, help="frames in the generated clip")
     p.add_argument("--size", type=int, default=128, help="frame height and width in pixels, multiple of 8")
     p.add_argument("--prompt", default="a watercolor painting of an astronaut", help="text prompt")
-    p.add_argument("--engines", type=Path, help="engine folder (default: build_engines' folders under engines/)")
+    p.add_argument("--engines", type=Path, help="parent folder for the builds (default: build_engines' folders)")
     p.add_argument("--eager-only", action="store_true", help="skip building and running the engines")
-    p.add_argument("--out", type=Path, default=Path("demo.mp4"), help="output video (default demo.mp4)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="CPU intra-op threads for every path (torch and ONNX Runtime alike)"
+    )
+    p.add_argument("--out", type=Path, default=Path("demo.mp4"), help="output video")
     p.add_argument("--fps", type=int, default=24, help="frame rate of the written video")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, quiet=True)
 
 
-def write_side_by_side(path: Path, columns: list[list[np.ndarray]], fps: int) -> None:
+def label(frame: np.ndarray, text: str) -> np.ndarray:
+    """`frame` with `text` in a dark band across its top (the panels of the side-by-side video)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(frame)
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, 0, img.width, 11), fill=(0, 0, 0))
+    draw.text((2, 0), text, fill=(255, 255, 255))
+    return np.asarray(img)
+
+
+def write_side_by_side(path: Path, columns: list[list[np.ndarray]], names: list[str], fps: int) -> None:
     import av
 
     h, w = columns[0][0].shape[:2]
@@ -48,7 +62,8 @@ def write_side_by_side(path: Path, columns: list[list[np.ndarray]], fps: int) ->
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = len(columns) * w, h, "yuv420p"
         for row in zip(*columns):
-            frame = av.VideoFrame.from_ndarray(np.concatenate(row, axis=1), format="rgb24")
+            panels = [label(f, name) for f, name in zip(row, names)]
+            frame = av.VideoFrame.from_ndarray(np.concatenate(panels, axis=1), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
 
@@ -65,61 +80,71 @@ def timed_stream(stream: StreamV2V, frames: list[np.ndarray]) -> tuple[list[np.n
     return outputs, len(frames) / (time.perf_counter() - start)
 
 
-def _engine_path(args: argparse.Namespace, cfg: StreamConfig, device: torch.device) -> tuple[Path, str, str]:
-    """Build (or reuse) what the engine path runs: TensorRT fp16 on a GPU with TensorRT, else ONNX Runtime fp32."""
-    from build_engines import BuildConfig, build
-    from build_engines.__main__ import summary
+def _engine_builds(args: argparse.Namespace, spec: EngineSpec, device: torch.device) -> list[tuple]:
+    """What the engine path runs, as (BuildConfig, backend): on a GPU what `--builder auto` picks (fp16); on the
+    CPU ONNX Runtime on an fp32 ONNX build, plus a TensorRT-RTX build (it builds without a GPU) when it imports."""
+    from dataclasses import replace
 
-    has_trt = any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx"))
-    runs_trt = device.type == "cuda" and has_trt
-    builds = [("tensorrt-fp16", "fp16", False)] if runs_trt else [("onnxruntime-fp32", "fp32", True)]
-    if has_trt and not runs_trt:  # TensorRT-RTX builds ahead of time without a GPU: show that it does
-        builds.append(("tensorrt-fp16", "fp16", False))
-    folders = []
-    for sub, precision, onnx_only in builds:
-        out = args.engines / sub if args.engines else Path("engines")
-        build_cfg = BuildConfig.from_stream(args.model, cfg, out, precision=precision, onnx_only=onnx_only)
-        if args.engines is None:  # the folders `python -m build_engines` would pick for the same build
-            build_cfg = replace(build_cfg, out=build_cfg.default_out())
-        result = build(build_cfg)
-        print(("reused" if result.reused else "built") + f" {build_cfg.out}:\n{summary(result)}")
-        folders.append(build_cfg.out)
-    return folders[0], "tensorrt" if runs_trt else "onnxruntime", builds[0][1]
+    from build_engines import BuildConfig, choose_builder
+
+    def folder(cfg: BuildConfig, builder: str | None) -> BuildConfig:
+        return replace(cfg, out=args.engines / cfg.spec.folder_name(builder)) if args.engines else cfg
+
+    if device.type == "cuda":
+        cfg = BuildConfig(replace(spec, precision=Precision.FP16))
+        builder, _ = choose_builder(cfg)
+        return [(folder(cfg, builder), "aoti" if builder == "aoti" else "tensorrt")]
+    onnx = BuildConfig(spec, onnx_only=True)
+    builds = [(folder(onnx, None), "onnxruntime")]
+    rtx = BuildConfig(replace(spec, precision=Precision.FP16), builder="tensorrt-rtx")
+    try:
+        choose_builder(rtx)
+    except ImportError:
+        return builds
+    return builds + [(folder(rtx, "tensorrt-rtx"), None)]  # built to show it builds; not run here
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.frames < 1 or args.size % 8:
-        raise SystemExit(f"--frames must be >= 1 and --size a multiple of 8 (got {args.frames}, {args.size})")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    frames = pan_clip(args.frames, args.size, args.size)
-    cfg = StreamConfig(height=args.size, width=args.size)
+    from build_engines import build
 
-    eager = StreamV2V.from_pretrained(args.model, cfg, prompt=args.prompt, device=device, dtype=dtype)
-    eager_out, eager_fps = timed_stream(eager, frames)
-    columns, lines = [frames, eager_out], [f"eager ({device.type}): {eager_fps:.1f} FPS"]
-    if not args.eager_only:
-        folder, backend, precision = _engine_path(args, cfg, device)
-        threads = torch.get_num_threads()
-        if device.type == "cpu":
-            # ONNX Runtime's thread pool and torch's spinning OpenMP threads stall each other on a small CPU
-            # (measured 8 vs 56 FPS on 2 cores): ONNX Runtime gets one thread, the pipeline's torch ops another.
-            torch.set_num_threads(1)
-        try:
-            engine = StreamV2V.from_engines(
-                folder, backend=backend, prompt=args.prompt, device=device, threads=1 if device.type == "cpu" else None
-            )
-            engine_out, engine_fps = timed_stream(engine, frames)
-        finally:
-            torch.set_num_threads(threads)
-        diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(eager_out, engine_out))
-        columns.append(engine_out)
-        lines.append(
-            f"{backend} ({precision}, {device.type}): {engine_fps:.1f} FPS = {engine_fps / eager_fps:.2f}x eager; "
-            f"max |engine - eager| = {diff} / 255"
+    if args.frames < 1 or args.size % 8 or args.threads < 1:
+        raise SystemExit(
+            f"--frames and --threads must be >= 1 and --size a multiple of 8 (got {args.frames}, {args.threads}, "
+            f"{args.size})"
         )
-    write_side_by_side(args.out, columns, args.fps)
-    print(f"{len(frames)} frames of {args.size}x{args.size}, {args.model}, 1 step, DyMe bank every 4 frames")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = Precision.FP16 if device.type == "cuda" else Precision.FP32
+    spec = EngineSpec.resolve(args.model, height=args.size, width=args.size, steps=1, precision=precision)
+    frames = pan_clip(args.frames, args.size, args.size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # the same policy for every path, or the ratio means nothing
+    try:
+        eager = StreamV2V.from_pretrained(spec, device=device, prompt=args.prompt)
+        eager_out, eager_fps = timed_stream(eager, frames)
+        columns, names = [frames, eager_out], ["input", "eager"]
+        lines = [f"eager ({device.type}, {precision.value}): {eager_fps:.1f} FPS"]
+        if not args.eager_only:
+            for cfg, backend in _engine_builds(args, spec, device):
+                result = build(cfg)
+                print(f"{'reused' if result.reused else 'built'} {result.out}:\n{result.summary()}")
+                if backend is None:
+                    continue
+                engine = StreamV2V.from_engines(result.out, backend, prompt=args.prompt, threads=args.threads)
+                engine_out, engine_fps = timed_stream(engine, frames)
+                diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(eager_out, engine_out))
+                columns.append(engine_out)
+                names.append(backend)
+                lines.append(
+                    f"{backend} ({device.type}, {result.manifest.spec.precision.value}): {engine_fps:.1f} FPS = "
+                    f"{engine_fps / eager_fps:.2f}x eager; max |engine - eager| = {diff} / 255"
+                )
+    finally:
+        torch.set_num_threads(threads)
+    write_side_by_side(args.out, columns, names, args.fps)
+    print(
+        f"{len(frames)} frames of {args.size}x{args.size}, {args.model}, 1 step, DyMe bank every 4 frames, "
+        f"{args.threads} CPU thread(s) for every path"
+    )
     print("\n".join(lines))
-    print(f"wrote {args.out.resolve()} (input | eager" + (" | engine" if len(columns) > 2 else "") + ")")
+    print(f"wrote {args.out.resolve()} ({' | '.join(names)})")
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from .log_setup import configure_logging
+from ..console import configure_logging
 
 SUBCOMMANDS = ("demo", "video", "serve")
 
@@ -17,7 +17,9 @@ SUBCOMMANDS = ("demo", "video", "serve")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m streamv2v_trt",
-        description="StreamV2V-TRT: real-time video-to-video translation with feature banks.",
+        description="StreamV2V-TRT: real-time video-to-video translation with feature banks. Related commands: "
+        "python -m build_engines (compile a model), python -m streamv2v_trt.metrics (warp error, CLIP score), "
+        "python -m benchmarks.fps (FPS of every backend in one run).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -34,5 +36,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
+    configure_logging(args.verbose, quiet=getattr(args, "quiet", False))
     return int(args.func(args) or 0)

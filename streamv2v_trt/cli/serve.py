@@ -1,75 +1,307 @@
 """`python -m streamv2v_trt serve`: the live camera demo in the browser (http://127.0.0.1:7860).
 
-Loads the model once; every browser connection gets its own stream (own bank) on the shared backend.
+Loads the model once as --streams slots batched into one encode, UNet and decode per tick; every browser
+connection holds one slot (its own stream and bank) while it is connected.
 Browsers give the camera only to localhost or HTTPS pages: to serve another machine, pass --ssl-certfile
 and --ssl-keyfile, or reach it through an SSH tunnel (ssh -L 7860:127.0.0.1:7860 host).
+With --ray the same page is served by a Ray Serve application whose stream replicas run on several GPUs or
+machines (streamv2v_trt/web/ray_app.py, docs/SCALING.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
+import signal
 import sys
+import time
+from functools import partial
 
-from ..pipeline import StreamV2V
-from .stream_args import CliError, add_stream_args, build_stream
+from ..console import HelpFormatter
+from .stream_args import CliError, add_stream_args, device_of, open_multistream, resolve_config
 
 log = logging.getLogger(__name__)
 
+# Slots when --streams is not given. Every tick runs all K slots (an idle slot still costs its share of the batch),
+# so K trades one camera's frame time for total throughput. On a GPU a 512x512 batch of 1 leaves it idle between
+# kernels and 4 streams cost far less than 4 frames; on the CPU work grows with the batch, so 2 (docs/SURFACES.md).
+DEFAULT_STREAMS = {"cuda": 4, "cpu": 2}
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="live camera demo in the browser", description=__doc__.splitlines()[0])
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--prompt", default="", help="initial prompt (the page can change it live)")
+    p = subparsers.add_parser(
+        "serve",
+        help="live camera demo in the browser",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, localhost only)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    p.add_argument("--prompt", default="", help="initial prompt (the page can change it live; default: empty)")
     p.add_argument("--max-frame-bytes", type=int, default=2 * 1024 * 1024, help="largest frame message accepted")
-    p.add_argument("--max-connections", type=int, default=8, help="cameras served at once (one bank each)")
+    p.add_argument(
+        "--streams",
+        type=int,
+        metavar="K",
+        help="stream slots, batched into one model call per tick; also the most cameras connected at once (each "
+        "holds a slot and its bank; one more is told the server is busy). Default: 4 on a GPU, 2 on the CPU; with "
+        "--engines the folder's (python -m build_engines --max-streams K), and another K is refused",
+    )
+    p.add_argument(
+        "--max-frame-pixels",
+        type=int,
+        default=2048 * 2048,
+        help="largest frame accepted, in pixels, read from the image header (default: %(default)s = 2048x2048)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="close a connection that sent no frame for this long, freeing its slot; 0 never (default: %(default)g)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also serve requests whose Host header names NAME (repeatable; default: only the --host address "
+        "and localhost, 127.0.0.1, ::1)",
+    )
+    p.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="also accept WebSockets from pages at this origin, e.g. https://demo.example.com (repeatable; "
+        "default: none, only the page's own origin and clients that send no Origin)",
+    )
     p.add_argument("--ssl-certfile", help="serve HTTPS (needed for cameras on non-localhost pages)")
-    p.add_argument("--ssl-keyfile")
+    p.add_argument("--ssl-keyfile", help="the private key of --ssl-certfile")
+    r = p.add_argument_group("many GPUs and machines: Ray Serve (docs/SCALING.md; pip install 'streamv2v-trt[serve]')")
+    r.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve the same page from a Ray Serve application: an ingress and --replicas stream replicas (one GPU "
+        "each; CPU replicas when the cluster has no GPU), each --streams-per-replica slots; Serve's HTTP proxy "
+        "listens on --host and --port",
+    )
+    r.add_argument("--replicas", type=int, metavar="N", help="stream replicas (default: one per GPU; 1 without GPUs)")
+    r.add_argument(
+        "--streams-per-replica",
+        type=int,
+        metavar="K",
+        help="slots of each replica, batched per tick (default: as --streams: 4 on a GPU, 2 on the CPU, the build "
+        "folder's with --engines)",
+    )
+    r.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="join a running Ray cluster: auto (started with ray start on this machine) or HOST:PORT (default: "
+        "start a local Ray for this command, stopped when it ends)",
+    )
     add_stream_args(p, live=True)  # a camera: priming and the similar-frame filter on by default
     p.set_defaults(func=run)
 
 
-def stream_factory_from(template: StreamV2V, prompt: str):
-    """A factory of fresh streams (own bank, own noise state) sharing `template`'s loaded backend, with its
-    config (guidance, priming, similar-frame filter) and negative prompt."""
+def limits_of(args: argparse.Namespace):
+    """The connection limits the flags ask for; CliError for values that cannot work."""
+    from ..web import Limits
 
-    def make() -> StreamV2V:
-        stream = StreamV2V(template.backend, template.prompt_encoder, template.scheduler, template.cfg)
-        stream.update_prompt(prompt, negative_prompt=template.negative_prompt)
-        return stream
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port must be in 0..65535, got {args.port}")
+    for flag, value in (("--max-frame-bytes", args.max_frame_bytes), ("--max-frame-pixels", args.max_frame_pixels)):
+        if value < 1:
+            raise CliError(f"{flag} must be >= 1, got {value}")
+    if not (math.isfinite(args.idle_timeout) and args.idle_timeout >= 0):
+        raise CliError(f"--idle-timeout must be a number of seconds >= 0 (0: never), got {args.idle_timeout}")
+    return Limits(
+        max_frame_bytes=args.max_frame_bytes, max_frame_pixels=args.max_frame_pixels, idle_timeout_s=args.idle_timeout
+    )
 
-    return make
+
+def open_slots(args: argparse.Namespace):
+    """The MultiStream `serve` runs: `--streams` slots (default: DEFAULT_STREAMS, or a build folder's count)."""
+    streams = args.streams
+    if streams is None and args.engines is None:
+        streams = DEFAULT_STREAMS.get(device_of(args.device).type, 1)
+    return open_multistream(args, streams, prompt=args.prompt)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..web import Limits, create_app
+        from ..web import LOCAL_HOSTS, Access, create_app
     except ModuleNotFoundError as e:
         print(
             f"error: serve needs the web extra ({e.name} is missing): pip install 'streamv2v-trt[web]'", file=sys.stderr
         )
         return 1
+    try:  # checked before the model loads
+        access = Access(LOCAL_HOSTS | {args.host, *args.allowed_host}, frozenset(args.allowed_origin))
+    except ValueError as e:
+        print(f"error: --allowed-origin: {e}", file=sys.stderr)
+        return 1
     try:
-        template = build_stream(args, prompt=args.prompt)
+        limits = limits_of(args)
+        ray_only = [f"--{k.replace('_', '-')}" for k in ("replicas", "streams_per_replica", "address")
+                    if getattr(args, k) is not None]  # fmt: skip
+        if ray_only and not args.ray:
+            raise CliError(f"{', '.join(ray_only)} need --ray (serve from Ray Serve)")
+        multi = None if args.ray else open_slots(args)
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: anyone who can reach this address can use the model", args.host)
-    limits = Limits(max_frame_bytes=args.max_frame_bytes, max_connections=args.max_connections)
-    app = create_app(stream_factory_from(template, args.prompt), limits)
-    scheme = "https" if args.ssl_certfile else "http"
-    log.info("open %s://%s:%d in a browser", scheme, args.host, args.port)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        ssl_certfile=args.ssl_certfile,
-        ssl_keyfile=args.ssl_keyfile,
-        ws_max_size=args.max_frame_bytes + 1024 * 1024,  # larger messages close the socket (memory bound)
-        log_level="info" if args.verbose else "warning",
-    )
+        if not args.allowed_host:  # a browser that reaches the server under another name is refused
+            log.warning("serving only Host names %s: add the name browsers use with --allowed-host NAME",
+                        ", ".join(sorted(access.allowed_hosts)))  # fmt: skip
+    if args.ray:
+        return run_ray(args, limits, access)
+    from ..serving import StreamServer
+
+    with StreamServer(multi) as hub:
+        log.info("%d stream slots (%s backend); open %s://%s:%d in a browser", hub.capacity, multi.backend.name,
+                 "https" if args.ssl_certfile else "http", args.host, args.port)  # fmt: skip
+        uvicorn.run(
+            create_app(hub, limits, access),
+            host=args.host,
+            port=args.port,
+            ssl_certfile=args.ssl_certfile,
+            ssl_keyfile=args.ssl_keyfile,
+            ws_max_size=args.max_frame_bytes + 1024 * 1024,  # larger messages close the socket (memory bound)
+            log_level="info" if args.verbose else "warning",
+        )
     return 0
+
+
+# -- serve --ray -----------------------------------------------------------------------------------------------
+
+INGRESS_CPUS = 1.0  # the ingress decodes and encodes every frame's JPEG
+
+
+def run_ray(args: argparse.Namespace, limits, access) -> int:
+    """`serve --ray`: deploy the Ray Serve application (streamv2v_trt/web/ray_app.py) and wait for Ctrl-C or
+    SIGTERM; then delete it (and stop the local Ray this command started)."""
+    try:
+        import ray
+        from ray import serve as ray_serve
+
+        from ..web.ray_app import APP_NAME, build_application
+    except ModuleNotFoundError as e:
+        print(f"error: serve --ray needs the serve extra ({e.name} is missing): pip install 'streamv2v-trt[serve]'",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    try:
+        replicas = check_ray_flags(args)
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does: cleanly
+    try:
+        if args.address is None:  # a Ray of our own, its dashboard off (docs/SCALING.md lists what listens)
+            import torch
+
+            cpus = (replicas or torch.cuda.device_count() or 1) * (args.threads or 1) + INGRESS_CPUS
+            ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)))
+        else:
+            ray.init(address=args.address)
+    except ConnectionError as e:  # no cluster at --address
+        print(f"error: --address {args.address}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    serving = False
+    try:
+        config = ray_config(args, limits, access, replicas, ray.cluster_resources())
+        http = {"host": args.host, "port": args.port}
+        if args.ssl_certfile:
+            http.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+        ray_serve.start(proxy_location="HeadOnly", http_options=http)
+        serving = True
+        try:
+            ray_serve.run(build_application(config), name=APP_NAME, route_prefix="/")
+        except RuntimeError as e:  # a replica failed to start: Serve's message ends with its traceback
+            raise CliError(f"the application did not start (see the replica's log above): {str(e)[-2000:]}") from e
+        log.info("%d stream replica(s) x %d slots on Ray Serve; open %s://%s:%d in a browser; Ctrl-C stops",
+                 config.replicas, config.streams, "https" if args.ssl_certfile else "http", args.host,
+                 args.port)  # fmt: skip
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+        pass
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        try:
+            if serving:
+                log.info("stopping the Ray Serve application")
+                if args.address is None:
+                    ray_serve.shutdown()
+                else:  # the cluster is someone else's: take only our application down
+                    ray_serve.delete(APP_NAME)
+        finally:
+            ray.shutdown()
+    return 0
+
+
+def check_ray_flags(args: argparse.Namespace) -> int | None:
+    """The --ray flags that need no cluster to check; the replicas asked (None: one per GPU)."""
+    if args.streams is not None:
+        raise CliError("--streams sets the slots of one process; with --ray give --streams-per-replica K")
+    for flag, value in (("--replicas", args.replicas), ("--streams-per-replica", args.streams_per_replica)):
+        if value is not None and value < 1:
+            raise CliError(f"{flag} must be >= 1, got {value}")
+    if args.device.startswith("cuda:") and args.device != "cuda:0":
+        raise CliError(f"--device {args.device}: Ray gives each replica one GPU, its cuda:0; use --device cuda")
+    return args.replicas
+
+
+def ray_config(args: argparse.Namespace, limits, access, replicas: int | None, resources: dict):
+    """What the application runs on this cluster, with every flag checked where a replica will run (a Ray task
+    placed like one) before the model loads anywhere."""
+    import ray
+
+    from ..web.ray_app import RayServeConfig
+
+    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+    use_gpu = args.device.startswith("cuda") or (args.device == "auto" and gpus > 0)
+    if use_gpu and gpus < 1:
+        raise CliError(f"--device {args.device} asked, but the Ray cluster has no GPU; use --device cpu")
+    replicas = replicas or (gpus if use_gpu else 1)
+    if use_gpu and replicas > gpus:
+        raise CliError(f"--replicas {replicas} needs a GPU each, the Ray cluster has {gpus}: use --replicas {gpus}")
+    per_replica = float(args.threads or 1)
+    if cpus < replicas * per_replica + INGRESS_CPUS:
+        raise CliError(f"{replicas} replica(s) x {per_replica:g} CPU and the ingress's {INGRESS_CPUS:g} need "
+                       f"{replicas * per_replica + INGRESS_CPUS:g} CPUs, the Ray cluster has {cpus:g}")  # fmt: skip
+    device = "cuda" if use_gpu else "cpu"
+    replica_args = argparse.Namespace(**{**vars(args), "device": device, "func": None})
+    streams = args.streams_per_replica or (None if args.engines else DEFAULT_STREAMS[device])
+    check = ray.remote(num_cpus=per_replica, num_gpus=1 if use_gpu else 0)(check_replica)
+    try:
+        streams = ray.get(check.remote(replica_args, streams))
+    except ray.exceptions.RayTaskError as e:
+        raise (e.cause if isinstance(e.cause, CliError) else e) from None
+    return RayServeConfig(
+        load=partial(open_multistream, replica_args, streams, args.prompt),
+        streams=streams,
+        replicas=replicas,
+        gpus_per_replica=1.0 if use_gpu else 0.0,
+        cpus_per_replica=per_replica,
+        ingress_cpus=INGRESS_CPUS,
+        limits=limits,
+        access=access,
+    )
+
+
+def check_replica(args: argparse.Namespace, streams: int | None) -> int:
+    """Runs where a replica would: the flags, the spec and the build folder checked as `open_multistream` will
+    (without loading a network); the slots per replica (a build folder's own count when `streams` is None)."""
+    if args.cuda_graphs and device_of(args.device).type != "cuda":
+        raise CliError(f"--cuda-graphs needs a CUDA GPU, the streams run on {device_of(args.device)}")
+    cfg = resolve_config(args)  # the config, nothing loaded
+    return streams or cfg.spec.max_streams

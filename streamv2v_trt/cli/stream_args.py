@@ -1,10 +1,10 @@
-"""Flags shared by every subcommand that runs a stream (`video`, `serve`), and the stream they build.
+"""Flags shared by every subcommand that runs a stream (`video`, `serve`), and the stream they open.
 
-`--engines DIR --backend NAME` loads compiled engines through `StreamV2V.from_engines` (when this build has
-it); without `--engines` the eager PyTorch pipeline is built from `--model`. Guidance, priming and the
-similar-frame filter are runtime settings (the same engines serve them, except `--cfg-type initialize/full`,
-which need engines built for their UNet batch); LoRAs are fused into the weights (engines: at build time,
-so `--lora` must name the files and scales the engines were built with). docs/FEATURES.md.
+Without `--engines` the eager PyTorch pipeline is built from `--model` (optionally `--compile`d); with
+`--engines DIR` the build folder runs on `--backend` (default: what the folder was built for). What the
+engines were built for (size, steps, bank, VAE, model, LoRAs) cannot change at runtime: such flags are
+checked against the folder and refused when they differ. Runtime settings (seed, strength, guidance scale,
+priming, the similar-frame filter) apply to both. `--cuda-graphs` replays whole frames from CUDA graphs.
 """
 
 from __future__ import annotations
@@ -13,42 +13,62 @@ import argparse
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from ..config import BankConfig, BankKind, CfgType, SimilarFilterConfig, StreamConfig, t_index_list_from_strength
-from ..models import PRESETS
-from ..models.lora import LoraError, LoraSpec
+from ..config import BankConfig, SimilarFilterConfig, StreamConfig
+from ..manifest import Manifest
+from ..models.presets import PRESETS
+from ..multistream import MultiStream
 from ..pipeline import StreamV2V
+from ..spec import BankKind, CfgType, EngineSpec, LoraSpec, Precision, t_index_list_from_strength
+from ..stream import Stream
 
 log = logging.getLogger(__name__)
+
+GUIDED_DEFAULT_SCALE = 1.2  # StreamDiffusion's default guidance scale; g <= 1 turns guidance off
+BACKENDS = ("eager", "onnxruntime", "tensorrt", "aoti")
 
 
 class CliError(RuntimeError):
     """A user mistake or an unusable input: printed as one line, exit code 1."""
 
 
-GUIDED_DEFAULT_SCALE = 1.2  # StreamDiffusion's default guidance scale; g <= 1 turns guidance off
-
-
 def add_stream_args(parser: argparse.ArgumentParser, *, live: bool = False) -> None:
     """The stream's flags. live=True (the camera demo) turns priming and the similar-frame filter on by default."""
     g = parser.add_argument_group("model and stream")
-    g.add_argument("--model", default="tiny", help="preset (tiny, sd-turbo, sd15), diffusers folder or hub id")
-    g.add_argument("--engines", metavar="DIR", help="folder of compiled engines (python -m build_engines)")
+    g.add_argument("--model", help=f"preset ({', '.join(PRESETS)}), diffusers folder or hub id (default: tiny)")
+    g.add_argument("--engines", metavar="DIR", type=Path, help="a build folder (python -m build_engines)")
     g.add_argument(
         "--backend",
-        help="eager (PyTorch; the default without --engines), or with --engines: onnxruntime (default), tensorrt",
+        choices=BACKENDS,
+        help="eager (PyTorch; the default without --engines); with --engines: onnxruntime (its ONNX), tensorrt "
+        "(its TensorRT engines) or aoti (its AOTInductor packages); default: what the folder was built for "
+        "(onnxruntime on a CPU)",
     )
-    g.add_argument("--vae", default="taesd", choices=("taesd", "full"), help="eager only: VAE to use")
+    g.add_argument("--compile", action="store_true", help="eager: torch.compile the UNet and VAE (slow first frames)")
+    g.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay whole frames from CUDA graphs (GPU; eager, tensorrt and aoti backends; no similar-frame filter)",
+    )
+    g.add_argument("--vae", choices=("taesd", "full"), help="VAE (default: taesd)")
     g.add_argument("--strength", type=float, help="noise strength in (0, 1] (default: the model's schedule)")
-    g.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's schedule)")
-    g.add_argument("--bank", default="dyme", choices=[k.value for k in BankKind], help="feature bank kind")
-    g.add_argument("--bank-frames", type=int, default=1, help="frames kept by a fifo bank (dyme keeps 1)")
-    g.add_argument("--seed", type=int, default=2, help="noise seed (and DyMe's merge seed)")
+    g.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's, or the engines')")
+    g.add_argument("--bank", choices=[k.value for k in BankKind], help="feature bank kind (default: dyme)")
+    g.add_argument("--bank-frames", type=int, help="frames kept by a fifo bank (default: 1)")
+    g.add_argument("--seed", type=int, default=2, help="noise seed (and DyMe's merge seed) (default: 2)")
     g.add_argument("--height", type=int, help="stream height, a multiple of 8 (default: the model's)")
     g.add_argument("--width", type=int, help="stream width, a multiple of 8 (default: the model's)")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (default: auto)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        help="CPU intra-op threads of torch and ONNX Runtime alike (default: 1 when the stream runs on the CPU: "
+        "two thread pools on a small CPU stall each other; torch's default on a GPU)",
+    )
     g.add_argument(
         "--lora",
         action="append",
@@ -73,16 +93,9 @@ def add_stream_args(parser: argparse.ArgumentParser, *, live: bool = False) -> N
         help=f"guidance scale g (> 1 to guide; default {GUIDED_DEFAULT_SCALE} when --cfg-type guides)",
     )
     f.add_argument(
-        "--delta",
-        type=float,
-        metavar="D",
-        help="RCFG (self, initialize): scale of the stock noise used as the negative (default 1)",
+        "--delta", type=float, metavar="D", help="RCFG (self, initialize): scale of the stock noise (default 1)"
     )
-    f.add_argument(
-        "--negative-prompt",
-        metavar="TEXT",
-        help="what to steer away from (--cfg-type initialize or full; default empty)",
-    )
+    f.add_argument("--negative-prompt", metavar="TEXT", help="what to steer away from (--cfg-type initialize or full)")
     f.add_argument(
         "--prime",
         action=argparse.BooleanOptionalAction,
@@ -93,9 +106,9 @@ def add_stream_args(parser: argparse.ArgumentParser, *, live: bool = False) -> N
     f.add_argument(
         "--similar-filter",
         action=argparse.BooleanOptionalAction,
-        default=live,
+        default=None,
         help="skip (repeat the last output for) input frames nearly equal to the last processed one "
-        f"(default: {'on' if live else 'off'})",
+        f"(default: {'on, off with --cuda-graphs' if live else 'off'})",
     )
     f.add_argument(
         "--similar-threshold",
@@ -104,9 +117,10 @@ def add_stream_args(parser: argparse.ArgumentParser, *, live: bool = False) -> N
         help="cosine similarity in [0, 1] above which frames may be skipped (default 0.98)",
     )
     f.add_argument("--max-skip", type=int, metavar="N", help="most frames skipped in a row (default 10)")
+    parser.set_defaults(live=live)
 
 
-def _device_dtype(name: str) -> tuple[torch.device, torch.dtype]:
+def device_of(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -115,66 +129,7 @@ def _device_dtype(name: str) -> tuple[torch.device, torch.dtype]:
         raise CliError(f"--device {name!r} is not a device name (cpu, cuda, cuda:0, ...)") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda asked, but PyTorch sees no CUDA GPU; use --device cpu")
-    return device, torch.float16 if device.type == "cuda" else torch.float32
-
-
-def stream_config(args: argparse.Namespace) -> StreamConfig:
-    """The StreamConfig the flags describe, with the model preset's defaults for what is not given."""
-    preset = PRESETS.get(args.model)
-    height = args.height or (preset.height if preset else 512)
-    width = args.width or (preset.width if preset else 512)
-    if args.strength is None and args.steps is None:
-        t_index = preset.t_index_list if preset else (32,)
-    else:
-        strength = 0.4 if args.strength is None else args.strength  # the paper's noise strength
-        steps = 1 if args.steps is None else args.steps
-        if not 0.0 < strength <= 1.0 or steps < 1:
-            raise CliError(f"--strength must be in (0, 1] and --steps >= 1, got {strength} and {steps}")
-        t_index = t_index_list_from_strength(strength, steps)
-    try:
-        bank = BankConfig(kind=BankKind(args.bank), frames=args.bank_frames, seed=args.seed)
-        cfg = StreamConfig(height=height, width=width, t_index_list=t_index, seed=args.seed, bank=bank)
-    except ValueError as e:
-        raise CliError(str(e)) from e
-    return with_features(cfg, args)
-
-
-def with_features(cfg: StreamConfig, args: argparse.Namespace) -> StreamConfig:
-    """`cfg` with the guidance, priming and similar-frame flags applied (runtime settings: engines need no
-    rebuild for them, except a --cfg-type that changes the UNet batch). Flags that would do nothing are refused."""
-    cfg_type = CfgType(args.cfg_type) if args.cfg_type else cfg.cfg_type
-    guided = cfg_type is not CfgType.NONE
-    rcfg = cfg_type in (CfgType.SELF, CfgType.INITIALIZE)
-    guidance = f"guidance is {cfg_type.value}"
-    ignored = [
-        ("--guidance-scale", args.guidance_scale is not None and not guided, guidance, "a --cfg-type other than none"),
-        ("--delta", args.delta is not None and not rcfg, guidance, "--cfg-type self or initialize"),
-        ("--negative-prompt", args.negative_prompt is not None and cfg_type not in (CfgType.INITIALIZE, CfgType.FULL),
-         guidance, "--cfg-type initialize or full (none and self use no negative prompt)"),
-        ("--similar-threshold", args.similar_threshold is not None and not args.similar_filter,
-         "the similar-frame filter is off", "--similar-filter"),
-        ("--max-skip", args.max_skip is not None and not args.similar_filter, "the similar-frame filter is off",
-         "--similar-filter"),
-    ]  # fmt: skip
-    for flag, unused, why, needs in ignored:
-        if unused:
-            raise CliError(f"{flag} has no effect: {why}; add {needs} or drop the flag")
-    scale = args.guidance_scale if args.guidance_scale is not None else (GUIDED_DEFAULT_SCALE if guided else 1.0)
-    if not math.isfinite(scale) or scale < 1.0:
-        raise CliError(f"--guidance-scale must be a number >= 1 (1 turns guidance off), got {scale}")
-    delta = 1.0 if args.delta is None else args.delta
-    if not math.isfinite(delta) or delta < 0.0:
-        raise CliError(f"--delta must be a number >= 0 (1 is StreamDiffusion's), got {delta}")
-    threshold = 0.98 if args.similar_threshold is None else args.similar_threshold
-    if not 0.0 <= threshold <= 1.0:  # also refuses nan
-        raise CliError(f"--similar-threshold must be a cosine similarity in [0, 1], got {threshold}")
-    max_skip = 10 if args.max_skip is None else args.max_skip
-    if max_skip < 1:
-        raise CliError(f"--max-skip must be >= 1 (to never skip, use --no-similar-filter), got {max_skip}")
-    similar = SimilarFilterConfig(enabled=args.similar_filter, threshold=threshold, max_skip=max_skip, seed=args.seed)
-    return dataclasses.replace(
-        cfg, cfg_type=cfg_type, guidance_scale=scale, delta=delta, prime=args.prime, similar_filter=similar
-    )
+    return device
 
 
 def lora_specs(args: argparse.Namespace) -> tuple[LoraSpec, ...]:
@@ -194,67 +149,224 @@ def lora_specs(args: argparse.Namespace) -> tuple[LoraSpec, ...]:
     return tuple(specs)
 
 
-def build_stream(args: argparse.Namespace, prompt: str = "") -> StreamV2V:
-    """Load the stream the flags ask for. Raises CliError with what to change."""
-    loras = lora_specs(args)
-    if args.engines:
-        if args.backend == "eager":
-            raise CliError(
-                "--backend eager runs the PyTorch weights, not engines: drop --engines, or pick an engine backend "
-                "(--backend onnxruntime or tensorrt)"
-            )
-        from ..backends.engines import stream_config as built_config
-        from ..engine.manifest import load_manifest
-
-        options = {} if args.device == "auto" else {"device": args.device}
-        try:
-            manifest = load_manifest(args.engines)
-        except RuntimeError as e:  # EngineMismatch: no folder, no or corrupt manifest
-            raise CliError(f"cannot load engines from {args.engines}: {' '.join(str(e).split())}") from e
-        cfg = with_features(built_config(manifest), args)
-        try:
-            stream = StreamV2V.from_engines(
-                args.engines, backend=args.backend or "onnxruntime", cfg=cfg, prompt=prompt, loras=loras, **options
-            )
-        except (FileNotFoundError, ValueError, RuntimeError) as e:  # manifest mismatch, LoRA, backend, ...
-            raise CliError(f"cannot load engines from {args.engines}: {' '.join(str(e).split())}") from e
-        _check_engine_matches_flags(stream, args)
-        if args.negative_prompt is not None:
-            stream.update_prompt(prompt, negative_prompt=args.negative_prompt)
-        return stream
-    if args.backend not in (None, "eager"):
-        raise CliError(
-            f"--backend {args.backend} runs compiled engines: add --engines DIR "
-            f"(build them with: python -m build_engines --model {args.model}), or use --backend eager"
-        )
-    cfg = stream_config(args)
-    device, dtype = _device_dtype(args.device)
-    try:
-        return StreamV2V.from_pretrained(
-            args.model, cfg, prompt=prompt, vae=args.vae, device=device, dtype=dtype, loras=loras,
-            negative_prompt=args.negative_prompt or "",
-        )  # fmt: skip
-    except LoraError as e:  # a ValueError, but the model loaded fine: say which flag to fix
-        raise CliError(f"--lora: {' '.join(str(e).split())}") from e
-    except (FileNotFoundError, OSError, ValueError) as e:
-        raise CliError(f"cannot load model {args.model!r}: {' '.join(str(e).split())}") from e
-
-
-def _check_engine_matches_flags(stream: StreamV2V, args: argparse.Namespace) -> None:
-    """Engines fix size, schedule and bank at build time; refuse flags that ask for something else."""
-    cfg = stream.cfg
-    asked = {
-        "--height": (args.height, cfg.height),
-        "--width": (args.width, cfg.width),
-        "--steps": (args.steps, cfg.steps),
-        "--bank": (args.bank if args.bank != "dyme" else None, cfg.bank.kind.value),
-        "--bank-frames": (args.bank_frames if args.bank_frames != 1 else None, cfg.bank.frames),
+def _spec_flags(args: argparse.Namespace) -> dict:
+    """The spec fields the flags set explicitly (None = not given)."""
+    return {
+        "model": args.model,
+        "height": args.height,
+        "width": args.width,
+        "steps": args.steps,
+        "bank": args.bank,
+        "bank_frames": args.bank_frames,
+        "vae": args.vae,
     }
+
+
+def resolve_spec(args: argparse.Namespace, device: torch.device, manifest: Manifest | None = None) -> EngineSpec:
+    """The one place the stream CLIs fill defaults: the preset's (eager) or the build folder's (`manifest`).
+
+    Flags that a build fixes are compared with it: a different value is refused, never dropped."""
+    flags = _spec_flags(args)
+    cfg_type = CfgType(args.cfg_type) if args.cfg_type else None
+    loras = lora_specs(args)
+    if manifest is None:
+        precision = Precision.FP16 if device.type == "cuda" else Precision.FP32
+        try:
+            return EngineSpec.resolve(
+                flags.pop("model") or "tiny", **flags, cfg_type=cfg_type, loras=loras, precision=precision
+            )
+        except ValueError as e:
+            raise CliError(str(e)) from e
+    built = manifest.spec
     wrong = [
-        f"{flag} {want} (engines: {have})" for flag, (want, have) in asked.items() if want is not None and want != have
+        f"--{name.replace('_', '-')} {value} (engines: {_plain(getattr(built, name))})"
+        for name, value in flags.items()
+        if value is not None and _plain(value) != _plain(getattr(built, name))
     ]
     if wrong:
+        from ..build_folder import rebuild_command
+
+        asked = dataclasses.replace(built, **{k: v for k, v in flags.items() if v is not None})
+        rebuild = rebuild_command(asked, args.engines, engine_backend(args, manifest.builder, device), manifest)
         raise CliError(
-            f"the engines in {args.engines} were built for other settings: {', '.join(wrong)}; drop those flags "
-            "or rebuild with python -m build_engines"
+            f"the engines in {args.engines} were built for other settings: {', '.join(wrong)}; drop those flags or "
+            f"rebuild: {rebuild}"
         )
+    spec = built if cfg_type is None else dataclasses.replace(built, cfg_type=cfg_type)
+    return dataclasses.replace(spec, loras=loras) if loras or built.loras else spec
+
+
+def _plain(value) -> str:
+    return str(getattr(value, "value", value))
+
+
+def stream_config(args: argparse.Namespace, spec: EngineSpec) -> StreamConfig:
+    """`spec` with the runtime flags: seed, strength (timesteps), guidance, priming, similar-frame filter.
+    Flags that would do nothing are refused."""
+    t_index: tuple[int, ...] = ()
+    if args.strength is not None:
+        if not 0.0 < args.strength <= 1.0:
+            raise CliError(f"--strength must be in (0, 1], got {args.strength}")
+        t_index = t_index_list_from_strength(args.strength, spec.steps)
+    guided = spec.cfg_type is not CfgType.NONE
+    rcfg = spec.cfg_type in (CfgType.SELF, CfgType.INITIALIZE)
+    similar = args.similar_filter if args.similar_filter is not None else args.live and not args.cuda_graphs
+    guidance = f"guidance is {spec.cfg_type.value}"
+    ignored = [
+        ("--guidance-scale", args.guidance_scale is not None and not guided, guidance, "a --cfg-type other than none"),
+        ("--delta", args.delta is not None and not rcfg, guidance, "--cfg-type self or initialize"),
+        ("--negative-prompt", args.negative_prompt is not None
+         and spec.cfg_type not in (CfgType.INITIALIZE, CfgType.FULL),
+         guidance, "--cfg-type initialize or full (none and self use no negative prompt)"),
+        ("--similar-threshold", args.similar_threshold is not None and not similar,
+         "the similar-frame filter is off", "--similar-filter"),
+        ("--max-skip", args.max_skip is not None and not similar, "the similar-frame filter is off",
+         "--similar-filter"),
+        ("--compile", args.compile and args.engines is not None, "--engines runs compiled networks already",
+         "the eager backend (drop --engines)"),
+    ]  # fmt: skip
+    for flag, unused, why, needs in ignored:
+        if unused:
+            raise CliError(f"{flag} has no effect: {why}; add {needs} or drop the flag")
+    if similar and args.cuda_graphs:
+        raise CliError(
+            "--cuda-graphs cannot replay the similar-frame filter (it decides on the host per frame): "
+            "add --no-similar-filter or drop --cuda-graphs"
+        )
+    scale = args.guidance_scale if args.guidance_scale is not None else (GUIDED_DEFAULT_SCALE if guided else 1.0)
+    if not math.isfinite(scale) or scale < 1.0:
+        raise CliError(f"--guidance-scale must be a number >= 1 (1 turns guidance off), got {scale}")
+    delta = 1.0 if args.delta is None else args.delta
+    if not math.isfinite(delta) or delta < 0.0:
+        raise CliError(f"--delta must be a number >= 0 (1 is StreamDiffusion's), got {delta}")
+    threshold = 0.98 if args.similar_threshold is None else args.similar_threshold
+    if not 0.0 <= threshold <= 1.0:  # also refuses nan
+        raise CliError(f"--similar-threshold must be a cosine similarity in [0, 1], got {threshold}")
+    max_skip = 10 if args.max_skip is None else args.max_skip
+    if max_skip < 1:
+        raise CliError(f"--max-skip must be >= 1 (to never skip, use --no-similar-filter), got {max_skip}")
+    try:
+        return StreamConfig(
+            spec,
+            t_index_list=t_index,
+            seed=args.seed,
+            guidance_scale=scale,
+            delta=delta,
+            prime=args.prime,
+            bank=BankConfig(seed=args.seed),
+            similar_filter=SimilarFilterConfig(enabled=similar, threshold=threshold, max_skip=max_skip, seed=args.seed),
+        )
+    except ValueError as e:
+        raise CliError(str(e)) from e
+
+
+def engine_backend(args: argparse.Namespace, builder: str | None, device: torch.device) -> str:
+    """The backend for a build folder: `--backend`, else what the folder was built for (onnxruntime on a CPU)."""
+    if args.backend is not None:
+        if args.backend == "eager":
+            raise CliError(
+                "--backend eager runs the PyTorch weights, not a build folder: drop --engines, or pick "
+                "--backend onnxruntime, tensorrt or aoti"
+            )
+        return args.backend
+    if builder == "aoti":
+        return "aoti"
+    return "tensorrt" if builder in ("tensorrt", "tensorrt-rtx") and device.type == "cuda" else "onnxruntime"
+
+
+def _device_and_threads(args: argparse.Namespace) -> tuple[torch.device, int | None]:
+    """The device, and the thread policy applied: one intra-op thread on a CPU unless --threads says."""
+    device = device_of(args.device)
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
+    if threads is not None:
+        if threads < 1:
+            raise CliError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    return device, threads
+
+
+def _open(args: argparse.Namespace, eager: Callable, engines: Callable):
+    """Load what the flags ask for: `eager(cfg, device)` without --engines, else `engines(dir, backend, cfg,
+    device, threads)`; every failure becomes one CliError line."""
+    device, threads = _device_and_threads(args)
+    if args.engines is None:
+        if args.backend not in (None, "eager"):
+            raise CliError(
+                f"--backend {args.backend} runs a build folder: add --engines DIR (build one with python -m "
+                f"build_engines --model {args.model or 'tiny'}), or use --backend eager"
+            )
+        cfg = stream_config(args, resolve_spec(args, device))
+        try:
+            return eager(cfg, device)
+        except (FileNotFoundError, OSError, ValueError) as e:  # LoraError is a ValueError: the message names it
+            raise CliError(f"cannot load model {cfg.spec.model!r}: {' '.join(str(e).split())}") from e
+    from ..manifest import load_manifest
+
+    try:
+        manifest = load_manifest(args.engines)
+        backend = engine_backend(args, manifest.builder, device)
+        cfg = stream_config(args, resolve_spec(args, device, manifest))
+        return engines(args.engines, backend, cfg, None if args.device == "auto" else device, threads)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # EngineMismatch, LoRA, backend, device
+        if isinstance(e, CliError):
+            raise
+        raise CliError(f"cannot open {args.engines}: {' '.join(str(e).split())}") from e
+
+
+def resolve_config(args: argparse.Namespace) -> StreamConfig:
+    """The stream config the flags ask for, with every check `open_stream` makes, nothing loaded (a build folder's
+    manifest is read). Raises CliError."""
+    return _open(args, lambda cfg, _device: cfg, lambda _folder, _backend, cfg, _device, _threads: cfg)
+
+
+def open_stream(args: argparse.Namespace, prompt: str = "") -> StreamV2V:
+    """The stream the flags ask for (not yet wrapped in CUDA graphs: see `wrap_stream`). Raises CliError."""
+    negative = args.negative_prompt or ""
+    return _open(
+        args,
+        lambda cfg, device: StreamV2V.from_pretrained(
+            cfg, device=device, prompt=prompt, negative_prompt=negative, compile=args.compile
+        ),
+        lambda folder, backend, cfg, device, threads: StreamV2V.from_engines(
+            folder, backend, cfg, prompt=prompt, negative_prompt=negative, device=device, threads=threads
+        ),
+    )
+
+
+def open_multistream(args: argparse.Namespace, streams: int | None, prompt: str = "") -> MultiStream:
+    """`streams` slots (None: a build folder's count) of the stream the flags ask for, batched (`MultiStream`);
+    with `--cuda-graphs` every phase is replayed from CUDA graphs. Raises CliError."""
+    if streams is not None and streams < 1:
+        raise CliError(f"--streams must be >= 1, got {streams}")
+
+    def eager(cfg: StreamConfig, device: torch.device) -> MultiStream:
+        return MultiStream.from_pretrained(
+            cfg, streams or 1, device=device, prompt=prompt, cuda_graphs=args.cuda_graphs, compile=args.compile
+        )
+
+    def engines(folder, backend: str, cfg: StreamConfig, device, threads) -> MultiStream:
+        if streams is not None:  # a folder built for another count is refused, with its rebuild command
+            cfg = cfg.with_spec(max_streams=streams)
+        return MultiStream.from_engines(
+            folder, backend, cfg, prompt=prompt, device=device, threads=threads, cuda_graphs=args.cuda_graphs
+        )
+
+    if args.cuda_graphs and device_of(args.device).type != "cuda":  # before minutes of loading
+        raise CliError(f"--cuda-graphs needs a CUDA GPU, the streams run on {device_of(args.device)}")
+    multi = _open(args, eager, engines)
+    if args.negative_prompt:  # stream_config allows it only where guidance uses it
+        for stream in multi.slots:
+            stream.update_prompt(stream.prompt, negative_prompt=args.negative_prompt)
+    return multi
+
+
+def wrap_stream(stream: StreamV2V, args: argparse.Namespace) -> Stream:
+    """`stream`, replayed from CUDA graphs when `--cuda-graphs` asks."""
+    if not args.cuda_graphs:
+        return stream
+    from ..cuda_graph import CudaGraphStream
+
+    try:
+        return CudaGraphStream(stream)
+    except ValueError as e:
+        raise CliError(f"--cuda-graphs: {e}") from e

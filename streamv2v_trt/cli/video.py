@@ -1,7 +1,9 @@
 """`python -m streamv2v_trt video IN OUT --prompt "..."`: translate a video file.
 
 Keeps the input's timestamps (fps, time base) and audio; frames are center-cropped and resized to the stream
-size. Any failure prints one `error:` line; a run that stops early still leaves a playable partial output.
+size. Any failure prints one `error:` line. A run that fails part-way (a decode error mid-file, Ctrl-C) leaves a
+playable file with the frames translated so far; an input that cannot be opened, or yields no frame, leaves no
+output file at all.
 """
 
 from __future__ import annotations
@@ -9,18 +11,31 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from ..video_io import TranslateReport, VideoError, VideoReader, VideoWriter, check_output_path, translate_video
-from .stream_args import CliError, add_stream_args, build_stream
+from ..console import HelpFormatter
+from ..images import fit_to_size
+from ..stream import Stream
+from ..video_io import VideoError, VideoReader, VideoWriter, check_output_path
+from .stream_args import CliError, add_stream_args, open_stream, wrap_stream
 
 log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("video", help="translate a video file", description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "video",
+        help="translate a video file",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("input", type=Path, help="input video (anything FFmpeg reads)")
     p.add_argument("output", type=Path, help="output video (.mp4, .mkv, .mov, .webm, .avi)")
     p.add_argument("--prompt", required=True, help="what the video should become")
@@ -28,6 +43,84 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_stream_args(p)
     p.set_defaults(func=run)
+
+
+@dataclass
+class TranslateReport:
+    frames_in: int = 0
+    frames_out: int = 0
+    seconds: float = 0.0
+    model_seconds: list[float] = field(default_factory=list)  # per stream call
+    error: str | None = None  # set when the run stopped early; the output holds the frames before it
+    interrupted: bool = False
+
+    @property
+    def fps(self) -> float:
+        return self.frames_out / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def model_fps(self) -> float:
+        total = sum(self.model_seconds)
+        return len(self.model_seconds) / total if total > 0 else 0.0
+
+    def latency_ms(self, q: float) -> float:
+        return float(np.percentile(np.asarray(self.model_seconds) * 1e3, q)) if self.model_seconds else 0.0
+
+
+def translate_video(
+    stream: Stream,
+    reader: VideoReader,
+    writer: VideoWriter,
+    *,
+    max_frames: int | None = None,
+    on_frame: Callable[[TranslateReport], None] | None = None,
+) -> TranslateReport:
+    """Translate every frame of `reader` into `writer` with `stream` (any `Stream`); frame i out = frame i in.
+
+    The stream batch delays its output by `steps - 1` frames; those first outputs (from empty slots) are
+    dropped and the last input frame is pushed again at the end to flush, so the output has exactly the
+    input's frames and timestamps. A read error stops the run and is returned in `report.error`; the
+    writer is always closed, so the output is playable. KeyboardInterrupt also finalises the output.
+    """
+    cfg = stream.cfg
+    delay = cfg.steps - 1
+    pending: deque[int | None] = deque()  # timestamps of frames inside the stream batch
+    report = TranslateReport()
+    start = time.perf_counter()
+    last: np.ndarray | None = None
+
+    def push(image: np.ndarray, pts: int | None) -> None:
+        t0 = time.perf_counter()
+        out = stream(image)
+        report.model_seconds.append(time.perf_counter() - t0)
+        pending.append(pts)
+        if len(pending) > delay:
+            writer.write(out, pending.popleft())
+            report.frames_out += 1
+        report.seconds = time.perf_counter() - start
+        if on_frame is not None:
+            on_frame(report)
+
+    try:
+        try:
+            for frame in reader.frames(max_frames, on_audio=writer.mux_audio):
+                report.frames_in += 1
+                last = fit_to_size(frame.image, cfg.height, cfg.width)
+                push(last, frame.pts)
+        except VideoError as e:  # a read error, or the writer failed
+            report.error = str(e)
+        # Flush: push the last frame again until every real frame has left the stream batch.
+        while last is not None and not writer.failed and report.frames_out < report.frames_in:
+            try:
+                push(last, None)
+            except VideoError as e:
+                report.error = report.error or str(e)
+    except KeyboardInterrupt:
+        report.interrupted = True
+    finally:
+        report.seconds = time.perf_counter() - start
+        writer.close()
+    return report
 
 
 def _fail(message: str) -> int:
@@ -47,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e))
     with reader:
         try:
-            stream = build_stream(args, prompt=args.prompt)
+            stream = wrap_stream(open_stream(args, prompt=args.prompt), args)
             info = reader.info
             writer = VideoWriter(
                 args.output,
@@ -67,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         log.info(
             "%s: %dx%d %s @ %s fps%s -> %s at %dx%d, %d step(s), %s bank",
             info.path, info.width, info.height, info.codec, info.fps, audio,
-            args.output, cfg.width, cfg.height, cfg.steps, cfg.bank.kind.value,
+            args.output, cfg.width, cfg.height, cfg.steps, cfg.spec.bank.value,
         )  # fmt: skip
         bar = tqdm(total=total, unit="frame", disable=args.no_progress, dynamic_ncols=True)
 
@@ -87,7 +180,7 @@ def _summarise(report: TranslateReport, output: Path, writer: VideoWriter) -> in
     if report.frames_out == 0:
         output.unlink(missing_ok=True)  # an output with no frames is not a video; leave nothing behind
         return _fail(f"{report.error or 'no frames were translated'}; no output written")
-    audio = ", audio copied" if writer.audio is not None else ""
+    audio = f", {writer.audio_packets} audio packets copied" if writer.audio_packets else ""
     print(
         f"{'partial output' if report.error or report.interrupted else 'wrote'} {output}: {report.frames_out} "
         f"frames{audio} in {report.seconds:.1f} s, {report.fps:.1f} FPS (model {report.model_fps:.1f} FPS, "

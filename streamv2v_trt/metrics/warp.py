@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ..video_io import fit_to_size
+from ..images import fit_to_size
 
 ALPHA, BETA = 0.01, 0.5
 

@@ -1,4 +1,5 @@
-from .loader import Models, VaeKind, load_models
-from .presets import PRESETS, ModelPreset
+"""Model presets (architecture configs shipped in the package), the loader, LoRA fusing and the CLIP tokenizer.
 
-__all__ = ["Models", "VaeKind", "load_models", "PRESETS", "ModelPreset"]
+Import the modules themselves (`models.loader`, `models.lora`, ...): the loader pulls in diffusers and transformers,
+which a user of compiled engines should not pay for on `import streamv2v_trt`.
+"""

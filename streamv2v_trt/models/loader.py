@@ -8,7 +8,6 @@ from safetensors.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import logging
@@ -19,15 +18,11 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..spec import EngineSpec, VaeKind
 from .presets import PRESETS, ModelPreset
 from .tokenizer import clip_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-class VaeKind(str, enum.Enum):
-    TAESD = "taesd"
-    FULL = "full"
 
 
 @dataclass
@@ -40,34 +35,47 @@ class Models:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: LCMScheduler
-    random_weights: bool
-    default_size: tuple[int, int]  # (height, width)
-    default_t_index_list: tuple[int, ...]
-    recipe: str | None = None  # for seeded random weights: what determines them (configs, seed, VAE kind)
+    weights: Weights  # where the weights came from; `weights.hash()` identifies them
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where a spec's UNet and VAE weights come from: a diffusers folder (real) or a preset's seeded recipe."""
+
+    spec_model: str
+    folder: Path | None  # diffusers folder with real weights; None: seeded random weights
+    taesd: Path | None = None  # TAESD folder when the VAE is TAESD and `folder` has no vae_tiny/
+    recipe: str | None = None  # random weights: what determines them (configs, seed, VAE kind, calibration)
 
     @property
-    def vae_kind(self) -> VaeKind:
-        return VaeKind.TAESD if isinstance(self.vae, AutoencoderTiny) else VaeKind.FULL
+    def random(self) -> bool:
+        return self.folder is None
 
-    @property
-    def vae_scale(self) -> int:
-        return 8  # both TAESD and the SD KL autoencoder downsample by 8
+    def files(self, vae: VaeKind) -> list[Path]:
+        """The safetensors files of the UNet and the VAE used."""
+        vae_dir = self.taesd or (self.folder / ("vae" if vae is VaeKind.FULL else "vae_tiny"))
+        return sorted((self.folder / "unet").glob("*.safetensors")) + sorted(vae_dir.glob("*.safetensors"))
 
-    def weights_hash(self) -> str:
-        """Hash of the UNet and VAE weights: engines built from other weights are refused.
-
-        Seeded random weights are identified by their recipe: the random VAE calibration runs convolutions whose
-        last bits depend on the CPU thread count, so hashing their values would refuse a valid engine.
-        """
+    def hash(self, vae: VaeKind) -> str:
+        """Identifies the UNet and VAE weights, so engines built from other weights are refused. Cheap: no model
+        is built. Real weights: each file's safetensors header (names, shapes, dtypes) and 64 strided 64 KiB
+        blocks of its data. Random weights: their recipe (the random VAE calibration runs convolutions whose
+        last bits depend on the CPU thread count, so hashing the values would refuse a valid engine)."""
         h = hashlib.sha256()
         if self.recipe is not None:
             h.update(self.recipe.encode())
             return h.hexdigest()[:16]
-        for module in (self.unet, self.vae):
-            for name, tensor in sorted(module.state_dict().items()):
-                t = tensor.detach().float().cpu().contiguous().view(-1)
-                h.update(f"{name}:{tuple(tensor.shape)}".encode())
-                h.update(t[:: max(1, t.numel() // 4096)].numpy().tobytes())  # a strided sample: fast for 1B params
+        files = self.files(vae)
+        if not files:
+            raise FileNotFoundError(f"no .safetensors weights for the UNet and VAE under {self.folder}")
+        for path in files:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                h.update(f"{path.parent.name}/{path.name}:{size}:".encode() + f.read(min(header_len, size)))
+                for i in range(64):
+                    f.seek(i * size // 64)
+                    h.update(f.read(1 << 16))
         return h.hexdigest()[:16]
 
 
@@ -102,11 +110,11 @@ def _calibrate_random_vae(vae: AutoencoderTiny | AutoencoderKL, seed: int) -> No
     dec_conv = vae.decoder.layers[-1] if tiny else vae.decoder.conv_out
     probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     captured = {}
-    hook = enc_conv.register_forward_hook(lambda mod, args, out: captured.__setitem__("enc", out))
+    hook = enc_conv.register_forward_hook(lambda _mod, _args, out: captured.__setitem__("enc", out))
     VaeEncoder(vae)(probe)
     hook.remove()
     _standardize_conv(enc_conv, captured["enc"], 0.0, 1.0 / vae.config.scaling_factor, 4)
-    hook = dec_conv.register_forward_hook(lambda mod, args, out: captured.__setitem__("dec", out))
+    hook = dec_conv.register_forward_hook(lambda _mod, _args, out: captured.__setitem__("dec", out))
     VaeDecoder(vae)(VaeEncoder(vae)(probe))
     hook.remove()
     # TAESD's last conv outputs [0, 1] images (mapped to [-1, 1] after it); the KL decoder's outputs [-1, 1].
@@ -118,73 +126,65 @@ def _load_json(path: Path) -> dict:
 
 
 def _cached_snapshot(hub_id: str) -> Path | None:
-    """The local Hugging Face cache copy of `hub_id`, never downloading."""
-    try:
-        from huggingface_hub import snapshot_download
+    """The local Hugging Face cache copy of `hub_id`, never downloading; None when it is not cached.
 
+    Only "not in the cache" means None: any other failure (a corrupt cache, a permission error) raises, so a
+    broken copy of real weights never turns silently into random weights.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
         return Path(snapshot_download(hub_id, local_files_only=True))
-    except Exception:  # not cached (or hub client missing): the caller falls back to random weights
+    except LocalEntryNotFoundError:
         return None
 
 
-def _from_preset(preset: ModelPreset, vae_kind: VaeKind, seed: int) -> tuple:
+def _recipe(preset: ModelPreset, vae: VaeKind, seed: int) -> str:
     cfg = preset.config_dir
-    folder = _cached_snapshot(preset.hub_id) if preset.hub_id else None
-    if folder is not None:
-        log.info("loading %s weights from the local cache: %s", preset.name, folder)
-        return (*_from_folder(folder, vae_kind, preset), None)
-    if (preset.name, seed) in _WARNED_RANDOM:
-        log.debug("model %r: seeded random weights (seed %d)", preset.name, seed)
-    else:
-        _WARNED_RANDOM.add((preset.name, seed))
-        log.warning(
-            "model %r: no local weights found%s; using the %s architecture with seeded RANDOM weights (seed %d). "
-            "Outputs are noise-like; pass a diffusers folder or hub id for real results.",
-            preset.name,
-            f" (looked for {preset.hub_id} in the Hugging Face cache)" if preset.hub_id else "",
-            preset.name,
-            seed,
-        )
-    unet = _random_init(lambda: UNet2DConditionModel.from_config(_load_json(cfg / "unet.json")), seed)
-    vae_file, vae_cls = (
-        ("vae_tiny.json", AutoencoderTiny) if vae_kind is VaeKind.TAESD else ("vae_kl.json", AutoencoderKL)
-    )
-    vae = _random_init(lambda: vae_cls.from_config(_load_json(cfg / vae_file)), seed + 1)
-    _calibrate_random_vae(vae, seed)
-    text_cfg = CLIPTextConfig(**{k: v for k, v in _load_json(cfg / "text_encoder.json").items() if k != "_class_name"})
-    text_encoder = _random_init(lambda: CLIPTextModel(text_cfg), seed + 2)
-    tokenizer = clip_tokenizer(preset.tokenizer_pad_token)
-    scheduler = LCMScheduler.from_config(_load_json(cfg / "scheduler.json"))
-    recipe = json.dumps(
+    return json.dumps(
         {
             "preset": preset.name,
             "seed": seed,
-            "vae": vae_kind.value,
-            "configs": {f: _load_json(cfg / f) for f in ("unet.json", vae_file, "text_encoder.json")},
+            "vae": vae.value,
+            "configs": {f: _load_json(cfg / f) for f in ("unet.json", _VAE_CONFIGS[vae], "text_encoder.json")},
             "calibration": RANDOM_VAE_CALIBRATION,
         },
         sort_keys=True,
     )
-    return unet, vae, text_encoder, tokenizer, scheduler, recipe
 
 
-def _from_folder(folder: Path, vae_kind: VaeKind, preset: ModelPreset | None = None) -> tuple:
-    """Load a diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+_VAE_CONFIGS = {VaeKind.TAESD: "vae_tiny.json", VaeKind.FULL: "vae_kl.json"}
+
+
+def find_weights(spec: EngineSpec) -> Weights:
+    """Where `spec.model`'s weights are: a local diffusers folder, a hub id (downloaded), or a preset (its hub id
+    when already in the Hugging Face cache, else seeded random weights). Nothing is loaded yet."""
+    preset = PRESETS.get(spec.model)
+    if preset is not None:
+        folder = _cached_snapshot(preset.hub_id) if preset.hub_id else None
+        if folder is None:
+            return Weights(spec.model, None, recipe=_recipe(preset, spec.vae, spec.weights_seed))
+        log.info("using %s weights from the local cache: %s", preset.name, folder)
+    else:
+        folder = Path(spec.model)
+        if not folder.exists():
+            if "/" not in spec.model or spec.model.startswith((".", "/")):
+                raise FileNotFoundError(
+                    f"model {spec.model!r} is neither a preset ({', '.join(PRESETS)}), a local folder, nor a hub id "
+                    "(owner/name)."
+                )
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(spec.model, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
     missing = [d for d in ("unet", "text_encoder", "tokenizer", "scheduler") if not (folder / d).is_dir()]
     if missing:
         raise FileNotFoundError(
             f"{folder} is not a diffusers pipeline folder: missing {', '.join(missing)}/. "
             "Expected the layout of e.g. stabilityai/sd-turbo (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
         )
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True)
-    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    scheduler = LCMScheduler.from_config(LCMScheduler.load_config(folder, subfolder="scheduler"))
-    if vae_kind is VaeKind.FULL:
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True)
-    elif (folder / "vae_tiny").is_dir():
-        vae = AutoencoderTiny.from_pretrained(folder, subfolder="vae_tiny", use_safetensors=True)
-    else:
+    taesd = None
+    if spec.vae is VaeKind.TAESD and not (folder / "vae_tiny").is_dir():
         taesd_id = preset.taesd_hub_id if preset else "madebyollin/taesd"
         taesd = _cached_snapshot(taesd_id)
         if taesd is None:
@@ -192,42 +192,85 @@ def _from_folder(folder: Path, vae_kind: VaeKind, preset: ModelPreset | None = N
                 f"--vae taesd needs TAESD weights: put them in {folder / 'vae_tiny'} or the Hugging Face cache "
                 f"(huggingface-cli download {taesd_id}), or use --vae full."
             )
-        vae = AutoencoderTiny.from_pretrained(taesd, use_safetensors=True)
-    return unet, vae, text_encoder, tokenizer, scheduler
+    return Weights(spec.model, folder, taesd)
 
 
-def load_models(
-    model: str,
-    *,
-    vae: VaeKind | str = VaeKind.TAESD,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-) -> Models:
-    """Load `model`: a preset name (tiny, sd-turbo, sd15), a local diffusers folder, or a hub id."""
-    vae_kind = VaeKind(vae)
-    preset = PRESETS.get(model)
-    if preset is not None:
-        unet, vae_m, text_encoder, tokenizer, scheduler, recipe = _from_preset(preset, vae_kind, seed)
-        size, t_index = (preset.height, preset.width), preset.t_index_list
+def _warn_random(spec: EngineSpec) -> None:
+    key = (spec.model, spec.weights_seed)
+    if key in _WARNED_RANDOM:
+        return
+    _WARNED_RANDOM.add(key)
+    hub_id = PRESETS[spec.model].hub_id
+    log.warning(
+        "model %r: no local weights found%s; using the %s architecture with seeded RANDOM weights (seed %d). "
+        "Outputs are noise-like; pass a diffusers folder or hub id for real results.",
+        spec.model,
+        f" (looked for {hub_id} in the Hugging Face cache)" if hub_id else "",
+        spec.model,
+        spec.weights_seed,
+    )
+
+
+def _prepare(m: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    if next(m.parameters()).dtype != dtype:
+        # nn.Module.to, not diffusers' override: that one warns about an empty list of fp32-only modules.
+        torch.nn.Module.to(m, dtype=dtype)
+    m.to(device=device).eval().requires_grad_(False)
+
+
+def load_text(
+    spec: EngineSpec, weights: Weights, device: torch.device | str, dtype: torch.dtype
+) -> tuple[CLIPTokenizer, CLIPTextModel, LCMScheduler]:
+    """The tokenizer, text encoder and scheduler of `spec.model`: all an engine build folder still needs."""
+    if weights.random:
+        preset = PRESETS[spec.model]
+        cfg = preset.config_dir
+        text_cfg = {k: v for k, v in _load_json(cfg / "text_encoder.json").items() if k != "_class_name"}
+        text_encoder = _random_init(lambda: CLIPTextModel(CLIPTextConfig(**text_cfg)), spec.weights_seed + 2)
+        tokenizer = clip_tokenizer(preset.tokenizer_pad_token)
+        scheduler = LCMScheduler.from_config(_load_json(cfg / "scheduler.json"))
     else:
-        folder = Path(model)
-        if not folder.exists():
-            if "/" not in model or model.startswith((".", "/")):
-                raise FileNotFoundError(
-                    f"model {model!r} is neither a preset ({', '.join(PRESETS)}), a local folder, nor a hub id "
-                    "(owner/name)."
-                )
-            from huggingface_hub import snapshot_download
+        folder = weights.folder
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        scheduler = LCMScheduler.from_config(LCMScheduler.load_config(folder, subfolder="scheduler"))
+    _prepare(text_encoder, device, dtype)
+    return tokenizer, text_encoder, scheduler
 
-            folder = Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-        unet, vae_m, text_encoder, tokenizer, scheduler = _from_folder(folder, vae_kind)
-        recipe = None
-        sample = unet.config.sample_size * 8
-        size, t_index = (sample, sample), (32,)
-    for m in (unet, vae_m, text_encoder):
-        if next(m.parameters()).dtype != dtype:
-            # nn.Module.to, not diffusers' override: that one warns about an empty list of fp32-only modules.
-            torch.nn.Module.to(m, dtype=dtype)
-        m.to(device=device).eval().requires_grad_(False)
-    return Models(model, unet, vae_m, text_encoder, tokenizer, scheduler, recipe is not None, size, t_index, recipe)
+
+def unet_skeleton(spec: EngineSpec, weights: Weights) -> UNet2DConditionModel:
+    """The UNet's structure without weights (on the meta device): enough for its bank layout, in milliseconds."""
+    if weights.random:
+        config = _load_json(PRESETS[spec.model].config_dir / "unet.json")
+    else:
+        config = UNet2DConditionModel.load_config(weights.folder, subfolder="unet")
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def load_models(spec: EngineSpec, device: torch.device | str = "cpu") -> Models:
+    """Load `spec.model` (a preset name, a local diffusers folder, or a hub id) in `spec.precision` with
+    `spec.vae`; a preset without real weights on disk gets seeded random weights (`spec.weights_seed`).
+    LoRAs are not fused here: the weights hash is of the base weights (callers fuse `spec.loras` after it)."""
+    weights = find_weights(spec)
+    dtype = spec.precision.torch_dtype
+    seed = spec.weights_seed
+    if weights.random:
+        _warn_random(spec)
+        cfg = PRESETS[spec.model].config_dir
+        unet = _random_init(lambda: UNet2DConditionModel.from_config(_load_json(cfg / "unet.json")), seed)
+        vae_cls = AutoencoderTiny if spec.vae is VaeKind.TAESD else AutoencoderKL
+        vae = _random_init(lambda: vae_cls.from_config(_load_json(cfg / _VAE_CONFIGS[spec.vae])), seed + 1)
+        _calibrate_random_vae(vae, seed)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(weights.folder, subfolder="unet", use_safetensors=True)
+        if spec.vae is VaeKind.FULL:
+            vae = AutoencoderKL.from_pretrained(weights.folder, subfolder="vae", use_safetensors=True)
+        elif weights.taesd is None:
+            vae = AutoencoderTiny.from_pretrained(weights.folder, subfolder="vae_tiny", use_safetensors=True)
+        else:
+            vae = AutoencoderTiny.from_pretrained(weights.taesd, use_safetensors=True)
+    for m in (unet, vae):
+        _prepare(m, device, dtype)
+    tokenizer, text_encoder, scheduler = load_text(spec, weights, device, dtype)
+    return Models(spec.model, unet, vae, text_encoder, tokenizer, scheduler, weights)

@@ -6,8 +6,8 @@ A LoRA adds, to a Linear or Conv2d weight W of the UNet (or the text encoder),
 
 with `down` [rank, in(, kh, kw)], `up` [out, rank(, 1, 1)], `alpha` from the file (rank when absent) and
 `scale` chosen by the user. Fused weights cost nothing per frame and export like any other weights, so an
-engine carries its LoRAs; `lora_fingerprint` goes into the engine manifest so a changed file or scale is
-refused instead of running stale weights.
+engine carries its LoRAs; the spec (`streamv2v_trt.spec.LoraSpec`: file hash and scale) goes into the engine
+manifest, so a changed file or scale is refused instead of running stale weights.
 
 Key formats understood (one file may mix them):
   PEFT / diffusers   `unet.<module>.lora_A.weight`, `unet.<module>.lora_B.weight`, optional `<module>.alpha`
@@ -19,9 +19,7 @@ Text-encoder keys (`text_encoder.` / `lora_te_`) are fused into the text encoder
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
+
+from ..spec import LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,29 +62,6 @@ _UNSUPPORTED = ("hada_", "lokr_", "dora_scale", ".diff", "oft_", "boft_")
 
 class LoraError(ValueError):
     """A LoRA file that cannot be fused into this model; nothing was changed."""
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """One LoRA file and the scale it is fused with."""
-
-    path: Path
-    scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
-        object.__setattr__(self, "scale", float(self.scale))
-
-    @classmethod
-    def parse(cls, text: str) -> LoraSpec:
-        """`file.safetensors` or `file.safetensors:0.8` (the CLI's `--lora` value)."""
-        path, sep, scale = text.rpartition(":")
-        if sep and path and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", scale):
-            return cls(Path(path), float(scale))
-        return cls(Path(text), 1.0)
-
-    def cli_arg(self) -> str:
-        return f"{self.path}:{self.scale:g}"
 
 
 @dataclass(frozen=True)
@@ -172,7 +149,7 @@ def read_lora(path: str | Path) -> list[LoraLayer]:
     return layers
 
 
-def _resolve(layer: LoraLayer, model: nn.Module, index: tuple[dict, dict], path: Path) -> tuple[str, nn.Module]:
+def _resolve(layer: LoraLayer, index: tuple[dict, dict], path: Path) -> tuple[str, nn.Module]:
     modules, kohya = index
     name = layer.module
     if layer.kohya:
@@ -216,7 +193,7 @@ def fuse_loras(unet: nn.Module | None, loras: Sequence[LoraSpec], text_encoder: 
     """Fuse every LoRA into the weights in place; returns the number of layers changed.
 
     Everything is read and checked before the first weight changes, so an error leaves the model untouched.
-    Fuse after hashing the base weights (the manifest records that hash and `lora_record(loras)` separately)
+    Fuse after hashing the base weights (the manifest records that hash and the LoRA specs separately)
     and before `BankUNet` is built and exported: the engine then carries the LoRA. On the engine path the
     runtime calls `fuse_loras(None, loras, text_encoder)`: the UNet layers are already in the engine (the
     manifest check compares fingerprints), the text-encoder layers still run in PyTorch and must be fused.
@@ -236,7 +213,7 @@ def fuse_loras(unet: nn.Module | None, loras: Sequence[LoraSpec], text_encoder: 
                 )
             if layer.target not in indexes:
                 indexes[layer.target] = _lora_modules(model)
-            _, module = _resolve(layer, model, indexes[layer.target], spec.path)
+            _, module = _resolve(layer, indexes[layer.target], spec.path)
             plan.append((module, layer, spec.scale))
     with torch.no_grad():
         for module, layer, scale in plan:
@@ -245,44 +222,3 @@ def fuse_loras(unet: nn.Module | None, loras: Sequence[LoraSpec], text_encoder: 
     for spec in loras:
         log.info("fused LoRA %s (scale %g)", spec.path, spec.scale)
     return len(plan)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def lora_fingerprint(loras: Sequence[LoraSpec]) -> str:
-    """sha256 over each file's contents and its scale, in order; "none" without LoRAs.
-
-    File names do not count (a renamed file is the same LoRA); order does (fusion order changes rounding).
-    """
-    if not loras:
-        return "none"
-    h = hashlib.sha256()
-    for spec in loras:
-        h.update(file_sha256(spec.path).encode())
-        h.update(f":{spec.scale!r};".encode())
-    return h.hexdigest()
-
-
-def lora_record(loras: Sequence[LoraSpec]) -> dict:
-    """What an engine manifest stores: the fingerprint, plus per file its name, hash and scale for messages."""
-    return {
-        "fingerprint": lora_fingerprint(loras),
-        "files": [{"name": s.path.name, "sha256": file_sha256(s.path), "scale": s.scale} for s in loras],
-    }
-
-
-def lora_mismatch(recorded: dict | None, loras: Sequence[LoraSpec]) -> str | None:
-    """None when an engine built with `recorded` (a `lora_record`, None = built before LoRA support, no LoRA)
-    carries exactly `loras`; otherwise what differs, for the EngineMismatch message."""
-    recorded = recorded or {"fingerprint": "none", "files": []}
-    if recorded["fingerprint"] == lora_fingerprint(loras):
-        return None
-    built = ", ".join(f"{f['name']}:{f['scale']:g}" for f in recorded["files"]) or "no LoRA"
-    asked = ", ".join(s.cli_arg() for s in loras) or "no LoRA"
-    return f"engine was built with {built}, the stream asks {asked} (file contents or scales differ)"

@@ -1,5 +1,6 @@
-"""The live camera demo (FastAPI app + single page)."""
+"""The live camera demo (FastAPI app + single page): `create_app(hub, limits, access)`; `serve --ray` in ray_*.py."""
 
+from .access import LOCAL_HOSTS, Access
 from .app import Limits, create_app
 
-__all__ = ["Limits", "create_app"]
+__all__ = ["LOCAL_HOSTS", "Access", "Limits", "create_app"]

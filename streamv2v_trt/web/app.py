@@ -11,127 +11,154 @@ the order they arrive, which is the order the page sent them, so both sides agre
                      {"type": "error", "seq"?, "message"}  (bad frame or message; the socket stays usable)
                      {"type": "prompt", "prompt"} | {"type": "reset"}   (acknowledgements)
 
-Each connection has its own StreamV2V (its own bank). All model calls go through one worker thread, so
-connections share the accelerator in turn. Per connection, one frame waits at most: a newer frame
-replaces it (latest frame wins), so a slow model drops frames instead of queueing them.
+The server closes the socket after an error message in three cases: the request's Host or Origin is not
+allowed (1008, before any slot is taken), every slot of the hub is taken (1013, "server busy"), or no frame
+came for `Limits.idle_timeout_s` (1001).
+
+The app serves from a `Hub` (`streamv2v_trt/serving.py`) and uses nothing else of it: every connection holds
+one slot (its own stream and bank) from connect to disconnect; the hub batches the slots' frames into one
+model call per tick on its own thread. Decoding, resizing and encoding images run on a small pool beside it,
+so a large frame costs its sender, not the model. Per connection a frame is decoded as soon as it arrives and
+pushed to the hub, where one frame per slot waits at most: a newer one replaces it (latest frame wins, the
+replaced one is answered `dropped`), so a slow model drops frames instead of queueing them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from fastapi import FastAPI, WebSocket, WebSocketDisconnect
-from fastapi.responses import HTMLResponse
-from PIL import Image, UnidentifiedImageError
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import HTMLResponse, PlainTextResponse
 
 from ..frames import FrameError
-from ..pipeline import StreamV2V
-from ..video_io import fit_to_size
+from .access import Access
+from .codec import BadFrame, decode_frame, encode_jpeg
+
+if TYPE_CHECKING:  # the app needs only the protocol; a hub of remote replicas does not load the model here
+    from ..serving import Hub, Result
 
 log = logging.getLogger(__name__)
 
-IMAGE_FORMATS = {"JPEG", "PNG", "WEBP"}
+IMAGE_THREADS = 4  # decode/encode threads shared by all connections; each connection uses at most two at a time
+MAX_IN_WORK = 3  # frames of one connection between decode and answer: one in a tick, one waiting, one answered
 
 
 @dataclass(frozen=True)
 class Limits:
     max_frame_bytes: int = 2 * 1024 * 1024  # a 1080p JPEG is ~0.5 MB; the page sends stream-sized frames
-    max_frame_pixels: int = 4096 * 4096  # checked from the header, before decoding
+    max_frame_pixels: int = 2048 * 2048  # checked from the header, before decoding; a 1080p frame fits
     max_prompt_chars: int = 1000
-    max_connections: int = 8  # each holds a bank on the accelerator
+    max_text_chars: int = 16 * 1024  # a text message, checked before parsing (a prompt with escapes fits)
+    idle_timeout_s: float = 60.0  # close a connection that sent no frame for this long, freeing its slot; 0: never
     jpeg_quality: int = 85
-
-
-class BadFrame(ValueError):
-    """A frame message that is not a usable image; reported to the page, the connection goes on."""
-
-
-def decode_image(data: bytes, limits: Limits) -> np.ndarray:
-    """JPEG/PNG/WebP bytes -> RGB uint8 [H, W, 3]; BadFrame for anything else."""
-    try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
-    except (UnidentifiedImageError, OSError) as e:
-        raise BadFrame(f"frame of {len(data)} bytes is not an image; send JPEG, PNG or WebP bytes") from e
-    if img.format not in IMAGE_FORMATS:
-        raise BadFrame(f"frame is {img.format}; send JPEG, PNG or WebP")
-    w, h = img.size
-    if w * h > limits.max_frame_pixels:
-        raise BadFrame(f"frame is {w}x{h}, over the limit of {limits.max_frame_pixels} pixels")
-    try:
-        return np.array(img.convert("RGB"))  # a writable copy: torch warns on read-only arrays
-    except (OSError, ValueError, Image.DecompressionBombError) as e:  # truncated or corrupt image data
-        raise BadFrame(f"frame could not be decoded: {' '.join(str(e).split())}") from e
-
-
-def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def index_html() -> str:
     return resources.files(__package__).joinpath("index.html").read_text(encoding="utf-8")
 
 
-def create_app(stream_factory: Callable[[], StreamV2V], limits: Limits = Limits()) -> FastAPI:
-    """The demo app. `stream_factory()` makes a fresh stream (own bank) for each connection."""
-    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamv2v-model")
+def create_app(hub: Hub, limits: Limits = Limits(), access: Access | None = None) -> FastAPI:
+    """The demo app, serving from `hub` (a `StreamServer`, or any `Hub`): one slot per connection, for its life.
+    The hub belongs to the caller (start and stop it around the app). `access`: default localhost only."""
+    access = access or Access()
+    image_pool = ThreadPoolExecutor(max_workers=IMAGE_THREADS, thread_name_prefix="streamv2v-image")
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(_app: FastAPI):
         yield
-        model_thread.shutdown(wait=False, cancel_futures=True)
+        image_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="StreamV2V live demo", lifespan=lifespan)
+    # No /docs or /openapi.json: the app has one page and one socket, and serves nothing it does not check.
+    app = FastAPI(title="StreamV2V live demo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.limits = limits
-    app.state.connections = 0
+    app.state.hub = hub
     page = index_html()
 
     @app.get("/", response_class=HTMLResponse)
-    async def index() -> str:
-        return page
+    async def index(request: Request):
+        refusal = access.refusal(request.headers, secure=request.url.scheme == "https")
+        if refusal is not None:
+            log.warning("refused the page: %s", refusal)
+            return PlainTextResponse(refusal, status_code=403)
+        return HTMLResponse(page)
 
     @app.websocket("/ws")
     async def ws_endpoint(ws: WebSocket) -> None:
         await ws.accept()
-        if app.state.connections >= limits.max_connections:
-            await ws.send_json({"type": "error", "message": f"server busy: {limits.max_connections} cameras connected"})
-            await ws.close(code=1013)
+        refusal = access.refusal(ws.headers, secure=ws.url.scheme == "wss")
+        if refusal is not None:  # before any slot is taken
+            log.warning("refused a WebSocket: %s", refusal)
+            await ws.send_json({"type": "error", "message": refusal})
+            await ws.close(code=1008, reason="host or origin not allowed")  # 1008: policy violation, do not retry
             return
-        app.state.connections += 1
         try:
-            loop = asyncio.get_running_loop()
-            try:
-                stream = await loop.run_in_executor(model_thread, stream_factory)
-            except Exception as e:  # the page must hear why; the server keeps serving others
-                log.exception("could not create a stream for a new connection")
-                await ws.send_json({"type": "error", "message": f"could not create a stream: {e}"})
-                await ws.close(code=1011)
-                return
-            await Session(ws, stream, model_thread, limits).run()
+            slot = await open_slot(hub)
+        except Exception as e:  # the page must hear why; the server keeps serving others
+            log.exception("could not open a slot for a new connection")
+            await ws.send_json({"type": "error", "message": f"could not open a stream: {e}"})
+            await ws.close(code=1011)
+            return
+        if slot is None:
+            await ws.send_json({"type": "error", "message": f"server busy: all {hub.capacity} streams are in use; "
+                                "try again later"})  # fmt: skip
+            await ws.close(code=1013)  # 1013: try again later
+            return
+        try:
+            await Session(ws, hub, slot, image_pool, limits).run()
         finally:
-            app.state.connections -= 1
+            hub.close(slot)  # at once, whatever ended the session: the next connection may take the slot
 
     return app
 
 
-class Session:
-    """One camera: a receiver task fills the latest-frame slot, a worker task drains it through the model."""
+async def open_slot(hub: Hub) -> Any | None:
+    """`hub.open()` on a worker thread (it blocks until the hub's loop has made the slot fresh). When the waiting
+    task is cancelled (the server shuts down), the slot is given back once the open finishes."""
+    opening = asyncio.get_running_loop().run_in_executor(None, hub.open)
 
-    def __init__(self, ws: WebSocket, stream: StreamV2V, model_thread: ThreadPoolExecutor, limits: Limits) -> None:
-        self.ws, self.stream, self.model_thread, self.limits = ws, stream, model_thread, limits
-        self.slot: tuple[int, bytes, float] | None = None  # (seq, data, receive time): at most one waiting frame
-        self.wake = asyncio.Event()
+    def give_back(done: asyncio.Future) -> None:
+        if not done.cancelled() and done.exception() is None and done.result() is not None:
+            hub.close(done.result())
+
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(give_back)
+        raise
+
+
+class BadMessage(ValueError):
+    """A text message the server cannot apply; answered with an error, the connection goes on."""
+
+
+MALFORMED = 'malformed message: expected a JSON object like {"type": "prompt", "prompt": "..."} or {"type": "reset"}'
+CLOSED = (WebSocketDisconnect, RuntimeError, OSError)  # what sending or receiving raises once the peer is gone
+
+
+class Session:
+    """One camera on one hub slot, as three tasks: the receiver keeps the newest frame not yet decoded, the pusher
+    decodes it on the image pool and pushes it to the hub, the sender turns the hub's answers into messages
+    (encoding results on the image pool). A frame is "in work" from decode to its answer."""
+
+    def __init__(
+        self, ws: WebSocket, hub: Hub, slot: Any, image_pool: ThreadPoolExecutor, limits: Limits
+    ) -> None:  # fmt: skip
+        self.ws, self.hub, self.slot, self.image_pool, self.limits = ws, hub, slot, image_pool, limits
+        self.loop = asyncio.get_running_loop()
+        self.frame: tuple[int, bytes, float] | None = None  # (seq, data, receive time): the newest frame not decoded
+        self.in_work = 0  # frames decoding, in the hub, or being answered; at most MAX_IN_WORK
+        self.answers: asyncio.Queue[tuple[int, float, Result]] = asyncio.Queue()  # from the hub's thread
+        self.wake = asyncio.Event()  # a frame came in, or a frame left work
+        self.last_active = time.monotonic()  # when a frame last came in or was answered (the idle timeout)
         self.send_lock = asyncio.Lock()  # a result is two messages (JSON then JPEG) that must stay together
         self.seq = 0
         self.dropped = 0
@@ -139,20 +166,22 @@ class Session:
         self._last_done: float | None = None
 
     async def run(self) -> None:
-        cfg = self.stream.cfg
         await self.send({
-            "type": "ready", "width": cfg.width, "height": cfg.height, "prompt": self.stream.prompt,
+            "type": "ready", "width": self.hub.width, "height": self.hub.height, "prompt": self.hub.prompt,
             "max_frame_bytes": self.limits.max_frame_bytes,
         })  # fmt: skip
-        worker = asyncio.create_task(self.work())
-        try:
-            await self.receive()
-        except WebSocketDisconnect:
-            pass
+        tasks = [asyncio.create_task(work) for work in (self.receive(), self.push_frames(), self.send_answers())]
+        done: set[asyncio.Task] = set()
+        try:  # the session ends when the receiver does (disconnect, idle) or a worker fails (socket gone)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
-                await worker
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            error = None if task.cancelled() else task.exception()
+            if error is not None and not isinstance(error, CLOSED):
+                log.error("a connection failed", exc_info=error)
 
     async def send(self, msg: dict, data: bytes | None = None) -> None:
         async with self.send_lock:
@@ -162,7 +191,10 @@ class Session:
 
     async def receive(self) -> None:
         while True:
-            msg = await self.ws.receive()
+            msg = await self.next_message()
+            if msg is None:
+                await self.close_idle()
+                return
             if msg["type"] == "websocket.disconnect":
                 return
             if msg.get("bytes") is not None:
@@ -170,8 +202,33 @@ class Session:
             elif msg.get("text") is not None:
                 await self.on_text(msg["text"])
 
+    async def next_message(self) -> dict | None:
+        """The next ASGI message, or None once the connection is idle: no frame waiting or in work, and none
+        received or answered for `idle_timeout_s` (text messages do not count: they hold no camera)."""
+        timeout = self.limits.idle_timeout_s
+        if timeout <= 0:
+            return await self.ws.receive()
+        while True:
+            busy = self.in_work > 0 or self.frame is not None
+            idle = 0.0 if busy else time.monotonic() - self.last_active
+            if idle >= timeout:
+                return None
+            try:  # a receive cancelled by the timeout loses no message (it waits on the server's queue)
+                return await asyncio.wait_for(self.ws.receive(), timeout - idle)
+            except asyncio.TimeoutError:
+                continue
+
+    async def close_idle(self) -> None:
+        timeout = self.limits.idle_timeout_s
+        await self.send({"type": "error", "message": f"no frame for {timeout:g} s: closed this idle connection to "
+                         "free its slot; reload the page to reconnect"})  # fmt: skip
+        # 1001 (going away), not 1008 (policy violation): the client broke no rule, the server leaves a connection
+        # it no longer serves, and a client may reconnect when it has frames. 1008 means a refused host or origin.
+        await self.ws.close(code=1001, reason="idle")
+
     async def on_frame(self, data: bytes) -> None:
         seq, self.seq = self.seq, self.seq + 1
+        self.last_active = time.monotonic()
         if len(data) > self.limits.max_frame_bytes:
             await self.send({
                 "type": "error", "seq": seq,
@@ -179,53 +236,102 @@ class Session:
                 "send smaller JPEGs",
             })  # fmt: skip
             return
-        if self.slot is not None:  # the model is busy: the waiting frame is stale, the new one wins
-            self.dropped += 1
-            await self.send({"type": "dropped", "seq": self.slot[0]})
-        self.slot = (seq, data, time.perf_counter())
+        # Replaced before any await, so the pusher never takes a frame that is also answered as dropped.
+        replaced, self.frame = self.frame, (seq, data, time.perf_counter())
         self.wake.set()
+        if replaced is not None:  # still not decoded (this connection has MAX_IN_WORK in work): the new one wins
+            self.dropped += 1
+            await self.send({"type": "dropped", "seq": replaced[0]})
 
     async def on_text(self, text: str) -> None:
+        """Every text message gets one answer, an acknowledgement or an error; none ends the connection."""
+        try:
+            reply = await self.apply_text(text)
+        except BadMessage as e:
+            reply = {"type": "error", "message": str(e)}
+        except Exception as e:  # the stream failed to apply a valid message: a server bug, but the page must hear it
+            log.exception("text message %.100r failed", text)
+            reply = {"type": "error", "message": f"internal error: {e}"}
+        await self.send(reply)
+
+    async def apply_text(self, text: str) -> dict:
+        """Parse and apply one text message; its acknowledgement, or BadMessage saying what is wrong."""
+        if len(text) > self.limits.max_text_chars:
+            raise BadMessage(f"text message of {len(text)} characters is over the limit of "
+                             f"{self.limits.max_text_chars}")  # fmt: skip
         try:
             msg = json.loads(text)
-            kind = msg["type"]
-        except (json.JSONDecodeError, TypeError, KeyError):
-            await self.send({"type": "error", "message": 'malformed message: expected JSON like {"type": "prompt", '
-                             '"prompt": "..."}'})  # fmt: skip
-            return
-        loop = asyncio.get_running_loop()
+        except (ValueError, RecursionError) as e:  # RecursionError: deeply nested arrays or objects
+            raise BadMessage(MALFORMED) from e
+        kind = msg.get("type") if isinstance(msg, dict) else None
+        if not isinstance(kind, str):
+            raise BadMessage(MALFORMED)
         if kind == "prompt":
             prompt = msg.get("prompt")
             if not isinstance(prompt, str) or len(prompt) > self.limits.max_prompt_chars:
-                await self.send({"type": "error", "message": f"prompt must be a string of at most "
-                                 f"{self.limits.max_prompt_chars} characters"})  # fmt: skip
-                return
-            # Runs on the model thread, between two frames: the stream is never changed mid-frame.
-            await loop.run_in_executor(self.model_thread, self.stream.update_prompt, prompt)
-            await self.send({"type": "prompt", "prompt": prompt})
-        elif kind == "reset":
-            await loop.run_in_executor(self.model_thread, self.stream.reset)
-            await self.send({"type": "reset"})
-        else:
-            await self.send({"type": "error", "message": f"unknown message type {kind!r}; expected prompt or reset"})
+                raise BadMessage(f"prompt must be a string of at most {self.limits.max_prompt_chars} characters")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate ("\ud800"): JSON allows it, a tokenizer does not
+                raise BadMessage("prompt is not valid Unicode text (it holds a lone surrogate escape)") from e
+            # The hub applies it between two ticks: the stream is never changed mid-frame.
+            await asyncio.wrap_future(self.hub.update_prompt(self.slot, prompt))
+            return {"type": "prompt", "prompt": prompt}
+        if kind == "reset":
+            await asyncio.wrap_future(self.hub.reset(self.slot))
+            return {"type": "reset"}
+        raise BadMessage(f"unknown message type {kind[:100]!r}; expected prompt or reset")
 
-    async def work(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def push_frames(self) -> None:
+        """Decode the newest frame off the model thread and push it to the hub (which keeps the newest per slot),
+        while fewer than MAX_IN_WORK frames are in work: a client that reads no answers stops being fed."""
         while True:
             await self.wake.wait()
             self.wake.clear()
-            if self.slot is None:
+            if self.frame is None or self.in_work >= MAX_IN_WORK:
                 continue
-            seq, data, received = self.slot
-            self.slot = None
+            (seq, data, received), self.frame = self.frame, None
+            self.in_work += 1
             try:
-                jpeg, model_s = await loop.run_in_executor(self.model_thread, self.translate, data)
-            except (BadFrame, FrameError) as e:
-                await self.send({"type": "error", "seq": seq, "message": str(e)})
+                image = await self.loop.run_in_executor(
+                    self.image_pool, decode_frame, data, self.limits, self.hub.height, self.hub.width
+                )
+                self.hub.push(self.slot, image, partial(self.deliver, seq, received))
+            except BadFrame as e:
+                await self.answer({"type": "error", "seq": seq, "message": str(e)})
+            except Exception as e:  # the hub refused the frame: the page hears it, the connection goes on
+                log.exception("frame %d could not be queued", seq)
+                await self.answer({"type": "error", "seq": seq, "message": f"internal error: {e}"})
+
+    def deliver(self, seq: int, received: float, result: Result) -> None:
+        """The hub's answer to frame `seq`, on the hub's thread: handed to this connection's event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.answers.put_nowait, (seq, received, result))
+        except RuntimeError:  # the event loop has closed (the server is shutting down): nobody is listening
+            pass
+
+    async def send_answers(self) -> None:
+        """The hub's answers in the order they came: dropped, error, or a result (encoded off the model thread)."""
+        while True:
+            seq, received, result = await self.answers.get()
+            if result.dropped:
+                self.dropped += 1
+                await self.answer({"type": "dropped", "seq": seq})
                 continue
-            except Exception as e:  # a model failure must not kill the server; the page shows it
-                log.exception("frame %d failed", seq)
-                await self.send({"type": "error", "seq": seq, "message": f"internal error: {e}"})
+            if result.error is not None:
+                message = str(result.error)
+                if not isinstance(result.error, FrameError):  # a model fault: the hub logged it with its traceback
+                    log.error("frame %d failed: %s", seq, message)
+                    message = f"internal error: {message}"
+                await self.answer({"type": "error", "seq": seq, "message": message})
+                continue
+            try:
+                jpeg = await self.loop.run_in_executor(
+                    self.image_pool, encode_jpeg, result.frame, self.limits.jpeg_quality
+                )
+            except Exception as e:
+                log.exception("frame %d could not be encoded", seq)
+                await self.answer({"type": "error", "seq": seq, "message": f"internal error: {e}"})
                 continue
             now = time.perf_counter()
             if self._last_done is not None:
@@ -233,16 +339,16 @@ class Session:
                 self.fps = inst if self.fps == 0 else 0.8 * self.fps + 0.2 * inst
             self._last_done = now
             stats = {
-                "type": "result", "seq": seq, "model_ms": round(model_s * 1e3, 1),
+                "type": "result", "seq": seq, "model_ms": round(result.tick_s * 1e3, 1),
                 "server_ms": round((now - received) * 1e3, 1), "fps": round(self.fps, 2), "dropped": self.dropped,
             }  # fmt: skip
-            await self.send(stats, jpeg)
+            await self.answer(stats, jpeg)
 
-    def translate(self, data: bytes) -> tuple[bytes, float]:
-        """On the model thread: decode, fit, run the stream, encode."""
-        cfg = self.stream.cfg
-        image = fit_to_size(decode_image(data, self.limits), cfg.height, cfg.width)
-        t0 = time.perf_counter()
-        out = self.stream(image)
-        model_s = time.perf_counter() - t0
-        return encode_jpeg(out, self.limits.jpeg_quality), model_s
+    async def answer(self, msg: dict, data: bytes | None = None) -> None:
+        """Send the answer to a frame in work; the frame leaves work, making room for the next."""
+        try:
+            await self.send(msg, data)
+        finally:
+            self.in_work -= 1
+            self.last_active = time.monotonic()
+            self.wake.set()

@@ -3,6 +3,10 @@
 Full TensorRT (`tensorrt`, extra `[trt]`) is used when installed, else TensorRT-RTX (`tensorrt_rtx`, extra
 `[trt-rtx]`). Both expose the same builder / ONNX parser / runtime Python API. An engine must be loaded by the
 flavour that built it, so the runtime passes the manifest's `builder` as `prefer`.
+
+TensorRT-RTX runs only on some GPUs: measured on an H200 (2026-11-27), an engine it built fails to deserialise
+with "Supported compute capabilities: 8.0 8.6 8.9 12.0 12.1 >12.0" (no Hopper, 9.0). `rtx_runs_on` says so
+before anything is built or loaded.
 """
 
 from __future__ import annotations
@@ -49,6 +53,19 @@ def import_tensorrt(prefer: str = "auto") -> tuple[ModuleType, str]:
     )
 
 
+def rtx_runs_on(capability: tuple[int, int]) -> bool:
+    """Whether TensorRT-RTX engines run on a GPU of this compute capability (major, minor)."""
+    return capability in ((8, 0), (8, 6), (8, 9)) or capability >= (12, 0)
+
+
+def rtx_refusal(capability: tuple[int, int], gpu: str) -> str:
+    return (
+        f"TensorRT-RTX does not run on {gpu} (compute capability {capability[0]}.{capability[1]}; it supports "
+        "8.0, 8.6, 8.9 and 12.0 and newer). Build AOTInductor packages instead (--builder aoti), or full TensorRT "
+        "(--builder tensorrt) where it is installed"
+    )
+
+
 def tensorrt_version(module: ModuleType) -> str:
     return str(getattr(module, "__version__", "unknown"))
 
@@ -69,32 +86,3 @@ def trt_logger(trt: ModuleType):
                 log.debug("%s", msg)
 
     return _Logger()
-
-
-def load_engine(path, flavour: str):
-    """Deserialise the engine at `path` with the flavour that built it (the manifest's `builder`).
-
-    Returns `(runtime, engine)`; keep the runtime alive as long as the engine. Needs a CUDA driver and GPU:
-    TensorRT-RTX builds without one, but deserialising creates a CUDA stream.
-    """
-    trt, _ = import_tensorrt(flavour)
-    runtime = trt.Runtime(trt_logger(trt))
-    with open(path, "rb") as f:
-        engine = runtime.deserialize_cuda_engine(f.read())
-    if engine is None:
-        raise RuntimeError(
-            f"{flavour} could not deserialise {path} (see the TensorRT log above): it needs a CUDA driver, a supported "
-            "GPU and the TensorRT version that built it; rebuild with python -m build_engines"
-        )
-    return runtime, engine
-
-
-def engine_io(engine) -> dict[str, tuple[tuple[int, ...], str, bool]]:
-    """name -> (shape, dtype name, is_input) for every I/O tensor of a deserialised engine."""
-    out = {}
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        mode = engine.get_tensor_mode(name)
-        dtype = str(engine.get_tensor_dtype(name)).rsplit(".", 1)[-1].lower()  # DataType.HALF -> "half"
-        out[name] = (tuple(engine.get_tensor_shape(name)), dtype, mode.name == "INPUT")
-    return out

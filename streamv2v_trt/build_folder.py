@@ -1,0 +1,231 @@
+"""Open a `python -m build_engines` folder for the runtime: every check, then the networks, in one place.
+
+    manifest.json -> what was built (EngineSpec) vs what is asked: spec field by field, weights hash,
+                     builder vs backend, target device / capability / torch (AOTInductor), files and hashes
+                  -> the text encoder (PyTorch; runs only on a prompt change), LoRA text layers fused
+                  -> one runner per network, and the one I/O check: names, shapes and dtypes of every tensor,
+                     as the layout expects them, as the manifest records them, as each runner reports them
+
+Any difference raises `EngineMismatch` naming all of them and the exact command that rebuilds the folder.
+A build folder is code: TensorRT engines and AOTInductor packages are native code that runs when loaded. Open
+only folders you built, never a path taken from a client's request; the manifest's hashes guard against
+files changed after the build, not against a folder made by someone else.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from os import PathLike
+from pathlib import Path
+
+import torch
+
+from .backends import ENGINE_BACKENDS
+from .backends.named_io import NamedIOBackend, NetworkRunner
+from .config import StreamConfig
+from .layout import NETWORKS, TensorSpec, bank_layout
+from .manifest import EngineMismatch, Manifest, load_manifest, mismatch
+from .prompt import PromptEncoder, text_shape
+from .spec import EngineSpec, LoraSpec
+
+log = logging.getLogger(__name__)
+
+# The files each backend runs.
+BACKEND_FILES = {"onnxruntime": ("onnx", "onnx_data"), "tensorrt": ("engine",), "aoti": ("package",)}
+_TENSORRT = ("tensorrt", "tensorrt-rtx")
+
+
+@dataclass
+class OpenedBuild:
+    backend: NamedIOBackend
+    manifest: Manifest
+    cfg: StreamConfig
+    prompt_encoder: PromptEncoder
+    scheduler: object  # the model's LCMScheduler
+
+
+def rebuild_command(spec: EngineSpec, directory: Path | str, backend: str, manifest: Manifest | None) -> str:
+    """The build that gives `backend` what `spec` asks. The same spec (files damaged, another GPU or torch) is
+    rebuilt into `directory`; another spec into its own folder (the naming rule), which the command names."""
+    built = manifest.builder if manifest is not None and manifest.builder in _TENSORRT else None
+    builder = "aoti" if backend == "aoti" else built
+    onnx_only = backend == "onnxruntime" and built is None
+    if manifest is not None and manifest.spec.differences(spec):
+        default = Path("engines") / spec.folder_name(builder)
+        return f"{spec.build_command(builder=builder, onnx_only=onnx_only)} (writes {default}; open that folder)"
+    return spec.build_command(directory, builder=builder, onnx_only=onnx_only)
+
+
+def default_device(backend: str, manifest: Manifest) -> torch.device:
+    if backend == "tensorrt":
+        return torch.device("cuda")
+    if backend == "aoti":
+        return torch.device(manifest.target.get("device", "cpu"))
+    return torch.device("cpu")
+
+
+def target_problems(manifest: Manifest, backend: str, device: torch.device) -> list[str]:
+    """What keeps `backend` from running this folder's files on `device` (builder, device, GPU, torch)."""
+    builder = manifest.builder or "onnx only"
+    if backend == "tensorrt" and manifest.builder not in _TENSORRT:
+        return [f"no TensorRT engines in this folder (builder: {builder}); open it with its own backend or rebuild"]
+    if backend == "aoti" and manifest.builder != "aoti":
+        return [f"no AOTInductor packages in this folder (builder: {builder}); open it with its own backend or rebuild"]
+    if backend == "onnxruntime" and not manifest.has("onnx"):
+        own = "tensorrt" if manifest.builder in _TENSORRT else manifest.builder  # a backend name, not a builder's
+        return [f"no ONNX files in this folder (builder: {builder}); open it with --backend {own}"]
+    if backend != "aoti":
+        return []
+    target, problems = manifest.target, []
+    if target.get("device") != device.type:
+        problems.append(f"AOTInductor packages compiled for {target.get('device')}, asked to run on {device.type}")
+    elif device.type == "cuda":
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        if target.get("capability") != cap:
+            problems.append(
+                f"AOTInductor packages compiled for compute capability {target.get('capability')}, this GPU "
+                f"({torch.cuda.get_device_name(device)}) is {cap}"
+            )
+    if target.get("torch") != torch.__version__:
+        problems.append(
+            f"AOTInductor packages compiled by torch {target.get('torch')}, this is torch {torch.__version__}"
+        )
+    return problems
+
+
+def _asked_spec(manifest: Manifest, loras: tuple[LoraSpec, ...] | None) -> EngineSpec:
+    return manifest.spec if loras is None else replace(manifest.spec, loras=tuple(loras))
+
+
+def _lora_hint(manifest: Manifest) -> str:
+    """When LoRAs differ or their files are missing: how to open the folder as it was built."""
+    built = manifest.spec.loras
+    if not built:
+        return ""
+    flags = " ".join(f"--lora {lora.path.name}:{lora.scale:g}" for lora in built)
+    return (
+        f" The folder was built with LoRA(s); pass the same file(s) and scale(s) when opening it ({flags}, with "
+        "each file's path; in Python loras=[LoraSpec(path, scale), ...]): their text-encoder layers run here."
+    )
+
+
+def check_io(
+    expected: dict[str, list[TensorSpec]],
+    manifest: Manifest,
+    runners: dict[str, NetworkRunner],
+    directory: Path,
+    rebuild: str,
+) -> None:
+    """Every tensor of every network, three ways: the layout's contract, the manifest's record, and what the
+    compiled file reports. Names, shapes, dtypes and direction must all agree."""
+    problems = []
+    for name in NETWORKS:
+        want = {t.name: (t.shape, t.dtype, t.is_input) for t in expected[name]}
+        recorded = {t.name: (t.shape, t.dtype, t.is_input) for t in manifest.network(name).tensors}
+        runner = runners[name]
+        reported = {
+            n: (shape, str(dtype).removeprefix("torch."), is_input)
+            for is_input, specs in ((True, runner.input_specs), (False, runner.output_specs))
+            for n, (shape, dtype) in specs.items()
+        }
+        for source, have in (("manifest", recorded), (runner.path.name, reported)):
+            for n in sorted(want.keys() | have.keys()):
+                if want.get(n) != have.get(n):
+                    problems.append(f"{name} {n}: {source} has {_io(have.get(n))}, expected {_io(want.get(n))}")
+    if problems:
+        shown = problems[:8]
+        if len(problems) > 8:
+            shown[-1] += f" (and {len(problems) - 8} more)"
+        raise mismatch(directory, shown, rebuild)
+
+
+def _io(t: tuple | None) -> str:
+    if t is None:
+        return "nothing"
+    shape, dtype, is_input = t
+    return f"{'input' if is_input else 'output'} {list(shape)} {dtype}"
+
+
+def _open_runners(
+    backend: str, directory: Path, manifest: Manifest, device: torch.device, threads: int | None
+) -> dict[str, NetworkRunner]:
+    files = {name: directory / manifest.network(name).files[BACKEND_FILES[backend][0]].name for name in NETWORKS}
+    if backend == "onnxruntime":
+        from .backends.onnxruntime import OnnxRunner
+
+        return {name: OnnxRunner(path, device, threads) for name, path in files.items()}
+    if backend == "tensorrt":
+        from .backends.tensorrt import TrtRunner
+
+        return {name: TrtRunner(path, device, manifest.builder) for name, path in files.items()}
+    from .backends.aoti import AotiRunner
+
+    return {name: AotiRunner(path, device) for name, path in files.items()}
+
+
+def open_build_folder(
+    directory: str | PathLike,
+    backend: str = "onnxruntime",
+    cfg: StreamConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    loras: tuple[LoraSpec, ...] | None = None,
+    verify_hashes: bool = True,
+    threads: int | None = None,
+    runtime: dict | None = None,
+) -> OpenedBuild:
+    """Check the folder against `cfg` (default: its own spec with the `runtime` settings) and open it with
+    `backend` on `device` (default: CPU for onnxruntime, CUDA for tensorrt, the packages' device for aoti).
+
+    verify_hashes=False skips hashing files and weights (faster opens of large folders; files must still exist).
+    loras: the LoRA files the folder was built with. threads: ONNX Runtime intra-op threads.
+    """
+    if backend not in ENGINE_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} for a build folder: expected one of {ENGINE_BACKENDS}")
+    from .models.loader import find_weights, load_text, unet_skeleton
+    from .models.lora import fuse_loras
+
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    if cfg is not None and runtime:
+        raise TypeError(f"pass runtime settings {sorted(runtime)} inside cfg, or drop cfg")
+    cfg = cfg or StreamConfig.from_spec(_asked_spec(manifest, loras), **(runtime or {}))
+    spec = cfg.spec
+    device = torch.device(device) if device is not None else default_device(backend, manifest)
+    if loras is None and cfg.spec.loras is manifest.spec.loras and manifest.spec.loras:
+        # The manifest knows the files by name and hash only; their text-encoder layers must come from real files.
+        raise EngineMismatch(f"the LoRA files to open {directory} with were not given.{_lora_hint(manifest)}")
+    missing_loras = [str(lora.path) for lora in spec.loras if not lora.path.is_file()]
+    if missing_loras:
+        raise EngineMismatch(f"LoRA file(s) {missing_loras} not found.{_lora_hint(manifest)}")
+
+    rebuild = rebuild_command(spec, directory, backend, manifest)  # after the LoRA checks: it hashes their files
+    weights = find_weights(spec)
+    problems = manifest.differences(spec, weights.hash(spec.vae) if verify_hashes else None)
+    problems += target_problems(manifest, backend, device)
+    if not problems:  # files only matter once the build is the right one
+        problems = manifest.file_problems(directory, BACKEND_FILES[backend], verify_hashes=verify_hashes)
+    if problems:
+        lora_diff = any(p.startswith("loras:") for p in problems)
+        error = mismatch(directory, problems, rebuild)
+        raise EngineMismatch(f"{error}{_lora_hint(manifest) if lora_diff else ''}")
+
+    if backend == "tensorrt":
+        from .backends.tensorrt import check_device
+
+        device = check_device(device, manifest.builder)  # a GPU, and one its flavour runs on
+    # The text encoder runs in PyTorch; on a CPU in fp32 (fp16 matmuls there are slow or missing).
+    text_dtype = torch.float32 if device.type == "cpu" else spec.precision.torch_dtype
+    tokenizer, text_encoder, scheduler = load_text(spec, weights, device, text_dtype)
+    if spec.loras:  # the UNet's LoRA layers are compiled in; the text encoder's still run in PyTorch
+        fuse_loras(None, spec.loras, text_encoder=text_encoder)
+    layout = bank_layout(unet_skeleton(spec, weights), spec)
+    expected = layout.network_specs(spec, text_shape(tokenizer, text_encoder))
+    runners = _open_runners(backend, directory, manifest, device, threads)
+    check_io(expected, manifest, runners, directory, rebuild)
+    networks = NamedIOBackend(backend, runners, layout, device)
+    log.info(
+        "opened %s (%s, %s) with the %s backend on %s", directory, spec.model, spec.precision.value, backend, device
+    )
+    return OpenedBuild(networks, manifest, cfg, PromptEncoder(tokenizer, text_encoder), scheduler)

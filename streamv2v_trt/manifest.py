@@ -1,0 +1,190 @@
+"""`manifest.json` beside the compiled networks: the spec they were built for, from what, and every file.
+
+The build (`python -m build_engines`) writes it; the runtime reads it (`build_folder.py`) and refuses a folder
+whose spec, weights, target device, files or tensors differ from what it is asked to run, with
+`EngineMismatch` naming every difference and the exact command that rebuilds it.
+
+Layout of a build folder (file names are in the manifest, these are the defaults):
+
+    manifest.json
+    unet.onnx         [unet.onnx.data when the weights exceed 2 GB]   unet.engine      (TensorRT builds)
+    vae_encoder.onnx  vae_encoder.engine
+    vae_decoder.onnx  vae_decoder.engine
+    unet.pt2  vae_encoder.pt2  vae_decoder.pt2                                          (AOTInductor builds)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .layout import NETWORKS, TensorSpec
+from .spec import EngineSpec
+
+FORMAT_VERSION = 2
+MANIFEST_FILE = "manifest.json"
+BUILDERS = ("tensorrt", "tensorrt-rtx", "aoti")  # None: an --onnx-only build
+# The file kinds a network can have: ONNX (+ external weights), a TensorRT engine, an AOTInductor package.
+FILE_KINDS = ("onnx", "onnx_data", "engine", "package")
+
+
+class EngineMismatch(RuntimeError):
+    """A build folder does not match what the runtime is asked to run (or is missing, corrupt, altered)."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: str  # relative to the manifest's folder
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path) -> FileEntry:
+        return cls(path.name, sha256_file(path))
+
+
+@dataclass(frozen=True)
+class NetworkEntry:
+    """One network's I/O tensors (names, shapes, dtypes as the export produced them) and its files by kind."""
+
+    tensors: tuple[TensorSpec, ...]
+    files: dict[str, FileEntry] = field(default_factory=dict)
+
+    def inputs(self) -> list[TensorSpec]:
+        return [t for t in self.tensors if t.is_input]
+
+    def outputs(self) -> list[TensorSpec]:
+        return [t for t in self.tensors if not t.is_input]
+
+    def to_json(self) -> dict:
+        tensors = [{**vars(t), "shape": list(t.shape)} for t in self.tensors]
+        return {"tensors": tensors, "files": {k: vars(f) for k, f in self.files.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> NetworkEntry:
+        tensors = tuple(TensorSpec(**{**t, "shape": tuple(int(s) for s in t["shape"])}) for t in d["tensors"])
+        unknown = set(d["files"]) - set(FILE_KINDS)
+        if unknown:
+            raise ValueError(f"unknown file kinds {sorted(unknown)}")
+        return cls(tensors, {k: FileEntry(**f) for k, f in d["files"].items()})
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything `build_engines` produced, and from what. Saved as JSON beside the files it lists."""
+
+    spec: EngineSpec
+    weights_hash: str
+    random_weights: bool
+    ff_layers: tuple[str, ...]  # qualified attn1 names with feature fusion
+    builder: str | None  # "tensorrt", "tensorrt-rtx", "aoti"; None for an --onnx-only build
+    builder_version: str | None  # TensorRT's version, or torch's for AOTInductor
+    # What the compiled files only run on: {"device": "cuda" | "cpu", "capability": "9.0", "torch": "2.11.0"}
+    # for AOTInductor packages (compiled for one device, capability and torch); {} for ONNX / TensorRT builds.
+    target: dict
+    build_options: dict  # the builder's options (inductor settings, TensorRT workspace): informational
+    exporter: str  # e.g. "torch 2.13.0 dynamo, opset 18"
+    created: str  # ISO 8601 UTC
+    build_command: str
+    networks: dict[str, NetworkEntry]
+    timings_s: dict[str, float] = field(default_factory=dict)  # informational, never compared
+    format_version: int = FORMAT_VERSION
+
+    def network(self, name: str) -> NetworkEntry:
+        if name not in self.networks:
+            raise KeyError(f"manifest has no network {name!r}; it has {sorted(self.networks)}")
+        return self.networks[name]
+
+    def has(self, kind: str) -> bool:
+        """Whether every network has a file of `kind` ("onnx", "engine", "package")."""
+        return all(kind in self.networks.get(n, NetworkEntry(())).files for n in NETWORKS)
+
+    def to_json(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["spec"] = self.spec.to_json()
+        d["ff_layers"] = list(self.ff_layers)
+        d["networks"] = {name: net.to_json() for name, net in self.networks.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Manifest:
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"format_version {d.get('format_version')!r}, this runtime reads {FORMAT_VERSION} (the folder was "
+                "written by another version of build_engines)"
+            )
+        networks = {k: NetworkEntry.from_json(v) for k, v in d["networks"].items()}
+        spec = EngineSpec.from_json(d["spec"])
+        return cls(**{**d, "spec": spec, "ff_layers": tuple(d["ff_layers"]), "networks": networks})
+
+    def save(self, directory: Path | str) -> Path:
+        """Write `manifest.json` (atomically: a crash mid-write never leaves a half manifest)."""
+        path = Path(directory) / MANIFEST_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    def differences(self, asked: EngineSpec, weights_hash: str | None = None) -> list[str]:
+        """Every difference between what was built and `asked` (spec field by field, then the weights)."""
+        diffs = self.spec.differences(asked)
+        if self.random_weights and self.spec.weights_seed != asked.weights_seed:  # also without hashing
+            diffs.append(f"weights_seed: engines have {self.spec.weights_seed}, asked {asked.weights_seed}")
+        if weights_hash is not None and weights_hash != self.weights_hash:
+            diffs.append(f"weights hash: engines have {self.weights_hash}, asked {weights_hash}")
+        missing = [n for n in NETWORKS if n not in self.networks]
+        if missing:
+            diffs.append(f"networks missing from the manifest: {', '.join(missing)}")
+        return diffs
+
+    def file_problems(self, directory: Path | str, kinds: tuple[str, ...], *, verify_hashes: bool = True) -> list[str]:
+        """Files of `kinds` that the manifest lacks, that are missing, or whose sha256 differs from the manifest's."""
+        directory = Path(directory)
+        problems = []
+        for name, net in self.networks.items():
+            for kind in kinds:
+                entry = net.files.get(kind)
+                if entry is None:
+                    if kind != "onnx_data":  # external data exists only above 2 GB
+                        problems.append(f"{name}: the build has no {kind} file")
+                    continue
+                path = directory / entry.name
+                if not path.is_file():
+                    problems.append(f"{name}: file {path} is missing")
+                elif verify_hashes and sha256_file(path) != entry.sha256:
+                    problems.append(f"{name}: file {path} was altered or truncated (sha256 differs from the manifest)")
+        return problems
+
+
+def mismatch(directory: Path | str, problems: list[str], rebuild: str) -> EngineMismatch:
+    return EngineMismatch(f"build folder {directory} does not match: " + "; ".join(problems) + f". Rebuild: {rebuild}")
+
+
+def load_manifest(directory: Path | str) -> Manifest:
+    """Read `directory/manifest.json`. A missing, unreadable, malformed or older-format manifest raises
+    `EngineMismatch`. This compares nothing: `build_folder.open_build_folder` does."""
+    path = Path(directory) / MANIFEST_FILE
+    rebuild = f"python -m build_engines --model MODEL ... --out {directory}"
+    if not path.is_file():
+        raise mismatch(directory, [f"no {MANIFEST_FILE} (not built, or not a build folder)"], rebuild)
+    try:
+        d = json.loads(path.read_text())
+        if isinstance(d, dict) and d.get("format_version") != FORMAT_VERSION:
+            rebuild = f"{d['build_command']} --force" if isinstance(d.get("build_command"), str) else rebuild
+            problem = (
+                f"{path} has format {d.get('format_version')!r}, written by another version of build_engines; "
+                f"this runtime reads format {FORMAT_VERSION}"
+            )
+            raise mismatch(directory, [problem], rebuild)
+        return Manifest.from_json(d)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise mismatch(directory, [f"{path} is corrupt or unreadable ({type(e).__name__}: {e})"], rebuild) from e

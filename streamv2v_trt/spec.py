@@ -1,0 +1,295 @@
+"""`EngineSpec`: what a build is specialised for, in one frozen record.
+
+Everything that changes the compiled networks lives here and nowhere else: model and weights, VAE, precision,
+frame size, UNet batch (steps and guidance), the build-time part of the bank (kind, frames, fusion constants)
+and LoRAs. The build config holds a spec (plus where and how to build), the manifest stores it and compares it
+field by field, and a `StreamConfig` holds one (plus what may change at runtime: timesteps, seed, interval,
+guidance scale). This module imports no model library (diffusers, transformers), so reading a spec is cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .models.presets import PRESETS
+
+# Layers whose attention output is fused with the bank: the low-resolution ones (docs/DESIGN.md, "Feature fusion").
+FF_LAYER_PREFIXES = ("mid_block.", "up_blocks.0.", "up_blocks.1.")
+
+
+class BankKind(str, enum.Enum):
+    DYME = "dyme"  # one frame of tokens, merged with every stored frame (the paper's default)
+    FIFO = "fifo"  # the last k stored frames (ablation)
+
+
+class CfgType(str, enum.Enum):
+    """Guidance, as StreamDiffusion defines it (docs/FEATURES.md has the formulas)."""
+
+    NONE = "none"
+    SELF = "self"  # RCFG with the stock noise as the negative (StreamDiffusion's "self")
+    INITIALIZE = "initialize"  # RCFG whose slot-0 negative is a real uncond UNet pass: one extra batch element
+    FULL = "full"  # classic CFG: an uncond copy of every slot, twice the UNet batch (its own engine)
+
+    def uncond_elements(self, steps: int) -> int:
+        """UNet batch elements in front of the stream slots that run the negative prompt."""
+        return {CfgType.INITIALIZE: 1, CfgType.FULL: steps}.get(self, 0)
+
+
+class VaeKind(str, enum.Enum):
+    TAESD = "taesd"  # the tiny autoencoder (fast)
+    FULL = "full"  # the model's KL autoencoder
+
+
+class Precision(str, enum.Enum):
+    FP16 = "fp16"  # what GPUs run: TensorRT-RTX is strongly typed, so the exported graph itself is fp16
+    FP32 = "fp32"  # CPU parity tests (ONNX Runtime, AOTInductor on the CPU)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float16 if self is Precision.FP16 else torch.float32
+
+    @classmethod
+    def of(cls, dtype: torch.dtype) -> Precision:
+        if dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"dtype {dtype} is not supported: use torch.float16 or torch.float32")
+        return cls.FP16 if dtype == torch.float16 else cls.FP32
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA file and the scale it is fused with.
+
+    `sha256` identifies the file's contents: computed from `path` when not given; a manifest gives it (its
+    `path` is then only the file name the build used). Specs compare LoRAs by contents and scale, not names.
+    """
+
+    path: Path
+    scale: float = 1.0
+    sha256: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        object.__setattr__(self, "scale", float(self.scale))
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        """`file.safetensors` or `file.safetensors:0.8` (the CLI's `--lora` value)."""
+        path, sep, scale = text.rpartition(":")
+        if sep and path and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", scale):
+            return cls(Path(path), float(scale))
+        return cls(Path(text), 1.0)
+
+    def cli_arg(self) -> str:
+        return f"{self.path}:{self.scale:g}"
+
+    def digest(self) -> str:
+        if self.sha256 is not None:
+            return self.sha256
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        object.__setattr__(self, "sha256", h.hexdigest())  # a cache of the file's hash, not state
+        return self.sha256
+
+    def record(self) -> dict:
+        return {"name": self.path.name, "sha256": self.digest(), "scale": self.scale}
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the networks are built for. Two specs that differ in any field need different builds."""
+
+    model: str  # preset (tiny, sd-turbo, sd15), local diffusers folder or hub id
+    height: int = 512
+    width: int = 512
+    steps: int = 1  # denoising steps: the stream batch (the timestep values are runtime inputs)
+    cfg_type: CfgType = CfgType.NONE  # guidance sizes the UNet batch: steps, + 1 (initialize), x 2 (full)
+    bank: BankKind = BankKind.DYME
+    bank_frames: int = 1  # frames held by the bank: DyMe always 1, FIFO k
+    ff_threshold: float = 0.98  # feature fusion: cosine similarity from which a token is fused (compiled in)
+    ff_strength: float = 0.8  # feature fusion: blend weight of the banked token (compiled in)
+    ff_layer_prefixes: tuple[str, ...] = FF_LAYER_PREFIXES
+    vae: VaeKind = VaeKind.TAESD
+    precision: Precision = Precision.FP16  # fp32 for CPU runs (from_pretrained and the CLIs pick it there)
+    loras: tuple[LoraSpec, ...] = ()  # fused into the UNet (and text encoder) before anything runs, in order
+    weights_seed: int = 0  # seed of a preset's random weights (used only when no real weights are on disk)
+    max_streams: int = 1  # streams batched into one network call (MultiStream slots); 1 for a single stream
+
+    def __post_init__(self) -> None:
+        for name, kind in (("cfg_type", CfgType), ("bank", BankKind), ("vae", VaeKind), ("precision", Precision)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        object.__setattr__(self, "loras", tuple(self.loras))
+        object.__setattr__(self, "ff_layer_prefixes", tuple(self.ff_layer_prefixes))
+        if self.height % 8 or self.width % 8 or self.height < 8 or self.width < 8:
+            raise ValueError(f"height and width must be positive multiples of 8, got {self.height}x{self.width}")
+        if self.steps < 1 or self.max_streams < 1:
+            raise ValueError(f"steps and max_streams must be >= 1, got {self.steps} and {self.max_streams}")
+        if self.bank is BankKind.DYME and self.bank_frames != 1:
+            raise ValueError(f"a DyMe bank holds exactly 1 frame of tokens, got bank_frames={self.bank_frames}")
+        if self.bank_frames < 1:
+            raise ValueError(f"bank_frames must be >= 1, got {self.bank_frames}")
+        if not 0.0 <= self.ff_strength <= 1.0:
+            raise ValueError(f"ff_strength must be in [0, 1], got {self.ff_strength}")
+
+    @classmethod
+    def resolve(
+        cls,
+        model: str,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int | None = None,
+        **fields,
+    ) -> EngineSpec:
+        """A spec with the model preset's defaults (size, steps) for what is None: the one place CLIs and
+        benchmarks fill defaults. A folder or hub id defaults to 512x512, 1 step."""
+        preset = PRESETS.get(model)
+        return cls(
+            model=model,
+            height=height or (preset.height if preset else 512),
+            width=width or (preset.width if preset else 512),
+            steps=steps or (len(preset.t_index_list) if preset else 1),
+            **{k: v for k, v in fields.items() if v is not None},
+        )
+
+    # -- what the spec implies ------------------------------------------------------------------------------
+    @property
+    def stream_batch(self) -> int:
+        """One stream's UNet (and bank) batch: uncond elements (guidance) + one stream slot per step."""
+        return self.cfg_type.uncond_elements(self.steps) + self.steps
+
+    @property
+    def unet_batch(self) -> int:
+        """The UNet's batch: every stream's batch, `max_streams` streams side by side."""
+        return self.max_streams * self.stream_batch
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.height // 8, self.width // 8
+
+    @property
+    def bank_slots(self) -> int:
+        return self.bank_frames
+
+    def fuses(self, layer_name: str) -> bool:
+        """Whether the self-attention layer `layer_name` applies feature fusion (and its bank holds O)."""
+        return layer_name.startswith(self.ff_layer_prefixes)
+
+    def default_t_index_list(self) -> tuple[int, ...]:
+        return default_t_index_list(self.steps, self.model)
+
+    # -- comparing and naming -------------------------------------------------------------------------------
+    def differences(self, asked: EngineSpec) -> list[str]:
+        """What differs between this (built) spec and `asked`, field by field, in words.
+
+        Guidance is compared by the UNet batch it needs (none and self share a build). LoRAs by file contents
+        and scale. `weights_seed` only matters for random weights; the weights hash check covers it.
+        """
+        diffs = []
+        for f in dataclasses.fields(self):
+            if f.name in ("cfg_type", "loras", "weights_seed"):
+                continue
+            have, want = getattr(self, f.name), getattr(asked, f.name)
+            if have != want:
+                diffs.append(f"{f.name}: engines have {_show(have)}, asked {_show(want)}")
+        if self.stream_batch != asked.stream_batch:
+            diffs.append(
+                f"UNet batch: engines have {self.stream_batch} per stream ({self.steps} step(s), guidance "
+                f"{self.cfg_type.value}), asked {asked.stream_batch} ({asked.steps} step(s), guidance "
+                f"{asked.cfg_type.value})"
+            )
+        have = [(lora.digest(), lora.scale) for lora in self.loras]
+        if have != [(lora.digest(), lora.scale) for lora in asked.loras]:
+            built = ", ".join(f"{lora.path.name}:{lora.scale:g}" for lora in self.loras) or "no LoRA"
+            want = ", ".join(lora.cli_arg() for lora in asked.loras) or "no LoRA"
+            diffs.append(f"loras: engines were built with {built}, asked {want} (file contents or scales differ)")
+        return diffs
+
+    def folder_name(self, builder: str | None = None) -> str:
+        """The one naming rule for build folders: everything the networks are specialised for, so builds for
+        another size, batch or bank never overwrite each other. AOTInductor packages get their own folder."""
+        name = Path(self.model).name or "model"
+        streams = f"-s{self.max_streams}" if self.max_streams > 1 else ""
+        suffix = "-aoti" if builder == "aoti" else ""
+        return (
+            f"{name}-{self.width}x{self.height}-b{self.stream_batch}{streams}-{self.bank.value}{self.bank_frames}"
+            f"-{self.vae.value}-{self.precision.value}{suffix}"
+        )
+
+    def build_command(self, out: Path | str | None = None, builder: str | None = None, onnx_only: bool = False) -> str:
+        """The exact `python -m build_engines` command that builds this spec (into `out`)."""
+        args = ["python", "-m", "build_engines", "--model", self.model, "--height", str(self.height)]
+        args += ["--width", str(self.width), "--steps", str(self.steps)]
+        if self.cfg_type is not CfgType.NONE:
+            args += ["--cfg-type", self.cfg_type.value]
+        args += ["--bank", self.bank.value]
+        if self.bank is BankKind.FIFO:
+            args += ["--bank-frames", str(self.bank_frames)]
+        args += ["--vae", self.vae.value, "--precision", self.precision.value]
+        if self.ff_threshold != 0.98:
+            args += ["--ff-threshold", repr(self.ff_threshold)]
+        if self.ff_strength != 0.8:
+            args += ["--ff-strength", repr(self.ff_strength)]
+        if self.ff_layer_prefixes != FF_LAYER_PREFIXES:
+            args += ["--ff-layers", ",".join(self.ff_layer_prefixes)]
+        if self.weights_seed:
+            args += ["--seed", str(self.weights_seed)]
+        if self.max_streams > 1:
+            args += ["--max-streams", str(self.max_streams)]
+        for lora in self.loras:
+            args += ["--lora", lora.cli_arg()]
+        if builder:
+            args += ["--builder", builder]
+        if onnx_only:
+            args.append("--onnx-only")
+        if out is not None:
+            args += ["--out", str(out)]
+        return shlex.join(args)
+
+    # -- JSON (the manifest) --------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.update({k: v.value for k, v in d.items() if isinstance(v, enum.Enum)})
+        d["ff_layer_prefixes"] = list(self.ff_layer_prefixes)
+        d["loras"] = [lora.record() for lora in self.loras]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> EngineSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown spec fields {unknown}: written by a newer version?")
+        loras = tuple(LoraSpec(Path(r["name"]), r["scale"], r["sha256"]) for r in d.get("loras", ()))
+        return cls(**{**d, "loras": loras, "ff_layer_prefixes": tuple(d.get("ff_layer_prefixes", FF_LAYER_PREFIXES))})
+
+
+def _show(value) -> str:
+    return str(value.value) if isinstance(value, enum.Enum) else repr(value) if isinstance(value, str) else str(value)
+
+
+def t_index_list_from_strength(strength: float, steps: int, num_inference_steps: int = 50) -> tuple[int, ...]:
+    """StreamV2V's schedule: start at int(50 * (1 - strength)), stride int(50 * strength) // steps."""
+    if not 0.0 < strength <= 1.0 or steps < 1:
+        raise ValueError(f"strength must be in (0, 1] and steps >= 1, got {strength} and {steps}")
+    init = int(num_inference_steps * (1 - strength))
+    stride = max(1, int(num_inference_steps * strength) // steps)
+    return tuple(min(init + i * stride, num_inference_steps - 1) for i in range(steps))
+
+
+def default_t_index_list(steps: int, model: str | None = None) -> tuple[int, ...]:
+    """The timesteps a stream of `steps` steps uses unless told: the preset's own list when it has that many
+    steps (sd-turbo [32], sd15 [30, 35, 40, 45]), else [32] for one step, else StreamV2V's strength-0.4 schedule."""
+    preset = PRESETS.get(model) if model else None
+    if preset is not None and len(preset.t_index_list) == steps:
+        return preset.t_index_list
+    return (32,) if steps == 1 else t_index_list_from_strength(0.4, steps)

@@ -1,0 +1,38 @@
+"""`Stream`: what every stream-like object offers, so every surface (video, serve, benchmarks) takes any of them.
+
+`StreamV2V` (eager or engines) and `CudaGraphStream` (whole frames replayed from CUDA graphs) implement it.
+A frame is uint8 HxWx3 RGB (numpy or torch); the result has the frame's type (and, for torch, its device).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from .blending import PromptBlend, SeedBlend
+    from .config import StreamConfig
+
+
+@runtime_checkable
+class Stream(Protocol):
+    cfg: StreamConfig  # the spec it runs (size, steps, bank) and its runtime settings
+    prompt: PromptBlend  # the prompt the next frame uses
+
+    def __call__(self, frame: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """One frame in, one frame out (the stream batch delays output by `cfg.steps - 1` frames)."""
+        ...
+
+    def update_prompt(self, prompt: PromptBlend, negative_prompt: str | None = None) -> None:
+        """From the next frame on; no rebuild, no recapture, the bank stays."""
+        ...
+
+    def update_seed(self, seed: SeedBlend) -> None:
+        """New per-slot noise from the next frame on."""
+        ...
+
+    def reset(self) -> None:
+        """Forget the stream (empty bank, empty stream batch); the prompt stays."""
+        ...

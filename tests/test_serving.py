@@ -1,0 +1,248 @@
+"""StreamServer: slots of one MultiStream behind a loop thread (open/close, latest frame wins, jobs between ticks,
+errors that reach only their own frames, stop). The web app over it is tested in test_web.py."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import tiny_spec
+
+from streamv2v_trt import StreamConfig, StreamV2V
+from streamv2v_trt.frames import FrameError
+from streamv2v_trt.multistream import MultiStream
+from streamv2v_trt.serving import Result, StreamServer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TIMEOUT = 10  # seconds: generous, the tiny model's tick takes tens of milliseconds
+
+
+@pytest.fixture(scope="module")
+def multi() -> MultiStream:
+    return MultiStream.from_pretrained(StreamConfig(tiny_spec()), streams=2, prompt="a photo")  # 64x64, fp32
+
+
+def frame(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+class Inbox:
+    """A `deliver` callback that keeps the results, for the test thread to take in order."""
+
+    def __init__(self) -> None:
+        self.results: queue.Queue[Result] = queue.Queue()
+
+    def __call__(self, result: Result) -> None:
+        self.results.put(result)
+
+    def get(self) -> Result:
+        return self.results.get(timeout=TIMEOUT)
+
+
+class Gated:
+    """A MultiStream whose ticks wait while `go` is clear, telling `started` each tick's slots as it begins; a fault
+    in `faults[i]` is raised by tick i (after its work). Everything else is the real MultiStream."""
+
+    def __init__(self, multi: MultiStream) -> None:
+        self.multi, self.streams, self.cfg, self.slots = multi, multi.streams, multi.cfg, multi.slots
+        self.go = threading.Event()
+        self.go.set()
+        self.started: queue.Queue[list[int]] = queue.Queue()
+        self.faults: dict[int, Exception] = {}
+        self.events: list[tuple] = []  # ("tick", slots) as ticks begin; jobs append their own
+        self._staged: list[int] = []
+        self.ticks = 0
+
+    def submit(self, slot: int, frame) -> None:
+        self.multi.submit(slot, frame)
+        self._staged.append(slot)
+
+    def tick(self):
+        slots, self._staged = sorted(self._staged), []
+        self.events.append(("tick", slots))
+        self.started.put(slots)
+        assert self.go.wait(TIMEOUT)
+        out = self.multi.tick()
+        fault = self.faults.pop(self.ticks, None)
+        self.ticks += 1
+        if fault is not None:
+            raise fault
+        return out
+
+    def hold(self) -> None:
+        self.go.clear()
+
+    def release(self) -> None:
+        self.go.set()
+
+
+def hold(server: StreamServer, slot: int) -> threading.Event:
+    """Block the loop thread with a job on `slot` until the returned event is set: what is pushed meanwhile waits,
+    and goes into one tick."""
+    release, running = threading.Event(), threading.Event()
+    server.run(slot, lambda _stream: running.set() or release.wait(TIMEOUT))
+    assert running.wait(TIMEOUT)
+    return release
+
+
+def test_open_close_capacity_and_a_reopened_slot_is_fresh(multi):
+    with StreamServer(multi, prompt="a photo") as server:
+        assert (server.capacity, server.width, server.height, server.prompt) == (2, 64, 64, "a photo")
+        a, b = server.open(), server.open()
+        assert {a, b} == {0, 1} and server.open() is None and server.in_use == 2
+        server.update_prompt(a, "a sketch").result(TIMEOUT)
+        inbox = Inbox()
+        server.push(a, frame(0), inbox)
+        assert inbox.get().frame.shape == (64, 64, 3)
+        assert multi.slots[a].frame_id == 1 and multi.slots[a].prompt == "a sketch"
+        server.close(a)
+        server.close(a)  # closing twice is harmless
+        assert server.in_use == 1
+        with pytest.raises(KeyError, match="not open"):
+            server.push(a, frame(1), inbox)
+        with pytest.raises(KeyError, match="not open"):
+            server.reset(a)
+        assert server.open() == a  # the slot came back: its bank empty, its prompt the server's again
+        assert multi.slots[a].frame_id == 0 and multi.slots[a].prompt == "a photo"
+        assert server.in_use == 2
+
+
+def test_every_slot_gets_what_its_stream_alone_gives(multi):
+    """Frames of both slots batched into one tick each equal a StreamV2V fed the same frames (prompts differ)."""
+    gated = Gated(multi)
+    alone = {"a photo": StreamV2V.from_pretrained(multi.cfg, prompt="a photo")}
+    alone["a watercolor"] = StreamV2V.from_pretrained(multi.cfg, prompt="a watercolor")
+    with StreamServer(gated, prompt="a photo") as server:
+        slots = {"a photo": server.open(), "a watercolor": server.open()}
+        server.update_prompt(slots["a watercolor"], "a watercolor").result(TIMEOUT)
+        inboxes = {p: Inbox() for p in slots}
+        for i in range(6):  # the bank stores at frames 0 and 4 and merges at 4 (DyMe, interval 4)
+            release = hold(server, slots["a photo"])
+            for k, (prompt, slot) in enumerate(slots.items()):
+                server.push(slot, frame(10 * k + i), inboxes[prompt])
+            release.set()
+            assert gated.started.get(timeout=TIMEOUT) == sorted(slots.values())  # one tick, both slots
+            for k, (prompt, inbox) in enumerate(inboxes.items()):
+                got, want = inbox.get().frame, alone[prompt](frame(10 * k + i))
+                assert np.abs(got.astype(int) - want).max() <= 1, (prompt, i)
+        assert server.ticks == 6
+
+
+def test_a_newer_push_replaces_the_waiting_frame(multi):
+    gated = Gated(multi)
+    with StreamServer(gated, prompt="a photo") as server:
+        slot, inbox = server.open(), Inbox()
+        gated.hold()
+        first = server.push(slot, frame(0), inbox)
+        assert gated.started.get(timeout=TIMEOUT) == [slot]  # in a tick: the next frames wait
+        second = server.push(slot, frame(1), inbox)
+        third = server.push(slot, frame(2), inbox)
+        assert inbox.get() == Result(second, dropped=True)  # at once, while the tick still runs
+        gated.release()
+        results = [inbox.get(), inbox.get()]
+        assert [r.seq for r in results] == [first, third] and all(r.frame is not None for r in results)
+        assert all(r.latency_s >= r.tick_s > 0 for r in results)
+        assert multi.slots[slot].frame_id == 2  # the dropped frame never reached the model
+
+
+def test_jobs_run_in_order_between_ticks(multi):
+    gated = Gated(multi)
+    with StreamServer(gated, prompt="a photo") as server:
+        a, b = server.open(), server.open()
+        inbox = Inbox()
+        other = Inbox()
+        server.push(b, frame(9), other)  # b has a frame in its bank: a's reset must not touch it
+        assert gated.started.get(timeout=TIMEOUT) == [b] and other.get().frame is not None
+        gated.hold()
+        server.push(a, frame(0), inbox)
+        assert gated.started.get(timeout=TIMEOUT) == [a]
+        prompt = server.update_prompt(a, "a sketch")
+        seen = server.run(a, lambda stream: gated.events.append(("job", stream.prompt, stream.frame_id)))
+        server.push(a, frame(1), inbox)
+        reset = server.reset(a)
+        time.sleep(0.1)
+        assert not (prompt.done() or seen.done() or reset.done())  # the running tick is never interrupted
+        gated.release()
+        inbox.get(), inbox.get()
+        assert reset.result(TIMEOUT) is None and prompt.result(TIMEOUT) is None
+        # Jobs in the order asked, all before the frame that waited behind them, which ran with the new prompt.
+        assert gated.events[-3:] == [("tick", [a]), ("job", "a sketch", 1), ("tick", [a])]
+        assert multi.slots[a].frame_id == 1 and multi.slots[a].prompt == "a sketch"
+        assert multi.slots[b].frame_id == 1 and multi.slots[b].prompt == "a photo"
+
+
+def test_a_bad_frame_is_reported_to_its_slot_only(multi):
+    gated = Gated(multi)
+    with StreamServer(gated, prompt="a photo") as server:
+        a, b = server.open(), server.open()
+        inbox_a, inbox_b = Inbox(), Inbox()
+        release = hold(server, a)
+        server.push(a, np.zeros((10, 10, 3), np.uint8), inbox_a)  # the wrong size: FrameError
+        server.push(b, frame(1), inbox_b)
+        release.set()
+        error = inbox_a.get().error
+        assert isinstance(error, FrameError) and "10x10" in str(error)
+        assert inbox_b.get().frame.shape == (64, 64, 3)
+        assert gated.started.get(timeout=TIMEOUT) == [b]  # the tick ran without it
+        server.push(a, frame(2), inbox_a)  # the slot goes on
+        assert inbox_a.get().frame.shape == (64, 64, 3)
+        assert multi.slots[a].frame_id == 1 and multi.slots[b].frame_id == 1
+
+
+def test_a_fault_in_a_tick_reaches_that_ticks_frames_and_the_loop_goes_on(multi, caplog):
+    gated = Gated(multi)
+    gated.faults[0] = RuntimeError("the device fell over")
+    with StreamServer(gated, prompt="a photo") as server:
+        a, b = server.open(), server.open()
+        inbox_a, inbox_b = Inbox(), Inbox()
+        release = hold(server, a)
+        server.push(a, frame(0), inbox_a)
+        server.push(b, frame(1), inbox_b)
+        release.set()
+        for inbox in (inbox_a, inbox_b):
+            result = inbox.get()
+            assert result.frame is None and str(result.error) == "the device fell over"
+        assert "tick failed" in caplog.text
+        server.push(b, frame(2), inbox_b)
+        assert inbox_b.get().frame.shape == (64, 64, 3)
+
+
+def test_a_failing_deliver_callback_does_not_stop_the_loop(multi, caplog):
+    def broken(result: Result) -> None:
+        raise RuntimeError("the client is gone")
+
+    with StreamServer(multi, prompt="a photo") as server:
+        a, b = server.open(), server.open()
+        server.push(a, frame(0), broken)
+        inbox = Inbox()
+        server.push(b, frame(1), inbox)
+        assert inbox.get().frame is not None
+        assert "delivering a result of slot" in caplog.text
+
+
+def test_stop_answers_everything_it_will_not_run(multi):
+    gated = Gated(multi)
+    server = StreamServer(gated, name="test-serving-stop")
+    slot, inbox = server.open(), Inbox()
+    gated.hold()
+    running = server.push(slot, frame(0), inbox)
+    assert gated.started.get(timeout=TIMEOUT) == [slot]
+    waiting = server.push(slot, frame(1), inbox)
+    job = server.reset(slot)
+    server.stop(timeout=0.1)  # the tick in progress still holds the loop
+    stopped = inbox.get()
+    assert stopped.seq == waiting and "stopped" in str(stopped.error)
+    with pytest.raises(RuntimeError, match="stopped"):
+        job.result(TIMEOUT)
+    assert server.open() is None
+    with pytest.raises(RuntimeError, match="stopped"):
+        server.push(slot, frame(2), inbox)
+    gated.release()
+    done = inbox.get()  # the tick in progress finishes and is delivered
+    assert done.seq == running and done.frame is not None
+    server.stop()
+    assert "test-serving-stop" not in [t.name for t in threading.enumerate()]
