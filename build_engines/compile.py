@@ -8,13 +8,52 @@ engine is specialised for the actual GPU when first loaded. Full TensorRT needs 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from streamv2v_trt.backends.tensorrt_import import import_tensorrt, trt_logger
 
 log = logging.getLogger(__name__)
+
+# What TensorRT-RTX prints straight to stdout (not through the logger) that says nothing is wrong: the fp16 graph's
+# clamp constants (the cosine epsilon, already fp16 in the ONNX) are "cast" to the op's own type.
+BENIGN_PRINTS = ("payload type requires precision-lose casting",)
+
+
+@contextlib.contextmanager
+def _prints_through_logging(what: str) -> Iterator[None]:
+    """The native library's direct stdout/stderr prints during `what`, re-issued through logging: known-benign ones
+    at debug level (counted at info), the rest as warnings."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        for fd in saved:
+            os.dup2(capture.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            capture.seek(0)
+            lines = [line for line in capture.read().decode(errors="replace").splitlines() if line.strip()]
+    benign = [line for line in lines if any(b in line for b in BENIGN_PRINTS)]
+    for line in benign:
+        log.debug("%s: %s", what, line)
+    if benign:
+        log.info("%s: %d notes about fp16 clamp constants (benign; -v shows them)", what, len(benign))
+    for line in lines:
+        if line not in benign:
+            log.warning("%s: %s", what, line)
 
 
 def build_engine(onnx_path: Path, engine_path: Path, *, flavour: str, workspace_gib: float = 4.0) -> float:
@@ -28,12 +67,15 @@ def build_engine(onnx_path: Path, engine_path: Path, *, flavour: str, workspace_
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    with _prints_through_logging(f"parsing {onnx_path.name}"):
+        parsed = parser.parse_from_file(str(onnx_path))
+    if not parsed:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"{flavour} could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    serialized = builder.build_serialized_network(network, config)
+    with _prints_through_logging(f"building {engine_path.name}"):
+        serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(
             f"{flavour} failed to build an engine from {onnx_path} (errors logged above). Full TensorRT needs a GPU "

@@ -171,3 +171,20 @@ def test_asked_builders_are_refused_where_they_cannot_run(monkeypatch):
 def test_rtx_capabilities(capability, runs):
     """As measured: TensorRT-RTX engines load on 8.0, 8.6, 8.9 and 12.0+, not on Hopper (9.0)."""
     assert rtx_runs_on(capability) is runs
+
+
+def test_native_prints_during_an_engine_build_go_through_logging(caplog):
+    """TensorRT-RTX prints some notes straight to stdout: benign ones become debug lines, the rest warnings."""
+    import logging
+    import os
+
+    from build_engines.compile import _prints_through_logging
+
+    with caplog.at_level(logging.DEBUG, logger="build_engines.compile"):
+        with _prints_through_logging("building x.engine"):
+            os.write(1, b"WARNING: in op c, operand b payload type requires precision-lose casting\n")
+            os.write(2, b"something else went oddly\n")
+    levels = {r.getMessage(): r.levelname for r in caplog.records}
+    assert levels["building x.engine: something else went oddly"] == "WARNING"
+    assert levels["building x.engine: 1 notes about fp16 clamp constants (benign; -v shows them)"] == "INFO"
+    assert any(level == "DEBUG" and "precision-lose" in msg for msg, level in levels.items())

@@ -70,8 +70,13 @@ def tensorrt_version(module: ModuleType) -> str:
     return str(getattr(module, "__version__", "unknown"))
 
 
+# Parser warnings that need no action here: the runtime binds `timestep` as int64, as the manifest records.
+BENIGN_WARNINGS = ("has Int64 binding",)
+
+
 def trt_logger(trt: ModuleType):
-    """A TensorRT `ILogger` that forwards into `logging` (errors, warnings; info and verbose at debug level)."""
+    """A TensorRT `ILogger` that forwards into `logging` (errors, warnings; info, verbose and the benign warnings
+    above at debug level)."""
 
     class _Logger(trt.ILogger):
         def __init__(self) -> None:
@@ -80,7 +85,7 @@ def trt_logger(trt: ModuleType):
         def log(self, severity, msg) -> None:
             if severity <= trt.ILogger.Severity.ERROR:
                 log.error("%s", msg)
-            elif severity == trt.ILogger.Severity.WARNING:
+            elif severity == trt.ILogger.Severity.WARNING and not any(b in msg for b in BENIGN_WARNINGS):
                 log.warning("%s", msg)
             else:
                 log.debug("%s", msg)
