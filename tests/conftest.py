@@ -1,5 +1,6 @@
 """Shared test set-up. Keep minimal: every helper's tests load it."""
 
+import hashlib
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,10 @@ import torch
 # With CUDA the kernels are compiled, so GPU tests exercise the real code (and can be captured in CUDA graphs).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# pytest-xdist runs one worker per core: each worker's torch uses its share of the cores, not all of them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(scope="module")
@@ -31,28 +36,44 @@ def tiny_spec(**fields):
     return EngineSpec(**{"model": "tiny", "height": 64, "width": 64, "precision": "fp32", **fields})
 
 
+def _build_root(tmp_path_factory) -> Path:
+    """Where session builds live: with pytest-xdist one folder all workers share (the workers' temp folders sit
+    side by side under it), so a build made by one worker is reused by the others."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "builds"
+    root.mkdir(exist_ok=True)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory):
-    """`tiny_build(spec, **build_options) -> Path`: a build folder, built once per test session per distinct
-    (spec, options) and shared by every test module (exports take seconds each on a 2-core CPU; an AOTInductor
-    compile about a minute). Folders are `<root>/<spec.folder_name(builder)>` (`.parent` is the root). Tests must
-    not modify a folder: copy it first (`shutil.copytree`) to damage files."""
+    """`tiny_build(spec, **build_options) -> Path`: a build folder, built once per test run per distinct
+    (spec, options) and shared by every test module and pytest-xdist worker (exports take seconds each on a 2-core
+    CPU; an AOTInductor compile about two minutes). Folders are `<root>/<spec.folder_name(builder)>` (`.parent` is
+    the root; tools find builds by that name) unless another build took the name first. Tests must not modify a
+    folder: copy it first (`shutil.copytree`) to damage files."""
+    from filelock import FileLock
+
     from build_engines import BuildConfig, build
 
-    root: Path = tmp_path_factory.mktemp("builds")
-    built: dict = {}
+    root = _build_root(tmp_path_factory)
 
     def get(spec=None, **options) -> Path:
         spec = spec or tiny_spec()
-        options.setdefault("onnx_only", options.get("builder") is None)
-        key = (spec, tuple(sorted(options.items())))
-        if key not in built:
-            cfg = BuildConfig(spec, **options)
-            # Named by the one folder rule, so tools that find folders by name (benchmarks) find these too.
-            out = root / spec.folder_name(options.get("builder"))
-            if out.exists():  # the same spec with other options (onnx_only, ...)
-                out = root / f"{len(built)}-{out.name}"
-            built[key] = build(replace(cfg, out=out)).out
-        return built[key]
+        builder = options.get("builder")
+        options.setdefault("onnx_only", builder is None)
+        key = repr((spec, sorted(options.items())))
+        plain = root / spec.folder_name(builder)
+        # The name rule leaves some fields out (LoRAs, fusion settings, ...): the first build claims the plain
+        # name, another build that maps to it gets a folder named with its key's hash.
+        for out in (plain, root / f"{hashlib.sha256(key.encode()).hexdigest()[:8]}-{plain.name}"):
+            with FileLock(str(out.with_name(out.name + ".lock"))):  # one worker builds, the others wait and reuse
+                claim = out.with_name(out.name + ".key")
+                if not claim.exists():
+                    build(replace(BuildConfig(spec, **options), out=out))
+                    claim.write_text(key)
+                if claim.read_text() == key:
+                    return out
+        raise AssertionError(f"two builds claim {out}")  # a sha256 prefix collision
 
     return get

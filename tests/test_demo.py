@@ -11,8 +11,12 @@ from streamv2v_trt.cli.main import main
 
 @pytest.mark.slow
 def test_demo_reuses_or_builds_engines_runs_both_paths_and_writes_a_playable_mp4(tmp_path, capsys, tiny_build):
-    # The session's shared tiny folders: the demo's ONNX build (64x64, fp32) is one of them, so it is reused.
-    engines = tiny_build(tiny_spec()).parent
+    # The demo's ONNX build (64x64, fp32) is one of the session's shared folders, so it is reused; the demo's own
+    # root keeps what it builds (TensorRT-RTX fp16) away from folders other test workers read.
+    shared = tiny_build(tiny_spec())
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    (engines / shared.name).symlink_to(shared, target_is_directory=True)
     out = tmp_path / "demo.mp4"
     argv = ["demo", "--frames", "6", "--size", "64", "--out", str(out), "--engines", str(engines)]
     assert main(argv) == 0

@@ -4,6 +4,7 @@ Chromium (fake camera). The hub is a StreamServer on the slots `serve` makes; St
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import io
 import json
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
+import anyio  # noqa: E402  (starlette's own dependency)
 from conftest import tiny_spec  # noqa: E402
 from fastapi import WebSocketDisconnect  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
@@ -283,6 +285,47 @@ def test_slow_model_drops_frames_latest_wins_per_connection(hub):
                 assert dropped and len(results) < n
                 assert results[-1] == n - 1  # the newest frame is never dropped
                 assert stream.frame_id == len(results)  # dropped frames never reached the model
+
+
+class Disconnecting:
+    """A socket whose peer hangs up after `ticks` turns of the event loop."""
+
+    def __init__(self, ticks: int) -> None:
+        self.ticks = ticks
+
+    async def receive(self) -> dict:
+        for _ in range(self.ticks):
+            await asyncio.sleep(0)
+        return {"type": "websocket.disconnect", "code": 1000}
+
+    async def send_text(self, text: str) -> None:
+        pass
+
+
+def test_a_session_cancelled_by_its_server_ends_with_the_servers_cancellation():
+    """The server (uvicorn, TestClient) cancels the app's task through an anyio cancel scope when a connection
+    closes, at any moment of the session's shutdown; the CancelledError that leaves the session must be the scope's
+    own, or it escapes the scope (TestClient then raised CancelledError on leaving a socket)."""
+
+    hub = argparse.Namespace(width=64, height=64, prompt="a photo")  # all a session reads of its hub here
+
+    async def session(hangup: int, cancel: int) -> bool:
+        with anyio.CancelScope() as scope:
+
+            async def cancel_later() -> None:
+                for _ in range(cancel):
+                    await asyncio.sleep(0)
+                scope.cancel()
+
+            canceller = asyncio.create_task(cancel_later())
+            await web_app.Session(Disconnecting(hangup), hub, 0, None, Limits()).run()
+        await canceller
+        return scope.cancel_called
+
+    async def every_interleaving() -> int:
+        return sum([await session(hangup, cancel) for hangup in range(8) for cancel in range(12)])
+
+    assert asyncio.run(every_interleaving()) > 0  # the scope did cancel sessions, and each ended quietly
 
 
 def test_every_text_message_gets_an_answer_and_the_socket_keeps_working(hub, caplog):

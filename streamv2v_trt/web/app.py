@@ -177,7 +177,9 @@ class Session:
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # asyncio.wait, not gather: when the server cancels this task meanwhile, gather would raise a child's
+            # CancelledError in place of the server's own, and the server's cancel scope would not recognise it.
+            await asyncio.wait(tasks)
         for task in done:
             error = None if task.cancelled() else task.exception()
             if error is not None and not isinstance(error, CLOSED):
