@@ -127,7 +127,7 @@ def wait_until(condition, what: str, seconds: float) -> float:
 @pytest.fixture
 def idle(server):
     """The server's URL once every slot is free again (the previous test's sockets are closed)."""
-    wait_until(lambda: all(replica_status(r).in_use == 0 for r in REPLICAS), "every slot free", 10)
+    wait_until(lambda: all(replica_status(r).in_use == 0 for r in REPLICAS), "every slot free", 30)
     return server
 
 
@@ -261,7 +261,7 @@ def test_a_dead_replica_closes_only_its_sessions_and_serve_starts_it_again(idle)
     victim = replica_status("streams-0")
     os.kill(victim.pid, signal.SIGKILL)
     killed = time.monotonic()
-    wait_until(lambda: any(not c.is_alive() for c in cameras), "the killed replica's session was closed", 10)
+    wait_until(lambda: any(not c.is_alive() for c in cameras), "the killed replica's session was closed", 30)
     closed = [c for c in cameras if not c.is_alive()]
     assert len(closed) == 1, "both sessions were closed"
     lost, survivor = closed[0], next(c for c in cameras if c.is_alive())
@@ -269,11 +269,14 @@ def test_a_dead_replica_closes_only_its_sessions_and_serve_starts_it_again(idle)
     errors = [a for a in lost.answers if a["type"] == "error"]
     assert errors and "stream lost" in errors[-1]["message"], lost.answers[-3:]
     after = survivor.results()
-    wait_until(lambda: survivor.results() >= after + 5, "the other replica's session kept getting results", 10)
-    # Serve starts streams-0 again (the model loads): then a new session succeeds; meanwhile it is told busy.
+    wait_until(lambda: survivor.results() >= after + 5, "the other replica's session kept getting results", 30)
+    # Serve starts streams-0 again (a new worker process imports torch and loads the model): then a new session
+    # succeeds; meanwhile it is told busy. About 10 s on an idle 2-core machine, 34 s beside one AOTInductor compile,
+    # over 90 s beside another test worker's heavier work: the bound says "restarted", not how fast.
     while not ready(idle):
-        assert time.monotonic() - killed < 90, "no new session 90 s after a replica was killed"
+        assert time.monotonic() - killed < 240, "no new session 240 s after a replica was killed"
         time.sleep(0.5)
+    print(f"new session {time.monotonic() - killed:.1f} s after the kill")  # shown with -s
     assert replica_status("streams-0").pid != victim.pid
     with open_session(idle) as ws:  # the survivor's replica is full: this one runs on the new streams-0
         ws.send(jpeg(4))
