@@ -4,6 +4,7 @@ speak the page's WebSocket protocol through Serve's HTTP proxy. The protocol its
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -81,7 +82,8 @@ def server(cluster, tmp_path_factory):
     url = f"ws://127.0.0.1:{port}/ws"
     try:
         deadline = time.monotonic() + 180
-        while proc.poll() is None and not ready(url):
+        # Serving once every replica has answered the ingress (one answering is enough for `ready`).
+        while proc.poll() is None and not every_replica_serves(url):
             assert time.monotonic() < deadline, "serve --ray did not serve within 180 s:\n" + tail(log)
             time.sleep(0.5)
         assert proc.poll() is None, "serve --ray exited:\n" + tail(log)
@@ -149,6 +151,16 @@ def receive(ws) -> dict:
     return msg
 
 
+def every_replica_serves(url: str) -> bool:
+    """Whether the ingress opens a session on each replica at once (one slot each): then all have answered it."""
+    with contextlib.ExitStack() as sockets:
+        try:
+            opened = [sockets.enter_context(connect(url, open_timeout=5)) for _ in REPLICAS]
+            return all(json.loads(ws.recv(timeout=TIMEOUT))["type"] == "ready" for ws in opened)
+        except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake):
+            return False
+
+
 def open_session(url: str):
     ws = connect(url)
     msg = json.loads(ws.recv(timeout=TIMEOUT))
@@ -168,8 +180,8 @@ def busy(url: str) -> int:
 
 @pytest.mark.slow
 def test_two_sessions_land_on_two_replicas_and_each_equals_a_plain_stream(idle, reference):
-    sockets = [open_session(idle), open_session(idle)]
-    try:
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(open_session(idle)) for _ in REPLICAS]  # closed even when this test fails
         assert [replica_status(r).in_use for r in REPLICAS] == [1, 1]  # least-loaded: one on each replica
         refs = [reference.sibling(), reference.sibling()]
         for i in range(6):  # DyMe stores at frames 0 and 4, merges at 4
@@ -181,9 +193,6 @@ def test_two_sessions_land_on_two_replicas_and_each_equals_a_plain_stream(idle, 
                 assert msg["type"] == "result" and msg["seq"] == i, msg
                 want = as_page(ref(codec.decode_frame(d, Limits(), 64, 64)))
                 assert np.abs(msg["image"].astype(int) - want).max() <= 1, i
-    finally:
-        for ws in sockets:
-            ws.close()
 
 
 @pytest.mark.slow
