@@ -2,6 +2,8 @@
 
 import hashlib
 import os
+import socket
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +36,21 @@ def tiny_spec(**fields):
     from streamv2v_trt.spec import EngineSpec
 
     return EngineSpec(**{"model": "tiny", "height": 64, "width": 64, "precision": "fp32", **fields})
+
+
+def free_port() -> int:
+    """A free local TCP port (released just before the server under test binds it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, what: str, seconds: float = 1.0) -> None:
+    """Poll `condition` until it holds; fail saying `what` did not happen within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {seconds:g} s"
+        time.sleep(0.01)
 
 
 def _build_root(tmp_path_factory) -> Path:

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port, wait_until
 from PIL import Image
 
 ray = pytest.importorskip("ray")
@@ -71,9 +71,7 @@ def cluster():
 def server(cluster, tmp_path_factory):
     """`python -m streamv2v_trt serve --ray --replicas 2 --streams-per-replica 1` in the cluster: its ws:// URL.
     Stopped with SIGINT after the module, which must delete the application and exit 0."""
-    with socket.socket() as s:  # a free port (released just before the proxy binds it)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     argv = ["--ray", "--address", cluster, "--replicas", "2", "--streams-per-replica", "1", "--port", str(port)]
     with open(log, "w") as out:
@@ -116,14 +114,6 @@ def reference(one_thread) -> StreamV2V:
 
 def replica_status(name: str):
     return ray_serve.get_deployment_handle(name, APP_NAME).status.remote("tests").result(timeout_s=TIMEOUT)
-
-
-def wait_until(condition, what: str, seconds: float) -> float:
-    t0 = time.monotonic()
-    while not condition():
-        assert time.monotonic() - t0 < seconds, f"{what} within {seconds:g} s"
-        time.sleep(0.02)
-    return time.monotonic() - t0
 
 
 @pytest.fixture

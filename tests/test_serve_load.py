@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 pytest.importorskip("websockets")
 pytest.importorskip("fastapi")
@@ -25,12 +25,6 @@ from benchmarks.serve_load import main  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 SLOTS = 2  # the server's connection limit
 RUN = ["--seconds", "3", "--warmup", "1", "--timeout", "20"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_accepts(*flags: str) -> bool:

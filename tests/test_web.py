@@ -22,7 +22,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 import anyio  # noqa: E402  (starlette's own dependency)
-from conftest import tiny_spec  # noqa: E402
+from conftest import free_port, tiny_spec, wait_until  # noqa: E402
 from fastapi import WebSocketDisconnect  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
@@ -203,13 +203,6 @@ def exchange(spy: SpyHub, sockets: list, refs: list[StreamV2V], seeds: list[int]
         frame = spy.outputs[slot][-1]
         assert_same(frame, ref(codec.decode_frame(d, Limits(), 64, 64)))
         assert np.array_equal(page, np.asarray(Image.open(io.BytesIO(codec.encode_jpeg(frame, 85)))))
-
-
-def wait_until(condition, what: str, seconds: float = 1.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {seconds:g} s"
-        time.sleep(0.01)
 
 
 def test_page_and_ready_message(hub):
@@ -620,9 +613,7 @@ def test_serve_command_serves_the_page(tmp_path):
     import sys
     import urllib.request
 
-    with socket.socket() as s:  # a free port (released just before the server binds it)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "streamv2v_trt", "serve", "--port", str(port), "--height", "64", "--width", "64"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
