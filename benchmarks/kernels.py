@@ -1,6 +1,6 @@
 """`python -m benchmarks.kernels`: the DyMe bank update, Triton kernels vs the torch reference, on sd-turbo layer sizes.
 
-Checks, then times. Per layer size it checks `kernels.dyme_triton` against `kernels.dyme.dyme_ref` on the same inputs
+Checks, then times. Per layer size it checks `streamv2v_trt.kernels.dyme_triton` against `streamv2v_trt.kernels.dyme.dyme_ref` on the same inputs
 (fp32 reference of the same values): the assignment must be equal, except where the reference's two candidates
 are a near-tie (cosines within ASSIGN_TIE_TOL, where fp32 summation order decides), and the merged K, V[, O] must
 match to TOL on every destination that no such near-tie touches. Any other difference fails: it prints what
@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.dyme import COSINE_EPS, dyme_assign, dyme_ref
+from streamv2v_trt.kernels.dyme import COSINE_EPS, dyme_assign, dyme_ref
 
 # sd-turbo's 16 self-attention layers at 512x512 (latent 64x64): (N tokens, C channels, merged parts). The four
 # fusion layers (mid block, up_blocks.1) merge K, V and O; the others K and V.
@@ -46,7 +46,7 @@ def make_layer(n: int, c: int, parts: int, batch: int, dtype: torch.dtype, seed:
 
 def check_layer(bank, current, perm) -> tuple[list[str], str]:
     """(failures, summary): the Triton assignment and merge against the fp32 reference."""
-    from kernels.dyme_triton import dyme_assign_triton, dyme_merge_triton
+    from streamv2v_trt.kernels.dyme_triton import dyme_assign_triton, dyme_merge_triton
 
     B, N, C = bank[0].shape
     keys = torch.cat([bank[0], current[0]], dim=1).float()  # [B, 2N, C]
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("benchmarks.kernels: no CUDA device here; the Triton DyMe kernels are checked and timed on a GPU only.")
         return 0
-    from kernels.dyme_triton import dyme_merge_triton
+    from streamv2v_trt.kernels.dyme_triton import dyme_merge_triton
 
     dtype = DTYPES[args.dtype]
     merge = lambda b, c, p: dyme_merge_triton(b, c, p, COSINE_EPS)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.dyme import dyme_merge
+from .kernels.dyme import dyme_merge
 
 from .config import BankConfig
 from .layout import BankLayout

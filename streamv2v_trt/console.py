@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-OUR_PACKAGES = ("streamv2v_trt", "build_engines", "kernels", "benchmarks")
+OUR_PACKAGES = ("streamv2v_trt", "build_engines", "benchmarks")
 
 
 def configure_logging(verbose: bool = False, *, quiet: bool = False) -> None:

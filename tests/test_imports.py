@@ -14,7 +14,7 @@ LAYERS = {
     "streamv2v_trt.config": 0,
     "streamv2v_trt.console": 0,
     "streamv2v_trt.models.presets": 0,
-    "kernels": 1,
+    "streamv2v_trt.kernels": 1,
     "streamv2v_trt.layout": 1,
     "streamv2v_trt.attention": 1,
     "streamv2v_trt.bank": 1,
@@ -78,7 +78,7 @@ def imports(path: Path) -> list[tuple[int, str]]:
 
 def sources() -> list[Path]:
     files = []
-    for top in ("streamv2v_trt", "build_engines", "kernels", "benchmarks"):
+    for top in ("streamv2v_trt", "build_engines", "benchmarks"):
         files += sorted((ROOT / top).rglob("*.py"))
     return [f for f in files if f.name != "__init__.py" or f.parent.name != "streamv2v_trt"]  # the API facade
 

@@ -9,8 +9,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from kernels import dyme_triton  # noqa: E402
-from kernels.dyme import COSINE_EPS, dyme_assign, dyme_merge, dyme_ref  # noqa: E402
+from streamv2v_trt.kernels import dyme_triton  # noqa: E402
+from streamv2v_trt.kernels.dyme import COSINE_EPS, dyme_assign, dyme_merge, dyme_ref  # noqa: E402
 
 COMPILED = isinstance(dyme_triton._dyme_assign_kernel, triton.runtime.JITFunction)
 if COMPILED and not torch.cuda.is_available():

@@ -9,7 +9,7 @@ from benchmarks.gpu_check.plan import Plan, Step, base
 # pointwise / reduction kernels are named after the ops they fuse ("triton_poi_fused_convolution_silu_0"), so
 # they count as other before the conv / GEMM words can match.
 KINDS = (
-    ("dyme", ("_dyme", "dyme_")),  # kernels/dyme_triton.py: _dyme_prepare/assign/segments/merge_kernel
+    ("dyme", ("_dyme", "dyme_")),  # streamv2v_trt/kernels/dyme_triton.py: _dyme_prepare/assign/segments/merge_kernel
     ("other", ("triton_poi_", "triton_red_", "triton_per_")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
     ("conv", ("conv", "fprop", "dgrad", "wgrad", "cudnn")),

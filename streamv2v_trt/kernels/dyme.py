@@ -5,7 +5,7 @@ matching with ratio 0.5 over the concatenation [bank ; current] (2N tokens), cos
 keys, each source merged into its most similar destination by a mean that includes the destination itself.
 The same assignment merges K, V and O. Output: N tokens in destination order.
 
-`dyme_merge` is what the runtime calls: the Triton kernels of `kernels.dyme_triton` on CUDA tensors where triton
+`dyme_merge` is what the runtime calls: the Triton kernels of `streamv2v_trt.kernels.dyme_triton` on CUDA tensors where triton
 imports, else `dyme_ref`. Tests compare the two under `TRITON_INTERPRET=1` (tests/test_kernels.py).
 """
 
@@ -20,7 +20,7 @@ try:  # the one import point of the optional Triton kernels; without triton the 
 except ImportError:
     dyme_triton = None
 else:
-    from kernels import dyme_triton
+    from . import dyme_triton
 
 COSINE_EPS = 1e-4  # fp16-safe (see streamv2v_trt.attention)
 
