@@ -1,10 +1,10 @@
 """`python -m benchmarks.kernels`: the DyMe bank update, Triton kernels vs the torch reference, on sd-turbo layer sizes.
 
-Checks, then times. Per layer size it checks `streamv2v_trt.kernels.dyme_triton` against `streamv2v_trt.kernels.dyme.dyme_ref` on the same inputs
-(fp32 reference of the same values): the assignment must be equal, except where the reference's two candidates
-are a near-tie (cosines within ASSIGN_TIE_TOL, where fp32 summation order decides), and the merged K, V[, O] must
-match to TOL on every destination that no such near-tie touches. Any other difference fails: it prints what
-differs and exits 1.
+Checks, then times. Per layer size it checks `streamv2v_trt.kernels.dyme_triton` against
+`streamv2v_trt.kernels.dyme.dyme_ref` on the same inputs (fp32 reference of the same values): the assignment
+must be equal, except where the reference's two candidates are a near-tie (cosines within ASSIGN_TIE_TOL, where
+fp32 summation order decides), and the merged K, V[, O] must match to TOL on every destination that no such
+near-tie touches. Any other difference fails: it prints what differs and exits 1.
 
 Then it times the Triton path and the torch reference with CUDA events (median after warm-up) and prints ms and
 effective GB/s: the minimum bytes a merge must move (bank and current read once, the merged bank written once,

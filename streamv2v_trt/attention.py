@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from .kernels.dyme import COSINE_EPS  # one fp16-safe epsilon for every cosine similarity (FF here, DyMe there)
-
 from .layout import BankLayer
 from .spec import BankKind
 

@@ -12,9 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from .kernels.dyme import dyme_merge
-
 from .config import BankConfig
+from .kernels.dyme import dyme_merge
 from .layout import BankLayout
 from .spec import BankKind
 

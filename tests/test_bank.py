@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from streamv2v_trt.kernels.dyme import COSINE_EPS, dyme_merge, dyme_ref
 from streamv2v_trt.bank import NO_UPDATE, BankOp, FeatureBank
 from streamv2v_trt.config import BankConfig
+from streamv2v_trt.kernels.dyme import COSINE_EPS, dyme_merge, dyme_ref
 from streamv2v_trt.layout import BankLayer, BankLayout
 from streamv2v_trt.spec import BankKind
 

@@ -4,8 +4,9 @@
 buffer (`valid[s] = 1`, `torch.tensor(...)`) is baked into the graph at capture, and a sync (`.item()`,
 `nonzero`) cannot be captured at all; neither shows on the CPU, where nothing is captured. So every kind of frame
 runs here, eagerly on the tiny model, under a dispatch mode that records each aten op and fails on the ones that
-move host data into a tensor or wait for the device. (DyMe merges run `streamv2v_trt.kernels.dyme.dyme_merge`, which takes the
-torch reference on CPU tensors; on CUDA it launches the Triton kernels, which tests/test_kernels.py covers.)
+move host data into a tensor or wait for the device. (DyMe merges run
+`streamv2v_trt.kernels.dyme.dyme_merge`, which takes the torch reference on CPU tensors; on CUDA it launches the
+Triton kernels, which tests/test_kernels.py covers.)
 """
 
 import numpy as np

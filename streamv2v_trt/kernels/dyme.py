@@ -5,8 +5,8 @@ matching with ratio 0.5 over the concatenation [bank ; current] (2N tokens), cos
 keys, each source merged into its most similar destination by a mean that includes the destination itself.
 The same assignment merges K, V and O. Output: N tokens in destination order.
 
-`dyme_merge` is what the runtime calls: the Triton kernels of `streamv2v_trt.kernels.dyme_triton` on CUDA tensors where triton
-imports, else `dyme_ref`. Tests compare the two under `TRITON_INTERPRET=1` (tests/test_kernels.py).
+`dyme_merge` is what the runtime calls: the Triton kernels of `dyme_triton` (beside this file) on CUDA tensors where
+triton imports, else `dyme_ref`. Tests compare the two under `TRITON_INTERPRET=1` (tests/test_kernels.py).
 """
 
 from __future__ import annotations

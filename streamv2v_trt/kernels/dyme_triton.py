@@ -294,8 +294,8 @@ def _check_inputs(bank: Sequence[torch.Tensor], current: Sequence[torch.Tensor],
         raise ValueError(f"DyMe tensors are [B, N, C], got bank K of shape {tuple(k.shape)}")
     if k.device.type != "cuda" and not _interpreted():
         raise ValueError(
-            f"the Triton DyMe kernels need CUDA tensors, got {k.device}; use streamv2v_trt.kernels.dyme.dyme_merge (it falls back "
-            "to dyme_ref), or set TRITON_INTERPRET=1 before importing triton to interpret them on the CPU"
+            f"the Triton DyMe kernels need CUDA tensors, got {k.device}; use dyme.dyme_merge (it falls back to "
+            "dyme_ref), or set TRITON_INTERPRET=1 before importing triton to interpret them on the CPU"
         )
     B, N = k.shape[:2]
     if N > MAX_TOKENS or N * max(x.shape[-1] for x in bank) >= 2**31:
@@ -381,7 +381,7 @@ def dyme_segments_triton(assign: torch.Tensor, perm: torch.Tensor) -> tuple[torc
 def dyme_merge_triton(
     bank: Sequence[torch.Tensor], current: Sequence[torch.Tensor], perm: torch.Tensor, eps: float
 ) -> list[torch.Tensor]:
-    """As `streamv2v_trt.kernels.dyme.dyme_ref`: bank/current (K, V[, O]) each [B, N, C], perm [B, 2N] int64 -> merged parts."""
+    """As `dyme.dyme_ref`: bank/current (K, V[, O]) each [B, N, C], perm [B, 2N] int64 -> merged parts."""
     _check_inputs(bank, current, perm)
     sorted_tok, sorted_dst, start = _segments(_assign_keys(bank[0], current[0], perm, eps), perm)
     B, N = bank[0].shape[:2]
