@@ -1,5 +1,6 @@
 """The live demo over a Hub: WebSocket protocol with TestClient and a real server, and the real page in headless
-Chromium (fake camera). The hub is a StreamServer on the slots `serve` makes; StreamServer alone: test_serving.py."""
+Chromium (with a fake camera, and with none). The hub is a StreamServer on the slots `serve` makes; StreamServer
+alone: test_serving.py."""
 
 from __future__ import annotations
 
@@ -45,9 +46,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FAKE_CAMERA = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 CHROMIUM_FLAGS = [
-    "--use-fake-device-for-media-stream",
-    "--use-fake-ui-for-media-stream",
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
@@ -541,35 +541,73 @@ def live_server():
         thread.join(10)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
-def test_browser_camera_round_trip(live_server, hub):
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
+
+
+@contextlib.contextmanager
+def chromium_page(url: str, camera: bool = True):
+    """The page at `url` in headless Chromium, with a fake camera (`camera`) or with none; an uncaught error in
+    the page fails the test."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
-    spy = hub()
-    url = live_server(spy)  # the default Access: the page's own origin (127.0.0.1:port) must be allowed
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS + (FAKE_CAMERA if camera else []))
         try:
             page = browser.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url)
-            page.wait_for_function("window.streamStats && window.streamStats.received >= 3", timeout=60_000)
-            page.wait_for_function("document.getElementById('output').naturalWidth > 0", timeout=10_000)
-            size = page.evaluate("[document.getElementById('output').naturalWidth, window.streamStats.errors]")
-            assert size == [64, 0]
-            page.fill("#prompt", "a watercolor painting")
-            page.click("button[type=submit]")
-            page.wait_for_function("window.streamStats.prompt === 'a watercolor painting'", timeout=30_000)
-            assert spy.streams[0].prompt == "a watercolor painting"
-            received = page.evaluate("window.streamStats.received")
-            page.wait_for_function(f"window.streamStats.received >= {received + 2}", timeout=30_000)
-            assert "latency" in page.inner_text("#stats")
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "web_demo.png"))
+            yield page
             assert not errors, errors
         finally:
             browser.close()
+
+
+def wait_for_output(page, frames: int) -> None:
+    """Until the page got `frames` translated frames and shows the last one (a decoded 64x64 JPEG)."""
+    page.wait_for_function(f"window.streamStats && window.streamStats.received >= {frames}", timeout=60_000)
+    page.wait_for_function("document.getElementById('output').naturalWidth > 0", timeout=10_000)
+    assert page.evaluate("document.getElementById('output').naturalWidth") == 64
+
+
+@needs_chromium
+def test_browser_camera_round_trip(live_server, hub):
+    spy = hub()
+    url = live_server(spy)  # the default Access: the page's own origin (127.0.0.1:port) must be allowed
+    with chromium_page(url) as page:
+        wait_for_output(page, 3)
+        assert page.evaluate("[window.streamStats.source, window.streamStats.errors]") == ["camera", 0]
+        page.fill("#prompt", "a watercolor painting")
+        page.click("button[type=submit]")
+        page.wait_for_function("window.streamStats.prompt === 'a watercolor painting'", timeout=30_000)
+        assert spy.streams[0].prompt == "a watercolor painting"
+        received = page.evaluate("window.streamStats.received")
+        page.wait_for_function(f"window.streamStats.received >= {received + 2}", timeout=30_000)
+        assert "latency" in page.inner_text("#stats")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web_demo.png"))
     assert (ARTIFACTS / "web_demo.png").stat().st_size > 1000
+
+
+@needs_chromium
+def test_browser_without_a_camera_streams_the_test_pattern(live_server, hub):
+    """No camera: the page says so (not "permission"), falls back to its test pattern and streams it through the
+    same capture loop; with a camera, ?source=pattern picks the pattern and leaves the camera closed."""
+    url = live_server(hub())
+    with chromium_page(url, camera=False) as page:
+        page.wait_for_function("window.streamStats.source === 'pattern'", timeout=10_000)
+        status = page.inner_text("#status")
+        assert "no camera found" in status and "test pattern" in status and "permission" not in status, status
+        wait_for_output(page, 3)
+        panels = ["pattern", "output", "input-placeholder", "output-placeholder"]
+        hidden = page.evaluate("(ids) => ids.map((id) => document.getElementById(id).hidden)", panels)
+        assert hidden == [False, False, True, True]  # the pattern and a frame shown, no placeholder left
+        assert page.input_value("#source") == "pattern" and page.evaluate("window.streamStats.errors") == 0
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web_demo_no_camera.png"))
+    with chromium_page(url + "/?source=pattern") as page:
+        wait_for_output(page, 2)
+        used = page.evaluate("[window.streamStats.source, document.getElementById('input').srcObject]")
+        assert used == ["pattern", None]  # the camera was never opened
 
 
 def test_serve_refuses_bad_flags_in_one_line_before_loading(capsys):
