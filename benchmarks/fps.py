@@ -33,7 +33,8 @@ import numpy as np
 import psutil
 import torch
 
-from streamv2v_trt.console import HelpFormatter, configure_logging
+from streamv2v_trt.console import HelpFormatter, configure_logging, cpu_model, device_and_threads
+from streamv2v_trt.models.presets import ModelUnavailable
 
 log = logging.getLogger("benchmarks.fps")
 
@@ -261,7 +262,7 @@ def machine() -> dict:
 
     info = {
         "cpu": platform.processor() or platform.machine(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "logical_cpus": psutil.cpu_count(),
         "load_avg_1m": psutil.getloadavg()[0],
         "torch": torch.__version__,
@@ -272,16 +273,6 @@ def machine() -> dict:
         info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
         info["cuda"] = torch.version.cuda
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def table(results: list[Result]) -> str:
@@ -361,7 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("no eager backend in this run: outputs are not checked (PSNR needs eager as the reference)")
     for name in sorted(backends, key=lambda b: b != "eager"):  # eager first: it is the reference
         log.info("running %s: %d warm-up + %d timed frames, %d thread(s)", name, args.warmup, args.frames, args.threads)
-        result, outputs = run_backend(name, args, cfg, frames, reference if name != "eager" else None)
+        try:
+            result, outputs = run_backend(name, args, cfg, frames, reference if name != "eager" else None)
+        except ModelUnavailable as e:  # its message names the model and says what to do
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         if name == "eager":
             reference = outputs
         results.append(result)
@@ -372,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     print(
         f"{args.model} {spec.width}x{spec.height}, {spec.steps} step(s) {list(cfg.t_index_list)}, "
-        f"{'fp16' if fp16 else 'fp32'}, {args.threads} thread(s) for every backend (torch and onnxruntime), "
-        f"{info.get('gpu') or info['cpu_model']}"
+        f"{'fp16' if fp16 else 'fp32'}, {device_and_threads(args.device, args.threads)} for every backend (torch "
+        "and onnxruntime)"
     )
     print(table(results))
     for k, v in ratios.items():

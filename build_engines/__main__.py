@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from streamv2v_trt.backends.tensorrt_import import TensorRTUnavailable
 from streamv2v_trt.console import HelpFormatter, configure_logging
-from streamv2v_trt.models.presets import PRESETS
+from streamv2v_trt.models.presets import PRESETS, ModelUnavailable
 from streamv2v_trt.spec import FF_LAYER_PREFIXES, BankKind, CfgType, EngineSpec, LoraSpec, Precision, VaeKind
 
 from .build import build, stages
@@ -161,17 +162,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TensorRTUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1
-    with tqdm(total=len(stages(builder)), desc="build_engines", unit="stage", file=sys.stderr) as bar:
+    try:
+        # Log lines print above the bar rather than into its line: the redirect routes the console handler that
+        # configure_logging put on the root logger (ours propagate to it) through tqdm.write while the bar lives.
+        with (
+            logging_redirect_tqdm(),
+            tqdm(total=len(stages(builder)), desc="build_engines", unit="stage", file=sys.stderr) as bar,
+        ):
 
-        def step(desc: str) -> None:
-            bar.set_postfix_str(desc)
-            bar.update(1)
+            def step(desc: str) -> None:
+                bar.set_postfix_str(desc)
+                bar.update(1)
 
-        try:
             result = build(cfg, progress=step)
-        except TensorRTUnavailable as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+    except (TensorRTUnavailable, ModelUnavailable) as e:  # printed after the bar closed, on a line of its own
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(result.summary())
     return 0
 

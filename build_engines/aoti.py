@@ -16,13 +16,16 @@ measured on the CPU), breaking the contiguous contract.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +99,19 @@ def _check_placement(module: nn.Module, args: dict[str, torch.Tensor], device: t
             )
 
 
+@contextlib.contextmanager
+def _torch_leafspec_warning_silenced() -> Iterator[None]:
+    """Exporting and compiling a program, torch's own pytree code copies tree specs and so creates instances of its
+    deprecated `LeafSpec` class, which warns "`isinstance(treespec, LeafSpec)` is deprecated" once per network
+    (torch 2.13: three FutureWarnings per build). It is torch's internal deprecation, nothing a user of this build
+    can act on; only that warning is silenced, every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+        )
+        yield
+
+
 def _user_outputs(program: torch.export.ExportedProgram) -> list[torch.Tensor]:
     """Fake tensors of the exported graph's user outputs, in order (the graph also lists buffer mutations)."""
     from torch.export.graph_signature import OutputKind
@@ -148,7 +164,8 @@ def compile_aoti(
     opts = aoti_options(device, options)
 
     start = time.perf_counter()
-    with torch.inference_mode(False), torch.no_grad():  # inference tensors cannot be exported; no autograd graph
+    # Inference tensors cannot be exported; no autograd graph.
+    with torch.inference_mode(False), torch.no_grad(), _torch_leafspec_warning_silenced():
         program = torch.export.export(module, tuple(args.values()), strict=False)
     outs = _user_outputs(program)
     if len(outs) != len(output_names):
@@ -180,6 +197,7 @@ def compile_aoti(
             temporary_cache_dir(str(tmp_dir / "inductor")),
             torch.inference_mode(False),
             torch.no_grad(),  # freezing applies only with grad disabled
+            _torch_leafspec_warning_silenced(),
         ):
             package = aoti_compile_and_package(
                 program,

@@ -57,6 +57,9 @@ class BuildConfig:
 def choose_builder(cfg: BuildConfig) -> tuple[str | None, str]:
     """(builder, why): the builder `cfg` asks for, or what `auto` picks here. None: an --onnx-only build.
 
+    `why` is printed in parentheses after the builder ("builder aoti (--builder aoti)", "builder tensorrt-rtx
+    (auto: no GPU here, TensorRT-RTX builds ahead of time on the CPU)"), so it holds no parentheses of its own.
+
     Raises before any export when the asked builder cannot run: TensorRT not installed, or TensorRT-RTX for a
     GPU it does not run on (it would build, then fail to load: measured on an H200)."""
     if cfg.onnx_only:
@@ -65,25 +68,25 @@ def choose_builder(cfg: BuildConfig) -> tuple[str | None, str]:
     cap = torch.cuda.get_device_capability() if gpu else None
     name = torch.cuda.get_device_name() if gpu else "no GPU"
     if cfg.builder is Builder.AOTI:
-        return "aoti", "asked (--builder aoti)"
+        return "aoti", "--builder aoti"
     if cfg.builder is Builder.TENSORRT_RTX:
         import_tensorrt("tensorrt-rtx")  # TensorRTUnavailable with the install command
         if cap is not None and not rtx_runs_on(cap):
             raise TensorRTUnavailable(rtx_refusal(cap, name))
-        return "tensorrt-rtx", "asked (--builder tensorrt-rtx)"
+        return "tensorrt-rtx", "--builder tensorrt-rtx"
     if cfg.builder is Builder.TENSORRT:
         import_tensorrt("tensorrt")
-        return "tensorrt", "asked (--builder tensorrt)"
+        return "tensorrt", "--builder tensorrt"
     if gpu and _imports("tensorrt"):
-        return "tensorrt", f"auto: TensorRT is installed and a GPU is here ({name})"
+        return "tensorrt", f"auto: TensorRT is installed and a GPU is here, {name}"
     if _imports("tensorrt-rtx"):
         if cap is None:
-            return "tensorrt-rtx", "auto: no GPU here; TensorRT-RTX builds ahead of time on the CPU"
+            return "tensorrt-rtx", "auto: no GPU here, TensorRT-RTX builds ahead of time on the CPU"
         if rtx_runs_on(cap):
-            return "tensorrt-rtx", f"auto: TensorRT-RTX runs on {name} (compute capability {cap[0]}.{cap[1]})"
-        return "aoti", f"auto: TensorRT-RTX does not run on {name} (compute capability {cap[0]}.{cap[1]})"
+            return "tensorrt-rtx", f"auto: TensorRT-RTX runs on {name}, compute capability {cap[0]}.{cap[1]}"
+        return "aoti", f"auto: TensorRT-RTX does not run on {name}, compute capability {cap[0]}.{cap[1]}"
     if gpu:
-        return "aoti", f"auto: neither TensorRT nor TensorRT-RTX imports ({name})"
+        return "aoti", f"auto: a GPU is here, {name}, but neither TensorRT nor TensorRT-RTX imports"
     why = "full TensorRT needs a GPU to build" if _imports("tensorrt") else "neither TensorRT nor TensorRT-RTX imports"
     return "aoti", f"auto: no GPU here and {why}"
 

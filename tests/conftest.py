@@ -11,7 +11,8 @@ import pytest
 import torch
 
 # Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors. Triton reads the flag when a kernel
-# is decorated (at `import streamv2v_trt.kernels.dyme_triton`), so it is set here, before any test module imports the kernels.
+# is decorated (at `import streamv2v_trt.kernels.dyme_triton`), so it is set here, before any test module imports
+# the kernels.
 # With CUDA the kernels are compiled, so GPU tests exercise the real code (and can be captured in CUDA graphs).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -36,6 +37,18 @@ def tiny_spec(**fields):
     from streamv2v_trt.spec import EngineSpec
 
     return EngineSpec(**{"model": "tiny", "height": 64, "width": 64, "precision": "fp32", **fields})
+
+
+def terminal_lines(text: str) -> list[str]:
+    """What a terminal shows for `text`: each carriage return goes back to the start of the line, and what follows
+    overwrites it (progress bars redraw that way, and clear their line before a log line is printed above them)."""
+    shown = []
+    for line in text.split("\n"):
+        screen: list[str] = []
+        for part in line.split("\r"):
+            screen[: len(part)] = part
+        shown.append("".join(screen).rstrip())
+    return shown
 
 
 def free_port() -> int:

@@ -211,3 +211,36 @@ def test_a_folder_compiled_for_another_target_is_refused_with_the_rebuild_comman
         StreamV2V.from_engines(folder, "aoti", device="cpu")
     message = " ".join(str(refused.value).split())
     assert says in message and f"--builder aoti --out {folder}" in message
+
+
+LEAFSPEC = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()`"
+
+
+def test_only_torchs_leafspec_deprecation_is_silenced():
+    import warnings
+
+    from build_engines.aoti import _torch_leafspec_warning_silenced
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with _torch_leafspec_warning_silenced():
+            warnings.warn(LEAFSPEC, FutureWarning, stacklevel=1)  # torch's internal deprecation: silenced
+            warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)  # anything else still shows
+            warnings.warn(LEAFSPEC, UserWarning, stacklevel=1)  # the same words in another category too
+    assert [(w.category, str(w.message)) for w in shown] == [
+        (FutureWarning, "something else is deprecated"),
+        (UserWarning, LEAFSPEC),
+    ]
+
+
+def test_a_compile_shows_no_leafspec_warning(tmp_path):
+    """torch 2.13 warned about its own LeafSpec class once per compiled network (three times per build)."""
+    import warnings
+
+    from build_engines.aoti import compile_aoti
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        compile_aoti(torch.nn.Linear(4, 4).eval(), {"x": torch.randn(1, 4)}, ["x"], ["y"], tmp_path / "l.pt2", CPU)
+    assert (tmp_path / "l.pt2").is_file()
+    assert not [w for w in shown if "LeafSpec" in str(w.message)]

@@ -3,13 +3,16 @@ and what `--builder auto` picks for the GPU and TensorRT flavours present (faked
 
 from __future__ import annotations
 
+import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from conftest import terminal_lines, tiny_spec
 
 from build_engines import BuildConfig, Builder, choose_builder
 from build_engines.__main__ import build_parser, config_from_args
@@ -131,10 +134,10 @@ def fake_machine(monkeypatch, capability: tuple[int, int] | None, *importable: s
 @pytest.mark.parametrize(
     "capability, importable, expected, why",
     [
-        (None, ("tensorrt_rtx",), "tensorrt-rtx", "no GPU here; TensorRT-RTX builds ahead of time"),
-        ((8, 9), ("tensorrt_rtx",), "tensorrt-rtx", "TensorRT-RTX runs on NVIDIA Fake GPU (compute capability 8.9)"),
+        (None, ("tensorrt_rtx",), "tensorrt-rtx", "no GPU here, TensorRT-RTX builds ahead of time"),
+        ((8, 9), ("tensorrt_rtx",), "tensorrt-rtx", "TensorRT-RTX runs on NVIDIA Fake GPU, compute capability 8.9"),
         ((12, 0), ("tensorrt_rtx",), "tensorrt-rtx", "compute capability 12.0"),
-        ((9, 0), ("tensorrt_rtx",), "aoti", "TensorRT-RTX does not run on NVIDIA Fake GPU (compute capability 9.0)"),
+        ((9, 0), ("tensorrt_rtx",), "aoti", "TensorRT-RTX does not run on NVIDIA Fake GPU, compute capability 9.0"),
         ((9, 0), ("tensorrt", "tensorrt_rtx"), "tensorrt", "TensorRT is installed and a GPU is here"),
         ((8, 9), ("tensorrt",), "tensorrt", "TensorRT is installed and a GPU is here"),
         (None, ("tensorrt",), "aoti", "no GPU here and full TensorRT needs a GPU to build"),
@@ -146,6 +149,7 @@ def test_auto_builder_follows_the_gpu_and_what_imports(monkeypatch, capability, 
     fake_machine(monkeypatch, capability, *importable)
     builder, reason = choose_builder(BuildConfig(EngineSpec("tiny")))
     assert builder == expected and reason.startswith("auto: ") and why in reason, reason
+    assert "(" not in reason, f"the summary prints it in parentheses: builder {builder} ({reason})"
 
 
 def test_asked_builders_are_refused_where_they_cannot_run(monkeypatch):
@@ -156,7 +160,8 @@ def test_asked_builders_are_refused_where_they_cannot_run(monkeypatch):
         choose_builder(BuildConfig(EngineSpec("tiny"), builder="tensorrt-rtx"))
     with pytest.raises(TensorRTUnavailable, match=r'cannot import tensorrt .*pip install -e "\.\[trt\]"'):
         choose_builder(BuildConfig(EngineSpec("tiny"), builder="tensorrt"))
-    assert choose_builder(BuildConfig(EngineSpec("tiny"), builder="aoti")) == ("aoti", "asked (--builder aoti)")
+    # The summary prints "builder aoti (--builder aoti)", not "builder aoti (asked (--builder aoti))".
+    assert choose_builder(BuildConfig(EngineSpec("tiny"), builder="aoti")) == ("aoti", "--builder aoti")
     assert choose_builder(BuildConfig(EngineSpec("tiny"), onnx_only=True)) == (None, "--onnx-only")
     fake_machine(monkeypatch, (8, 6))
     with pytest.raises(TensorRTUnavailable, match=r'pip install -e "\.\[trt-rtx\]"'):
@@ -188,3 +193,48 @@ def test_native_prints_during_an_engine_build_go_through_logging(caplog):
     assert levels["building x.engine: something else went oddly"] == "WARNING"
     assert levels["building x.engine: 1 notes about fp16 clamp constants (benign; -v shows them)"] == "INFO"
     assert any(level == "DEBUG" and "precision-lose" in msg for msg, level in levels.items())
+
+
+def run_build_engines(*argv: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -m build_engines ARGV` as a user runs it: its own process, stderr as a terminal would get it (bytes
+    decoded here: text mode would turn the progress bar's carriage returns into newlines)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "build_engines", *argv],
+        capture_output=True,
+        env={**os.environ, **env},
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
+    proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
+    return proc
+
+
+def test_a_hub_id_without_network_is_one_line_that_says_what_to_do(tmp_path):
+    """It used to be three chained tracebacks (124 lines) from huggingface_hub. Offline mode stands in for no
+    network: the hub is never asked, so the test cannot hang on a real connection."""
+    out = tmp_path / "out"
+    proc = run_build_engines(
+        "--model", "someone/not-cached-model", "--height", "64", "--width", "64", "--onnx-only", "--out", str(out),
+        HF_HUB_OFFLINE="1",
+    )  # fmt: skip
+    lines = [line for line in terminal_lines(proc.stderr) if line]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(lines) <= 4, proc.stderr
+    (error,) = [line for line in lines if line.startswith("error:")]
+    assert "'someone/not-cached-model': the Hugging Face hub cannot be reached" in error
+    assert "--model PATH, with unet/, vae/, text_encoder/, tokenizer/, scheduler/" in error
+    assert "hf download someone/not-cached-model" in error and "preset (tiny, sd-turbo, sd15)" in error
+
+
+def test_log_lines_print_above_the_progress_bar_not_into_it(tiny_build):
+    """The stage bar and the build's INFO lines share stderr: each log line gets a line of its own."""
+    shared = tiny_build(tiny_spec())  # reused, not rebuilt: the log lines come while the bar is drawn
+    proc = run_build_engines(
+        "--model", "tiny", "--height", "64", "--width", "64", "--precision", "fp32", "--onnx-only", "--out",
+        str(shared),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    shown = terminal_lines(proc.stderr)
+    logged = [line for line in shown if "INFO " in line]
+    assert any("reusing the build" in line for line in logged), proc.stderr
+    assert all(line.startswith("INFO ") for line in logged), logged
+    assert any(line.startswith("build_engines: 100%") for line in shown), shown  # the bar itself is still drawn

@@ -219,3 +219,65 @@ def test_engine_folders_run_on_their_own_backend_by_default_and_refuse_eager(eng
         open_stream(engine_args(engines, "--compile"))
     with pytest.raises(CliError, match="no TensorRT engines in this folder"):
         open_stream(engine_args(engines, "--backend", "tensorrt"))
+
+
+# -- a hub id that cannot be fetched -------------------------------------------------------------------------
+
+HUB_ID = "someone/not-cached-model"  # made up: never in a cache, and the hub is never asked (offline mode)
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The Hugging Face hub in offline mode, as without network: nothing may try the real network for long."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: set it too
+
+
+def says_what_to_do(message: str) -> bool:
+    """An unreachable hub is named, with the ways to run without it: a local folder, a download, a preset."""
+    return (
+        f"model {HUB_ID!r}: the Hugging Face hub cannot be reached" in message
+        and "not in the local cache" in message
+        and "--model PATH, with unet/, vae/, text_encoder/, tokenizer/, scheduler/" in message
+        and f"hf download {HUB_ID}" in message
+        and "tiny, sd-turbo, sd15" in message
+    )
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_error_that_says_what_to_do(offline_hub):
+    from streamv2v_trt.models.loader import ModelUnavailable, find_weights
+
+    with pytest.raises(ModelUnavailable) as e:
+        find_weights(EngineSpec(HUB_ID, height=64, width=64))
+    assert says_what_to_do(str(e.value)) and "HF_HUB_OFFLINE is set" in str(e.value), e.value
+    assert isinstance(e.value, FileNotFoundError)  # what callers catching FileNotFoundError still get
+
+
+@pytest.mark.parametrize("command", ["build_engines", "demo", "video", "serve", "benchmarks.fps"])
+def test_every_cli_prints_an_unreachable_hub_as_one_line(offline_hub, command, tmp_path, capsys):
+    if command == "serve":
+        pytest.importorskip("uvicorn")  # serve needs the web extra before it loads a model
+    clip = tmp_path / "in.mp4"
+    write_clip(clip, [np.zeros((32, 32, 3), np.uint8)] * 2)
+    model = ["--model", HUB_ID]
+    if command == "build_engines":
+        from build_engines.__main__ import main as build_main
+
+        rc = build_main([*model, *SIZE, "--onnx-only", "--out", str(tmp_path / "out")])
+    elif command == "benchmarks.fps":
+        from benchmarks.fps import main as fps_main
+
+        rc = fps_main([*model, *SIZE, "--backends", "eager", "--frames", "1", "--warmup", "0"])
+    else:
+        argv = {
+            "demo": ["demo", "--size", "32", "--frames", "1", "--out", str(tmp_path / "demo.mp4")],
+            "video": ["video", str(clip), str(tmp_path / "out.mp4"), "--prompt", "x", *SIZE, "--no-progress"],
+            "serve": ["serve", *SIZE, "--device", "cpu"],
+        }[command]
+        rc = main([*argv, *model])
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 1 and "Traceback" not in err and len(error_lines) == 1, err
+    assert says_what_to_do(error_lines[0]) and not error_lines[0].startswith("error: cannot load model"), err

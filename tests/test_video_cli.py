@@ -8,6 +8,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from conftest import terminal_lines
 from skimage import data
 
 from streamv2v_trt.cli.main import main
@@ -68,7 +69,10 @@ def test_translates_every_frame_at_the_input_fps(clip, tmp_path, capsys):
     assert len(frames) == 12
     assert reader.info.fps == Fraction(FPS)
     assert (reader.info.width, reader.info.height) == (64, 64)
-    assert "wrote" in capsys.readouterr().out
+    (summary,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote")]
+    # An FPS names the device and the threads it was measured with, as the demo and benchmarks.fps do.
+    assert " FPS (model " in summary and " ms) on cpu (" in summary, summary
+    assert summary.endswith("), 1 CPU thread(s)"), summary  # the CPU default: one intra-op thread
 
 
 def test_stream_batch_keeps_timestamps_and_audio(tmp_path):
@@ -159,3 +163,33 @@ def test_audio_is_reported_copied_only_when_the_output_has_it(tmp_path, capsys):
         with av.open(str(out)) as c:
             audio_packets = sum(1 for p in c.demux(audio=0) if p.size) if c.streams.audio else 0
         assert ("audio packets copied" in printed) == (audio_packets > 0), (name, printed, audio_packets)
+
+
+def test_log_lines_print_above_the_progress_bar(clip, tmp_path, capsys, monkeypatch):
+    """A warning logged mid-run gets a line of its own instead of being appended to the bar's line."""
+    import logging
+    import sys
+
+    from streamv2v_trt.cli import video
+
+    translate = video.translate_video
+
+    def warns_mid_run(*args, on_frame, **kwargs):
+        def on_frame_then_warn(report):
+            on_frame(report)
+            if report.frames_out == 3:
+                logging.getLogger("streamv2v_trt.test").warning("a warning mid-run")
+
+        return translate(*args, on_frame=on_frame_then_warn, **kwargs)
+
+    monkeypatch.setattr(video, "translate_video", warns_mid_run)
+    # The console handler configure_logging installs outside pytest (pytest's own handlers make it a no-op here).
+    console = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(console)
+    try:
+        rc = main(["video", str(clip), str(tmp_path / "out.mp4"), "--prompt", "x", "--height", "64", "--width", "64"])
+    finally:
+        logging.getLogger().removeHandler(console)
+    shown = terminal_lines(capsys.readouterr().err)
+    assert rc == 0 and "a warning mid-run" in shown, shown
+    assert any("12/12" in line for line in shown), shown  # the bar was drawn

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..clips import pan_clip
-from ..console import HelpFormatter
+from ..console import HelpFormatter, device_and_threads
 from ..pipeline import StreamV2V
 from ..spec import EngineSpec, Precision
 
@@ -80,28 +80,22 @@ def timed_stream(stream: StreamV2V, frames: list[np.ndarray]) -> tuple[list[np.n
     return outputs, len(frames) / (time.perf_counter() - start)
 
 
-def _engine_builds(args: argparse.Namespace, spec: EngineSpec, device: torch.device) -> list[tuple]:
+def _engine_build(args: argparse.Namespace, spec: EngineSpec, device: torch.device) -> tuple:
     """What the engine path runs, as (BuildConfig, backend): on a GPU what `--builder auto` picks (fp16); on the
-    CPU ONNX Runtime on an fp32 ONNX build, plus a TensorRT-RTX build (it builds without a GPU) when it imports."""
+    CPU ONNX Runtime on an fp32 ONNX build. Only what the demo runs is built: TensorRT-RTX engines build on a CPU
+    but need a supported NVIDIA GPU to run, so building them here would cost minutes for a folder nothing uses
+    (`python -m build_engines --builder tensorrt-rtx` builds them ahead of time for such a GPU)."""
     from dataclasses import replace
 
     from build_engines import BuildConfig, choose_builder
 
-    def folder(cfg: BuildConfig, builder: str | None) -> BuildConfig:
-        return replace(cfg, out=args.engines / cfg.spec.folder_name(builder)) if args.engines else cfg
-
     if device.type == "cuda":
         cfg = BuildConfig(replace(spec, precision=Precision.FP16))
         builder, _ = choose_builder(cfg)
-        return [(folder(cfg, builder), "aoti" if builder == "aoti" else "tensorrt")]
-    onnx = BuildConfig(spec, onnx_only=True)
-    builds = [(folder(onnx, None), "onnxruntime")]
-    rtx = BuildConfig(replace(spec, precision=Precision.FP16), builder="tensorrt-rtx")
-    try:
-        choose_builder(rtx)
-    except ImportError:
-        return builds
-    return builds + [(folder(rtx, "tensorrt-rtx"), None)]  # built to show it builds; not run here
+        backend = "aoti" if builder == "aoti" else "tensorrt"
+    else:
+        cfg, builder, backend = BuildConfig(spec, onnx_only=True), None, "onnxruntime"
+    return (replace(cfg, out=args.engines / cfg.spec.folder_name(builder)) if args.engines else cfg), backend
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,26 +118,24 @@ def run(args: argparse.Namespace) -> int:
         columns, names = [frames, eager_out], ["input", "eager"]
         lines = [f"eager ({device.type}, {precision.value}): {eager_fps:.1f} FPS"]
         if not args.eager_only:
-            for cfg, backend in _engine_builds(args, spec, device):
-                result = build(cfg)
-                print(f"{'reused' if result.reused else 'built'} {result.out}:\n{result.summary()}")
-                if backend is None:
-                    continue
-                engine = StreamV2V.from_engines(result.out, backend, prompt=args.prompt, threads=args.threads)
-                engine_out, engine_fps = timed_stream(engine, frames)
-                diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(eager_out, engine_out))
-                columns.append(engine_out)
-                names.append(backend)
-                lines.append(
-                    f"{backend} ({device.type}, {result.manifest.spec.precision.value}): {engine_fps:.1f} FPS = "
-                    f"{engine_fps / eager_fps:.2f}x eager; max |engine - eager| = {diff} / 255"
-                )
+            cfg, backend = _engine_build(args, spec, device)
+            result = build(cfg)
+            print(f"{'reused' if result.reused else 'built'} {result.out}:\n{result.summary()}")
+            engine = StreamV2V.from_engines(result.out, backend, prompt=args.prompt, threads=args.threads)
+            engine_out, engine_fps = timed_stream(engine, frames)
+            diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(eager_out, engine_out))
+            columns.append(engine_out)
+            names.append(backend)
+            lines.append(
+                f"{backend} ({device.type}, {result.manifest.spec.precision.value}): {engine_fps:.1f} FPS = "
+                f"{engine_fps / eager_fps:.2f}x eager; max |engine - eager| = {diff} / 255"
+            )
     finally:
         torch.set_num_threads(threads)
     write_side_by_side(args.out, columns, names, args.fps)
     print(
         f"{len(frames)} frames of {args.size}x{args.size}, {args.model}, 1 step, DyMe bank every 4 frames, "
-        f"{args.threads} CPU thread(s) for every path"
+        f"on {device_and_threads(device, args.threads)} for every path"
     )
     print("\n".join(lines))
     print(f"wrote {args.out.resolve()} ({' | '.join(names)})")

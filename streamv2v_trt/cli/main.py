@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 from ..console import configure_logging
+from ..models.presets import ModelUnavailable
 
 SUBCOMMANDS = ("demo", "video", "serve")
 
@@ -37,4 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, quiet=getattr(args, "quiet", False))
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ModelUnavailable as e:  # `demo` loads the model itself; `video` and `serve` report it as a CliError
+        print(f"error: {e}", file=sys.stderr)
+        return 1

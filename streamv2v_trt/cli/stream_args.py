@@ -20,7 +20,7 @@ import torch
 
 from ..config import BankConfig, SimilarFilterConfig, StreamConfig
 from ..manifest import Manifest
-from ..models.presets import PRESETS
+from ..models.presets import PRESETS, ModelUnavailable
 from ..multistream import MultiStream
 from ..pipeline import StreamV2V
 from ..spec import BankKind, CfgType, EngineSpec, LoraSpec, Precision, t_index_list_from_strength
@@ -298,6 +298,8 @@ def _open(args: argparse.Namespace, eager: Callable, engines: Callable):
         cfg = stream_config(args, resolve_spec(args, device))
         try:
             return eager(cfg, device)
+        except ModelUnavailable as e:  # names the model and says what to do already
+            raise CliError(str(e)) from e
         except (FileNotFoundError, OSError, ValueError) as e:  # LoraError is a ValueError: the message names it
             raise CliError(f"cannot load model {cfg.spec.model!r}: {' '.join(str(e).split())}") from e
     from ..manifest import load_manifest

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..console import HelpFormatter
+from ..console import HelpFormatter, device_and_threads
 from ..images import fit_to_size
 from ..stream import Stream
 from ..video_io import VideoError, VideoReader, VideoWriter, check_output_path
@@ -140,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e))
     with reader:
         try:
-            stream = wrap_stream(open_stream(args, prompt=args.prompt), args)
+            pipeline = open_stream(args, prompt=args.prompt)
+            stream = wrap_stream(pipeline, args)
             info = reader.info
             writer = VideoWriter(
                 args.output,
@@ -162,21 +164,25 @@ def run(args: argparse.Namespace) -> int:
             info.path, info.width, info.height, info.codec, info.fps, audio,
             args.output, cfg.width, cfg.height, cfg.steps, cfg.spec.bank.value,
         )  # fmt: skip
-        bar = tqdm(total=total, unit="frame", disable=args.no_progress, dynamic_ncols=True)
+        # Log lines (a backend's warnings mid-run) print above the bar rather than into its line.
+        with logging_redirect_tqdm():
+            bar = tqdm(total=total, unit="frame", disable=args.no_progress, dynamic_ncols=True)
 
-        def on_frame(r: TranslateReport) -> None:
-            bar.n = r.frames_out
-            bar.set_postfix_str(f"{r.fps:.1f} FPS, model {r.model_fps:.1f} FPS", refresh=False)
-            bar.refresh()
+            def on_frame(r: TranslateReport) -> None:
+                bar.n = r.frames_out
+                bar.set_postfix_str(f"{r.fps:.1f} FPS, model {r.model_fps:.1f} FPS", refresh=False)
+                bar.refresh()
 
-        try:
-            report = translate_video(stream, reader, writer, max_frames=args.max_frames, on_frame=on_frame)
-        finally:
-            bar.close()
-    return _summarise(report, args.output, writer)
+            try:
+                report = translate_video(stream, reader, writer, max_frames=args.max_frames, on_frame=on_frame)
+            finally:
+                bar.close()
+    # The thread count torch runs with: the --threads policy open_stream applied (1 on a CPU by default).
+    return _summarise(report, args.output, writer, device_and_threads(pipeline.device))
 
 
-def _summarise(report: TranslateReport, output: Path, writer: VideoWriter) -> int:
+def _summarise(report: TranslateReport, output: Path, writer: VideoWriter, ran_on: str) -> int:
+    """Print what was written and how fast; `ran_on` names the device and threads (`device_and_threads`)."""
     if report.frames_out == 0:
         output.unlink(missing_ok=True)  # an output with no frames is not a video; leave nothing behind
         return _fail(f"{report.error or 'no frames were translated'}; no output written")
@@ -184,7 +190,7 @@ def _summarise(report: TranslateReport, output: Path, writer: VideoWriter) -> in
     print(
         f"{'partial output' if report.error or report.interrupted else 'wrote'} {output}: {report.frames_out} "
         f"frames{audio} in {report.seconds:.1f} s, {report.fps:.1f} FPS (model {report.model_fps:.1f} FPS, "
-        f"latency p50 {report.latency_ms(50):.0f} ms, p99 {report.latency_ms(99):.0f} ms)"
+        f"latency p50 {report.latency_ms(50):.0f} ms, p99 {report.latency_ms(99):.0f} ms) on {ran_on}"
     )
     if report.interrupted:
         print(f"interrupted: {output} holds the {report.frames_out} frames translated so far", file=sys.stderr)

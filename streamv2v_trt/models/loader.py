@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DCondit
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..spec import EngineSpec, VaeKind
-from .presets import PRESETS, ModelPreset
+from .presets import PRESETS, ModelPreset, ModelUnavailable
 from .tokenizer import clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,45 @@ def _cached_snapshot(hub_id: str) -> Path | None:
         return None
 
 
+LOCAL_LAYOUT = "unet/, vae/, text_encoder/, tokenizer/, scheduler/"  # what a diffusers pipeline folder holds
+
+
+def _download(hub_id: str) -> Path:
+    """`hub_id`'s configs and safetensors weights: from the local Hugging Face cache, else downloaded.
+
+    The hub's failures arrive as chains of three exceptions (the connection error, the cache miss, ...), none saying
+    how to run without the hub: they become one ModelUnavailable that does."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    what_to_do = (
+        f"Pass a local diffusers folder instead (--model PATH, with {LOCAL_LAYOUT}; where there is network, "
+        f"`hf download {hub_id} --local-dir PATH` makes one), or run this once with network (the files are then "
+        f"cached), or use a preset ({', '.join(PRESETS)})."
+    )
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:  # the hub answered: no such (visible) model
+        raise ModelUnavailable(
+            f"model {hub_id!r} is not on the Hugging Face hub, or is private or gated (log in with `hf auth login`). "
+            f"{what_to_do}"
+        ) from e
+    # No network, offline mode or a refused connection, and the files are not in the cache (the hub falls back to
+    # the cache on connection errors and raises LocalEntryNotFoundError when that misses too).
+    except (LocalEntryNotFoundError, ConnectionError) as e:
+        root: BaseException = e  # the first failure of the chain names the cause (e.g. a DNS error)
+        while (earlier := root.__cause__ or root.__context__) is not None:
+            root = earlier
+        first_line = (str(root).strip().splitlines() or [""])[0]
+        why = f"{type(root).__name__}: {first_line}"
+        if constants.is_offline_mode():
+            why = "offline mode: HF_HUB_OFFLINE is set"
+        raise ModelUnavailable(
+            f"model {hub_id!r}: the Hugging Face hub cannot be reached ({why}) and its files are not in the local "
+            f"cache. {what_to_do}"
+        ) from e
+
+
 def _recipe(preset: ModelPreset, vae: VaeKind, seed: int) -> str:
     cfg = preset.config_dir
     return json.dumps(
@@ -170,27 +209,25 @@ def find_weights(spec: EngineSpec) -> Weights:
         folder = Path(spec.model)
         if not folder.exists():
             if "/" not in spec.model or spec.model.startswith((".", "/")):
-                raise FileNotFoundError(
+                raise ModelUnavailable(
                     f"model {spec.model!r} is neither a preset ({', '.join(PRESETS)}), a local folder, nor a hub id "
                     "(owner/name)."
                 )
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(spec.model, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+            folder = _download(spec.model)
     missing = [d for d in ("unet", "text_encoder", "tokenizer", "scheduler") if not (folder / d).is_dir()]
     if missing:
-        raise FileNotFoundError(
+        raise ModelUnavailable(
             f"{folder} is not a diffusers pipeline folder: missing {', '.join(missing)}/. "
-            "Expected the layout of e.g. stabilityai/sd-turbo (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
+            f"Expected the layout of e.g. stabilityai/sd-turbo ({LOCAL_LAYOUT})."
         )
     taesd = None
     if spec.vae is VaeKind.TAESD and not (folder / "vae_tiny").is_dir():
         taesd_id = preset.taesd_hub_id if preset else "madebyollin/taesd"
         taesd = _cached_snapshot(taesd_id)
         if taesd is None:
-            raise FileNotFoundError(
+            raise ModelUnavailable(
                 f"--vae taesd needs TAESD weights: put them in {folder / 'vae_tiny'} or the Hugging Face cache "
-                f"(huggingface-cli download {taesd_id}), or use --vae full."
+                f"(hf download {taesd_id}), or use --vae full."
             )
     return Weights(spec.model, folder, taesd)
 

@@ -8,6 +8,13 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
+class ModelUnavailable(FileNotFoundError):
+    """`--model` names no weights this machine can load: no such preset or folder, a folder that is not a diffusers
+    pipeline, or a hub id whose files are neither in the local Hugging Face cache nor downloadable. The message
+    says which and what to do; the command line tools print it as one `error:` line. Defined here, beside the
+    presets it names, so those tools can catch it without importing diffusers."""
+
+
 @dataclass(frozen=True)
 class ModelPreset:
     name: str
