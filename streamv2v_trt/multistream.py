@@ -30,7 +30,7 @@ import torch
 from .bank import NO_UPDATE
 from .config import StreamConfig
 from .cuda_graph import CAPTURABLE_BACKENDS
-from .frames import frame_to_tensor, image_to_uint8, is_host, tensor_to_frame, uint8_to_image
+from .edge import FrameEdge
 from .pipeline import FramePlan, StreamV2V
 from .spec import EngineSpec
 
@@ -132,25 +132,19 @@ class MultiStream:
     def submit(self, slot: int, frame: np.ndarray | torch.Tensor) -> None:
         """Stage slot `slot`'s next frame (a newer one replaces it until `tick`). A bad frame raises `FrameError`
         and changes nothing."""
-        self._stage(slot, frame, self._image(slot, frame))
+        self._admit(slot, frame, self._edge(slot).stage(frame))
 
-    def _image(self, slot: int, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Check the slot and the frame (IndexError, FrameError) without changing any state: [1, 3, H, W]."""
+    def _edge(self, slot: int) -> FrameEdge:
         if not 0 <= slot < self.streams:
             raise IndexError(f"slot {slot} does not exist: this MultiStream has slots 0..{self.streams - 1}")
-        staging = self.slots[slot].staging
-        if staging is not None and staging.accepts(frame):  # host uint8 frames through the slot's pinned buffer
-            return uint8_to_image(staging.upload(frame), self.dtype)
-        cfg = self.cfg
-        return frame_to_tensor(frame, cfg.height, cfg.width, resize=cfg.resize, device=self.device, dtype=self.dtype)
+        return self.slots[slot].edge
 
-    def _stage(self, slot: int, frame: np.ndarray | torch.Tensor, image: torch.Tensor) -> None:
-        s = self.slots[slot]
-        # As StreamV2V.__call__: every frame goes through the filter (the first one becomes its reference).
-        skipped = s.similar_filter is not None and s.similar_filter.should_skip(image)
-        if not skipped:
-            self.images[slot : slot + 1].copy_(image)
-        self._pending[slot] = (frame, skipped)
+    def _admit(self, slot: int, frame: np.ndarray | torch.Tensor, staged: torch.Tensor) -> None:
+        # As StreamV2V.__call__: every frame goes through the slot's edge (the filter sees the first one too).
+        admitted = self.slots[slot].edge.admit(frame, staged)
+        if not admitted.skip:
+            self.images[slot : slot + 1].copy_(admitted.image)
+        self._pending[slot] = (frame, admitted.skip)
 
     @torch.inference_mode()
     def tick(self) -> dict[int, np.ndarray | torch.Tensor]:
@@ -161,30 +155,20 @@ class MultiStream:
             self._run(active)
         out = {}
         for i, (frame, skipped) in pending.items():
-            s = self.slots[i]
+            s, image = self.slots[i], None  # None: a skipped frame, the edge gives the last output
             if not skipped:
                 s.advance(active[i])
-                if s.similar_filter is not None:
-                    if s._last_image is None:
-                        s._last_image = torch.empty_like(self.images[i : i + 1])
-                    s._last_image.copy_(self._decoded[i : i + 1])
                 image = self._decoded[i : i + 1]
-            else:
-                image = s._last_image
-            if s.staging is not None and is_host(frame):
-                out[i] = s.staging.download(image_to_uint8(image), frame)
-            elif isinstance(frame, np.ndarray):
-                out[i] = tensor_to_frame(image, frame)
-            else:
-                out[i] = image_to_uint8(image).clone()  # the next tick overwrites the decoded batch
+                s.edge.remember(image)
+            out[i] = s.edge.emit(image, frame)
         return out
 
     def __call__(self, frames: dict[int, np.ndarray | torch.Tensor]) -> dict[int, np.ndarray | torch.Tensor]:
         """submit every frame, then tick. Frames are validated first: a bad one raises before anything is staged
         or runs (frames staged earlier with `submit` stay staged)."""
-        images = {i: self._image(i, f) for i, f in frames.items()}
+        staged = {i: self._edge(i).stage(f) for i, f in frames.items()}
         for i, f in frames.items():
-            self._stage(i, f, images[i])
+            self._admit(i, f, staged[i])
         return self.tick()
 
     def _run(self, active: dict[int, FramePlan]) -> None:
