@@ -19,7 +19,7 @@ from streamv2v_trt import BankConfig, FrameError, SimilarFilterConfig, StreamCon
 from streamv2v_trt.bank import NO_UPDATE, BankOp
 from streamv2v_trt.graph_cache import GraphCache
 from streamv2v_trt.manifest import MANIFEST_FILE, EngineMismatch, load_manifest
-from streamv2v_trt.multistream import MultiStream
+from streamv2v_trt.multistream import MultiStream, runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -412,6 +412,11 @@ def graphs_equal_eager(graphed: MultiStream, eager: MultiStream, atol: float, pi
     # slot 0 merges, or slots 1 and 2 together), 8 for two runs and an update (tick 10). Per-slot graphs launched
     # 2K + 3 for K active slots (9 from tick 15 on).
     assert launches[3] == 5 and launches[15:] == [6] * (GRAPH_TICKS - 15) and launches[10] == 8, launches
+
+
+def test_runs_of_consecutive_slots():
+    assert runs([3, 0, 1, 5]) == [range(0, 2), range(3, 4), range(5, 6)]
+    assert runs({2: None, 1: None}) == [range(1, 3)] and runs([]) == []
 
 
 def test_graph_keys_and_replays_on_the_cpu(networks):
