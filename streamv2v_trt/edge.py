@@ -65,7 +65,7 @@ class FrameEdge:
     def upload(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
         """A uint8 HxWx3 frame of the stream's size (host or device) into `frame_in`, asynchronously; anything
         else raises `FrameError`, since a graph replays one fixed conversion with no resize or checks."""
-        buffer = self.frame_in  # a CUDA stream's
+        buffer = self.frame_in  # raises ValueError on a CPU stream
         if not self.staging.accepts(frame):
             got = f"{tuple(frame.shape)} {frame.dtype}" if hasattr(frame, "shape") else type(frame).__name__
             raise FrameError(
@@ -94,7 +94,8 @@ class FrameEdge:
 
         `image`: the decoded output [1, 3, H, W] in [-1, 1]; or a uint8 [H, W, 3] device frame a CUDA graph
         already converted (a device `frame` gets that buffer itself: valid until the next frame); or None for a
-        skipped frame, which gets the remembered output. A torch result is never a buffer the networks write."""
+        skipped frame, which gets the remembered output. Otherwise a torch result is a fresh tensor, never a buffer
+        the networks or the next tick overwrite."""
         if image is None:
             image = self._last
         if self.staging is not None and is_host(frame):
