@@ -3,11 +3,12 @@
 A frame is preprocess -> VAE encode -> noise -> UNet -> scheduler step -> bank update -> VAE decode ->
 postprocess. What kind of frame comes next is the stream's `plan()` (priming or not, and the bank's update:
 none, a store into slot s, a DyMe merge), decided on the host before any GPU work. `CudaGraphStream` only maps
-plans to graphs: each plan is captured the second time it is seen (the first run is eager and doubles as the
-warm-up capture needs), every replay is followed by the stream's own `advance(plan)`. A DyMe stream settles on
+plans to graphs (`GraphCache`, graph_cache.py: each plan is captured the second time it is seen, the first run is
+eager and doubles as the warm-up capture needs); every frame, replayed or not, ends with the stream's own
+`advance(plan)`. Frames come in and go out through the stream's `FrameEdge` (edge.py). A DyMe stream settles on
 two graphs: steady and merge (plus the first frame after a reset).
 
-Everything a graph reads lives in fixed buffers written in place: the input frame (`staging.frame_in`), the
+Everything a graph reads lives in fixed buffers written in place: the input frame (`edge.frame_in`), the
 stream's latents, noise and prompt embeddings, the bank, the DyMe permutation index. So `update_prompt`,
 `update_seed` and `reset` take effect on the next replay without recapture. Backends whose calls cannot be
 captured (onnxruntime synchronises inside `run`) are refused.
@@ -15,18 +16,14 @@ captured (onnxruntime synchronises inside `run`) are refused.
 
 from __future__ import annotations
 
-import logging
-from collections import Counter
-
 import numpy as np
 import torch
 
 from .blending import PromptBlend, SeedBlend
 from .config import StreamConfig
-from .frames import FrameError, HostStaging, image_to_uint8, uint8_to_image
+from .frames import image_to_uint8, uint8_to_image
+from .graph_cache import GraphCache, cuda_capture
 from .pipeline import FramePlan, StreamV2V
-
-log = logging.getLogger(__name__)
 
 CAPTURABLE_BACKENDS = ("eager", "tensorrt", "aoti")
 
@@ -52,15 +49,10 @@ class CudaGraphStream:
                 "the similar-frame filter decides on the host from the frame's pixels (a sync), which a CUDA graph "
                 "cannot replay; disable it (StreamConfig.similar_filter) or call the stream directly"
             )
-        if capture_after < 1:
-            raise ValueError(f"capture_after must be >= 1 (eager runs before capture, as warm-up), got {capture_after}")
         self.stream = stream
-        self.capture_after = capture_after
-        self.staging: HostStaging = stream.staging
         self.cuda_stream = torch.cuda.Stream(stream.device)
-        self.pool = torch.cuda.graph_pool_handle()  # graphs replay one at a time on one stream: they share memory
-        self.graphs: dict[FramePlan, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # plan -> (graph, out)
-        self.seen: Counter[FramePlan] = Counter()
+        # plan -> (graph, uint8 [H, W, 3] output); graphs replay one at a time on this stream: one memory pool.
+        self.graphs = GraphCache(cuda_capture(stream.device, self.cuda_stream), capture_after=capture_after)
 
     # The Stream interface: the wrapped stream's config and prompt, its updates (no recapture needed).
     @property
@@ -83,34 +75,18 @@ class CudaGraphStream:
     def _frame(self, plan: FramePlan) -> torch.Tensor:
         """The device work of one frame, from the fixed input buffer to a uint8 [H, W, 3] device frame."""
         s = self.stream
-        return image_to_uint8(s.render(plan, uint8_to_image(self.staging.frame_in, s.dtype)))
+        return image_to_uint8(s.render(plan, uint8_to_image(s.edge.frame_in, s.dtype)))
 
     @torch.inference_mode()
     def __call__(self, frame: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-        s = self.stream
-        if not self.staging.accepts(frame):
-            shape = self.staging.shape
-            got = f"{tuple(frame.shape)} {frame.dtype}" if hasattr(frame, "shape") else type(frame).__name__
-            raise FrameError(f"graphed frames must be uint8 {shape} (HxWx3 RGB), got {got}; resize/convert first")
+        s, edge = self.stream, self.stream.edge
         # Work queued on the caller's stream (a prompt update, a frame upload) happens before this frame.
         self.cuda_stream.wait_stream(torch.cuda.current_stream(s.device))
         with torch.cuda.stream(self.cuda_stream):
-            self.staging.upload(frame)
+            edge.upload(frame)  # a bad frame raises FrameError here, before anything changed
             plan = s.plan()
-            captured = self.graphs.get(plan)
-            if captured is None and self.seen[plan] >= self.capture_after:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=self.cuda_stream):
-                    out = self._frame(plan)  # recorded, not run: the replay below is this frame
-                captured = self.graphs[plan] = (graph, out)
-                log.info("captured a CUDA graph for %s (%d graphs)", plan, len(self.graphs))
-            if captured is None:
-                self.seen[plan] += 1
-                out = self._frame(plan)
-            else:
-                captured[0].replay()
-                out = captured[1]
+            out = self.graphs.run(plan, lambda: self._frame(plan))
             s.advance(plan)
-            result = self.staging.download(out, frame)
+            result = edge.emit(out, frame)
         torch.cuda.current_stream(s.device).wait_stream(self.cuda_stream)
         return result

@@ -104,7 +104,8 @@ class HostStaging:
 
     def accepts(self, frame: np.ndarray | torch.Tensor) -> bool:
         """A host or device uint8 frame of the stream's size (anything else takes the general path)."""
-        return tuple(frame.shape) == self.shape and frame.dtype in (np.uint8, torch.uint8)
+        arrays = (np.ndarray, torch.Tensor)  # anything else goes to frame_to_tensor, which says what it expects
+        return isinstance(frame, arrays) and tuple(frame.shape) == self.shape and frame.dtype in (np.uint8, torch.uint8)
 
     def upload(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
         t = as_tensor(frame)

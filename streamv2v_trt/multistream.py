@@ -4,37 +4,55 @@ At 512x512 and batch 1 the GPU idles between kernels; the UNet batch already giv
 so K streams can share one UNet call (batch K x steps). Each slot is a `StreamV2V` whose network inputs are its
 rows of the shared batch buffers (its own bank, prompt, noise, frame counter and bank plan); a tick runs
 
-    encode [K frames] -> begin (each stream with a frame) -> UNet [K x Bu] -> finish (each) -> decode [K]
+    encode [K frames] -> begin (each stream with a frame) -> UNet [K x Bu] -> finish (each) -> bank updates
+      -> decode [K]
 
 A slot without a frame this tick does not begin or finish, so its state does not move (an idle slot costs its
 share of the batch, nothing else). Batch rows are independent, so a slot's frames equal that stream run alone.
 Priming (a stream's first frame after a reset, with `prime`) runs extra UNet calls for the slots that need it.
+Frames come in and go out through each slot's own `FrameEdge` (edge.py): validation, staging, the similar-frame
+filter, the last output and the download are the slot's, exactly as for the stream alone.
 
-With `cuda_graphs=True` every phase is captured on its second occurrence and replayed: encode, UNet and decode
-once, `begin` per slot, `finish` per slot and bank update. Joining, leaving, prompt changes and resets need no
-recapture; merges of different streams may fall on any tick. Tensors that cross phases are kept alive, so
-graphs sharing one memory pool never hand each other's live memory out (they replay one at a time).
+With `cuda_graphs=True` every phase runs through one `GraphCache` (graph_cache.py: captured on its second
+occurrence, replayed after, one memory pool). Keys:
+
+    ("encode",), ("unet",), ("decode",)      once each
+    ("begin", run), ("finish", run)          run: a maximal range of consecutive active slots, e.g. range(0, 4)
+    ("bank", op, run)                        run: consecutive active slots whose bank update this tick is `op`
+
+A steady tick (active slots consecutive, no bank update) launches 5 graphs whatever K is (per-slot graphs took
+2K + 3); each run of slots updating their banks alike adds one, each gap among the active slots two. Keying by
+runs bounds the graphs by K(K+1)/2 per kind of phase: 3 + (2 + U) K(K+1)/2 in all for U kinds of bank update
+(DyMe: store, merge; FIFO of k frames: k stores), e.g. 43 for K = 4. Keying by the exact set of active slots
+would launch 5 always but allow 2^K - 1 graphs per phase, and every new set costs eager runs and a capture
+(which synchronises) while clients come and go; runs are what a server mostly sees (slots of clients streaming
+together), and a gap costs two launches, not a new set of graphs. The bank updates run after the slots' other
+work, not inside `finish`: they touch only the bank, so the result is the same, and the per-slot graphs need not
+depend on the update. Joining, leaving, prompt changes and resets need no recapture; merges of different streams
+may fall on any tick.
+
+Tensors that cross phases (the encoded latents, the UNet's outputs, the decoded batch) are graph outputs, kept
+alive by the cache, so no later capture reuses their memory. A graph captured before them may keep scratch where
+they live; the encode, UNet and decode graphs are captured on the second tick that runs, after only the phases
+that precede them in every tick, so none of that scratch is written between a tensor's write and its reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from os import PathLike
 
 import numpy as np
 import torch
 
-from .bank import NO_UPDATE
+from .bank import NO_UPDATE, BankOp
 from .config import StreamConfig
 from .cuda_graph import CAPTURABLE_BACKENDS
-from .frames import frame_to_tensor, image_to_uint8, is_host, tensor_to_frame, uint8_to_image
+from .edge import FrameEdge
+from .graph_cache import GraphCache, cuda_capture
 from .pipeline import FramePlan, StreamV2V
 from .spec import EngineSpec
-
-log = logging.getLogger(__name__)
 
 
 class MultiStream:
@@ -86,7 +104,7 @@ class MultiStream:
         self.decode_in = torch.zeros(K, 4, h, w, device=device, dtype=dtype)  # the latents leaving each stream
         self._pending: dict[int, tuple[np.ndarray | torch.Tensor, bool]] = {}  # slot -> (frame, skipped)
         self._rows = Bu
-        self.graphs = _PhaseGraphs(device) if cuda_graphs else None
+        self.graphs: GraphCache | None = GraphCache(cuda_capture(device)) if cuda_graphs else None  # phase -> graph
 
     @classmethod
     def from_pretrained(
@@ -132,63 +150,51 @@ class MultiStream:
     def submit(self, slot: int, frame: np.ndarray | torch.Tensor) -> None:
         """Stage slot `slot`'s next frame (a newer one replaces it until `tick`). A bad frame raises `FrameError`
         and changes nothing."""
-        self._stage(slot, frame, self._image(slot, frame))
+        self._admit(slot, frame, self._edge(slot).stage(frame))
 
-    def _image(self, slot: int, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Check the slot and the frame (IndexError, FrameError) without changing any state: [1, 3, H, W]."""
+    def _edge(self, slot: int) -> FrameEdge:
         if not 0 <= slot < self.streams:
             raise IndexError(f"slot {slot} does not exist: this MultiStream has slots 0..{self.streams - 1}")
-        staging = self.slots[slot].staging
-        if staging is not None and staging.accepts(frame):  # host uint8 frames through the slot's pinned buffer
-            return uint8_to_image(staging.upload(frame), self.dtype)
-        cfg = self.cfg
-        return frame_to_tensor(frame, cfg.height, cfg.width, resize=cfg.resize, device=self.device, dtype=self.dtype)
+        return self.slots[slot].edge
 
-    def _stage(self, slot: int, frame: np.ndarray | torch.Tensor, image: torch.Tensor) -> None:
-        s = self.slots[slot]
-        # As StreamV2V.__call__: every frame goes through the filter (the first one becomes its reference).
-        skipped = s.similar_filter is not None and s.similar_filter.should_skip(image)
-        if not skipped:
-            self.images[slot : slot + 1].copy_(image)
-        self._pending[slot] = (frame, skipped)
+    def _admit(self, slot: int, frame: np.ndarray | torch.Tensor, staged: torch.Tensor) -> None:
+        # As StreamV2V.__call__: every frame goes through the slot's edge (the filter sees the first one too).
+        admitted = self.slots[slot].edge.admit(frame, staged)
+        if not admitted.skip:
+            self.images[slot : slot + 1].copy_(admitted.image)
+        self._pending[slot] = (frame, admitted.skip)
 
     @torch.inference_mode()
     def tick(self) -> dict[int, np.ndarray | torch.Tensor]:
         """Run every staged frame in one batched pass; returns each slot's output frame (the frame's type)."""
         pending, self._pending = self._pending, {}
         active = {i: self.slots[i].plan() for i, (_, skipped) in pending.items() if not skipped}
-        if active:
-            self._run(active)
+        decoded = self._run(active) if active else None  # [K, 3, H, W]
         out = {}
         for i, (frame, skipped) in pending.items():
-            s = self.slots[i]
+            s, image = self.slots[i], None  # None: a skipped frame, the edge gives the last output
             if not skipped:
                 s.advance(active[i])
-                if s.similar_filter is not None:
-                    if s._last_image is None:
-                        s._last_image = torch.empty_like(self.images[i : i + 1])
-                    s._last_image.copy_(self._decoded[i : i + 1])
-                image = self._decoded[i : i + 1]
-            else:
-                image = s._last_image
-            if s.staging is not None and is_host(frame):
-                out[i] = s.staging.download(image_to_uint8(image), frame)
-            elif isinstance(frame, np.ndarray):
-                out[i] = tensor_to_frame(image, frame)
-            else:
-                out[i] = image_to_uint8(image).clone()  # the next tick overwrites the decoded batch
+                image = decoded[i : i + 1]
+                s.edge.remember(image)
+            out[i] = s.edge.emit(image, frame)
         return out
 
     def __call__(self, frames: dict[int, np.ndarray | torch.Tensor]) -> dict[int, np.ndarray | torch.Tensor]:
         """submit every frame, then tick. Frames are validated first: a bad one raises before anything is staged
         or runs (frames staged earlier with `submit` stay staged)."""
-        images = {i: self._image(i, f) for i, f in frames.items()}
+        staged = {i: self._edge(i).stage(f) for i, f in frames.items()}
         for i, f in frames.items():
-            self._stage(i, f, images[i])
+            self._admit(i, f, staged[i])
         return self.tick()
 
-    def _run(self, active: dict[int, FramePlan]) -> None:
-        phase = self.graphs.run if self.graphs is not None else (lambda _key, fn: fn())
+    def _run(self, active: dict[int, FramePlan]) -> torch.Tensor:
+        """One batched pass for the `active` slots (slot -> plan); returns the decoded batch [K, 3, H, W].
+
+        Per-slot work runs as one phase per run of consecutive active slots (`runs`), so a graph serves a run
+        whatever the other slots do; the bank updates run after the slots' other work (they touch only the bank:
+        the same result as inside `finish`), one phase per run of slots with the same update."""
+        phase = self.graphs.run if self.graphs is not None else _eager
         latents = phase(("encode",), lambda: self.backend.encode(self.images))  # [K, 4, h, w]
         priming = [i for i, plan in active.items() if plan.prime]
         for _ in range(self.cfg.steps - 1 if priming else 0):  # rare (a reset with `prime`): not graphed
@@ -197,43 +203,45 @@ class MultiStream:
             out = self.backend.unet(self.inputs)
             for i in priming:
                 self.slots[i].finish(self._rows_of(out, i), NO_UPDATE)
-        for i in active:
-            phase(("begin", i), lambda i=i: self.slots[i].begin(latents[i : i + 1]))
+        slots = runs(active)
+        for r in slots:
+            phase(("begin", r), lambda r=r: self._begin(latents, r))
         out = phase(("unet",), lambda: self.backend.unet(self.inputs))
-        for i, plan in active.items():
-            phase(
-                ("finish", i, plan.bank),
-                lambda i=i, plan=plan: self.decode_in[i : i + 1].copy_(
-                    self.slots[i].finish(self._rows_of(out, i), plan.bank)
-                ),
-            )
-        self._decoded = phase(("decode",), lambda: self.backend.decode(self.decode_in))  # [K, 3, H, W]
+        for r in slots:
+            phase(("finish", r), lambda r=r: self._finish(out, r))
+        updates = {plan.bank for plan in active.values()} - {NO_UPDATE}
+        for op in sorted(updates):
+            for r in runs(i for i, plan in active.items() if plan.bank == op):
+                phase(("bank", op, r), lambda op=op, r=r: self._update(out, op, r))
+        return phase(("decode",), lambda: self.backend.decode(self.decode_in))
+
+    def _begin(self, latents: torch.Tensor, slots: range) -> None:
+        for i in slots:  # each stream's encoded frame enters its slot 0
+            self.slots[i].begin(latents[i : i + 1])
+
+    def _finish(self, out: dict[str, torch.Tensor], slots: range) -> None:
+        for i in slots:  # the latent leaving each stream -> its row of the decode batch
+            self.decode_in[i : i + 1].copy_(self.slots[i].finish(self._rows_of(out, i), NO_UPDATE))
+
+    def _update(self, out: dict[str, torch.Tensor], op: BankOp, slots: range) -> None:
+        for i in slots:
+            self.slots[i].bank.apply(op, self._rows_of(out, i))
 
     def _rows_of(self, out: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
         r = self._rows
         return {name: t[i * r : (i + 1) * r] for name, t in out.items()}
 
 
-class _PhaseGraphs:
-    """One CUDA graph per phase key, captured on the key's second occurrence (the first is eager: warm-up)."""
+def runs(slots: Iterable[int]) -> list[range]:
+    """Maximal runs of consecutive slot indices: [3, 0, 1, 5] -> [range(0, 2), range(3, 4), range(5, 6)]."""
+    found: list[range] = []
+    for i in sorted(slots):
+        if found and found[-1].stop == i:
+            found[-1] = range(found[-1].start, i + 1)
+        else:
+            found.append(range(i, i + 1))
+    return found
 
-    def __init__(self, device: torch.device) -> None:
-        if device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device, this MultiStream runs on {device}")
-        self.pool = torch.cuda.graph_pool_handle()  # phases replay one at a time: one pool
-        self.captured: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
-        self.seen: Counter[tuple] = Counter()
 
-    def run(self, key: tuple, fn: Callable[[], object]) -> object:
-        captured = self.captured.get(key)
-        if captured is None and self.seen[key] >= 1:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                result = fn()  # recorded, not run; kept alive so the pool never reuses its memory
-            captured = self.captured[key] = (graph, result)
-            log.info("captured a CUDA graph for %s (%d graphs)", key, len(self.captured))
-        if captured is None:
-            self.seen[key] += 1
-            return fn()
-        captured[0].replay()
-        return captured[1]
+def _eager(_key: Hashable, fn: Callable[[], object]) -> object:
+    return fn()

@@ -23,14 +23,14 @@ import torch
 from .bank import NO_UPDATE, BankOp, FeatureBank
 from .blending import PromptBlend, SeedBlend, blend_prompts, blend_seeds
 from .config import StreamConfig
-from .frames import HostStaging, frame_to_tensor, image_to_uint8, is_host, tensor_to_frame, uint8_to_image
+from .edge import FrameEdge
 from .prompt import PromptEncoder
 from .schedule import StreamSchedule
-from .similar_filter import SimilarFrameFilter
 from .spec import CfgType, EngineSpec
 
 if TYPE_CHECKING:
     from .backends import Backend
+    from .similar_filter import SimilarFrameFilter
     from .spec import LoraSpec
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,7 @@ class StreamV2V:
         self.prompt_embeds = self.encoder_hidden_states[self._n_uncond :]  # [B, 77, D]
         self.negative_embeds = self.encoder_hidden_states[: self._n_uncond]  # [Bu - B, 77, D]
         self.frame_id = 0  # UNet calls since reset; drives the bank interval
-        self.similar_filter = SimilarFrameFilter(cfg.similar_filter) if cfg.similar_filter.enabled else None
-        # Decoded output of the last processed frame, which a skipped frame returns. A copy: an engine backend's
-        # output buffer is overwritten by the next decode (of this stream or another sharing the backend).
-        self._last_image: torch.Tensor | None = None
-        self.staging = HostStaging(cfg.height, cfg.width, device) if device.type == "cuda" else None
+        self.edge = FrameEdge(cfg, device, dtype)  # frames in and out: staging, similar-frame filter, last output
         self.update_prompt("", negative_prompt="")
 
     @classmethod
@@ -187,6 +183,11 @@ class StreamV2V:
         other.update_prompt(self.prompt, negative_prompt=self.negative_prompt)
         return other
 
+    @property
+    def similar_filter(self) -> SimilarFrameFilter | None:
+        """The similar-frame filter (None when off; `edge.py`): its counters say how many frames it skipped."""
+        return self.edge.similar_filter
+
     # -- what the stream says and changes ---------------------------------------------------------------------
     def update_prompt(self, prompt: PromptBlend, negative_prompt: str | None = None) -> None:
         """A prompt, or a weighted blend [(text, weight), ...] (embeddings mixed linearly, weights normalised).
@@ -218,8 +219,7 @@ class StreamV2V:
         self.sample.zero_()
         self.stock_noise.zero_()
         self.frame_id = 0
-        if self.similar_filter is not None:
-            self.similar_filter.reset()
+        self.edge.reset()
 
     def unet_inputs(self) -> dict[str, torch.Tensor]:
         """The UNet call's named inputs: the same buffers every frame."""
@@ -239,26 +239,14 @@ class StreamV2V:
         zero latents; with it, the first frame after a reset costs `steps` UNet calls and the first steps
         outputs all show frame 0's translation. A similar frame (when enabled) returns the previous output.
         """
-        image = self._image(frame)  # validated before any state changes, so a bad frame leaves the stream usable
-        if self.similar_filter is not None and self.similar_filter.should_skip(image):
-            return tensor_to_frame(self._last_image, frame)  # no UNet call, frame_id (bank interval) unchanged
+        admitted = self.edge.admit(frame)  # validated before any state changes: a bad frame leaves it usable
+        if admitted.skip:
+            return self.edge.emit(None, frame)  # no UNet call, frame_id (bank interval) unchanged
         plan = self.plan()
-        out = self.render(plan, image)
+        out = self.render(plan, admitted.image)
         self.advance(plan)
-        if self.similar_filter is not None:
-            if self._last_image is None:
-                self._last_image = torch.empty_like(out)  # [1, 3, H, W], once per stream
-            self._last_image.copy_(out)
-        if self.staging is not None and is_host(frame):
-            return self.staging.download(image_to_uint8(out), frame)
-        return tensor_to_frame(out, frame)
-
-    def _image(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """[1, 3, H, W] in [-1, 1] on the device; host uint8 frames go through the pinned staging buffer."""
-        if self.staging is not None and self.staging.accepts(frame):
-            return uint8_to_image(self.staging.upload(frame), self.dtype)
-        cfg = self.cfg
-        return frame_to_tensor(frame, cfg.height, cfg.width, resize=cfg.resize, device=self.device, dtype=self.dtype)
+        self.edge.remember(out)
+        return self.edge.emit(out, frame)
 
     def plan(self) -> FramePlan:
         """What the next frame runs, from the host counters alone."""

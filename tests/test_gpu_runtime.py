@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import tiny_spec
 
-from streamv2v_trt import BankConfig, StreamConfig, StreamV2V
+from streamv2v_trt import BankConfig, FrameError, StreamConfig, StreamV2V
 from streamv2v_trt.bank import BankOp
 from streamv2v_trt.cuda_graph import CudaGraphStream
 from streamv2v_trt.pipeline import FramePlan
@@ -157,6 +157,14 @@ def test_graph_replay_equals_eager_on_gpu(tiny_build, backend, dtype):
     # steady and merge frames replayed from graphs; the first frame (seen twice: start and reset) too.
     assert {p.bank.kind for p in graphed.graphs} == {"none", "merge", "store"}
     assert len(graphed.graphs) == 3 and graphed.prompt == "a dog"
+    # Every frame ran once: eagerly (its plan's first sighting, the warm-up) or replayed from its plan's graph.
+    assert graphed.graphs.replays + sum(graphed.graphs.seen.values()) == len(frames)
+    # A frame the fixed input buffer cannot take raises through the stream's edge and changes nothing.
+    frame_id = graphed.stream.frame_id
+    for bad in (frames[0][:16], frames[0].astype(np.float32) / 255, [[0, 0, 0]]):
+        with pytest.raises(FrameError, match="graphed frames must be uint8"):
+            graphed(bad)
+    assert graphed.stream.frame_id == frame_id
     # A device frame gives a device frame, without a host sync.
     out = graphed(torch.from_numpy(frames[0]).cuda())
     assert out.is_cuda and out.shape == (32, 32, 3) and out.dtype == torch.uint8

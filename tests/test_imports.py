@@ -31,6 +31,8 @@ LAYERS = {
     "streamv2v_trt.pipeline": 3,
     "streamv2v_trt.stream": 3,
     "streamv2v_trt.cuda_graph": 3,
+    "streamv2v_trt.graph_cache": 3,
+    "streamv2v_trt.edge": 3,
     "streamv2v_trt.multistream": 3,
     "streamv2v_trt.manifest": 3,
     "streamv2v_trt.build_folder": 3,
