@@ -1,7 +1,7 @@
 """`python -m benchmarks.gpu_check`: every figure the project measures on this machine's GPU, and the targets.
 
     python -m benchmarks.gpu_check                 # on the machine with the GPU
-    python -m benchmarks.gpu_check --dry-run       # the same steps on the CPU with the tiny model (a minute or two)
+    python -m benchmarks.gpu_check --dry-run       # the same steps on the CPU with the tiny model (minutes)
 
 Steps, in order, each a child process: a crash or a CUDA error (which poisons its process's context) fails that
 step and the check goes on; every run starts from a clean CUDA context with its own peak memory; a child that
@@ -25,8 +25,9 @@ Builds stay under --engines, so a second run reuses them (and Inductor's cache) 
 Under --out: gpu_check.json (every step's status, seconds, reason, command and result; the targets, met or
 not), summary.md (the same as tables, printed at the end), gpu_check.log (each step's child output),
 pytest.xml, and each benchmarks.fps report (fps_<path>.json, fps_soak.json, fps_profile.json, fps_sd15.json).
-Both are rewritten after every step, so an interrupted check keeps what it measured. The exit code is 1 if a
-step failed or timed out (a path below its PSNR floor fails its step); targets not met do not change it.
+The JSON and the summary are rewritten after every step: an interrupted check keeps what it measured. The exit
+code is 1 if a step failed or timed out (a path below its PSNR floor fails its step); targets not met do not
+change it.
 """
 
 from __future__ import annotations
