@@ -208,12 +208,12 @@ class Check:
                 floor = data["config"]["psnr_floor"]
                 step.reason = f"below the PSNR floor of {floor} dB vs eager: {', '.join(data['failed'])}"
 
-    def best(self, step: Step) -> str | None:
-        """The best path's name, or None after recording the step as skipped."""
+    def best(self, step: Step) -> dict | None:
+        """The best path's row, or None after recording the step as skipped."""
         report = self.report()
         if (best := best_path(report)) is None:
             self.skip(step, "no path passed its PSNR floor" if path_rows(report) else "no path was measured")
-        return best and best[0]["backend"]
+        return best and best[0]
 
     # -- steps, by kind ----------------------------------------------------------------------------------------
     def pytest(self, step: Step) -> None:
@@ -238,19 +238,21 @@ class Check:
 
     def soak(self, step: Step) -> None:
         if best := self.best(step):
-            fps = best_path(self.report())[0]["fps"]
-            need = self.plan.need["soak"] + (self.plan.soak + self.plan.frames + self.plan.warmup) / fps
-            self.fps(step, [best], "fps_soak.json", need, soak=self.plan.soak)
+            p = self.plan
+            need = p.need["soak"] + (p.soak + p.frames + p.warmup) / best["fps"]
+            self.fps(step, [best["backend"]], "fps_soak.json", need, soak=p.soak)
 
     def profile(self, step: Step) -> None:
         if best := self.best(step):
-            self.fps(step, [base(best)], "fps_profile.json", frames=self.plan.profile_frames, profile=True)
+            self.fps(step, [base(best["backend"])], "fps_profile.json", frames=self.plan.profile_frames, profile=True)
 
     def sd15(self, step: Step) -> None:
-        best = self.best(step) if self.plan.sd15_best else "eager"
+        p = self.plan
+        best = self.best(step) if p.sd15_best else {"backend": "eager"}
         if best:
-            p = self.plan
-            self.fps(step, ["eager", best], "fps_sd15.json", model=p.sd15_model, steps=4, frames=p.sd15_frames)
+            self.fps(
+                step, ["eager", best["backend"]], "fps_sd15.json", model=p.sd15_model, steps=4, frames=p.sd15_frames
+            )
 
     # -- running and the report ----------------------------------------------------------------------------
     def run_all(self) -> int:
