@@ -14,7 +14,8 @@ on a GPU, perf_counter on a CPU. Peak memory is each backend's own: torch.cuda.m
 (engines' own activation memory is not in it; `device_used_mb` is the device-wide figure), the peak RSS while it
 ran on a CPU (Linux resets the peak between backends). Every timed frame is compared with eager's (PSNR): a backend
 below `--psnr-floor` is marked FAIL and the command exits 1, so a fast wrong backend cannot pass. `--soak N` runs N
-more frames and reports memory and latency drift.
+more frames and reports memory and latency drift. `--profile` splits one bank interval's time per frame into conv /
+GEMM / attention / DyMe / copies / other and lists the top kernels (benchmarks/frame_profile.py).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Result:
     psnr_ok: bool | None = None  # psnr_min >= the floor; None for eager itself
     engines: str | None = None
     soak: dict = field(default_factory=dict)
+    profile: dict = field(default_factory=dict)  # --profile: benchmarks/frame_profile.py
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -221,6 +223,10 @@ def run_backend(name: str, args, cfg, frames, reference) -> tuple[Result, list[n
         scores = [psnr(a, b) for a, b in zip(reference, outputs)]
         result.psnr_vs_eager_db, result.psnr_min_db = float(np.mean(scores)), float(np.min(scores))
         result.psnr_ok = result.psnr_min_db >= args.psnr_floor
+    if args.profile:  # one bank interval: exactly one bank update among the profiled frames
+        from benchmarks.frame_profile import profile_frames
+
+        result.profile = profile_frames(runner, timed, cfg.bank.interval, cuda)
     if args.soak:
         result.soak = soak(runner, frames, args.soak, cuda)
     del runner, stream
@@ -308,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=100, help="timed frames per backend")
     p.add_argument("--warmup", type=int, default=10, help="untimed frames first (compilation, graph capture)")
     p.add_argument("--soak", type=int, default=0, help="then N more frames, tracking memory and latency drift")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="then profile one bank interval: ms per frame by kernel kind, the top kernels",
+    )
     p.add_argument("--height", type=int, default=None, help="default: the preset's")
     p.add_argument("--width", type=int, default=None, help="default: the preset's")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")

@@ -1,10 +1,12 @@
-"""`python -m benchmarks.gpu_check --dry-run`: every step recorded, the files written, a failed step does not stop
-the later ones, and steps that do not fit the budget are skipped with the reason.
+"""`python -m benchmarks.gpu_check --dry-run` end to end (every step a real child process: pytest -m gpu,
+benchmarks.kernels, benchmarks.fps per path, soak, profile, sd15), the targets, the budget, a failed or hung child,
+and the profile's kernel kinds (`benchmarks.fps --profile`, benchmarks/frame_profile.py).
 
-One dry run per session (about a minute on a 2-core CPU), on the session's shared tiny build folders, which the
-check finds by `spec.folder_name` under `--engines` and reuses instead of building again.
+One dry run per session (about two minutes on a 2-core CPU), on the session's shared tiny build folders, which the
+fps children find by `spec.folder_name` under `--engines` and reuse instead of building again.
 """
 
+import argparse
 import json
 import subprocess
 import sys
@@ -12,9 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_spec
 
-from benchmarks import gpu_check
+from benchmarks import gpu_check, gpu_report
+from benchmarks.frame_profile import KIND_NAMES, classify, op_times, profile_frames, split_by_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 STATUSES = {"ok", "failed", "timed_out", "skipped"}
@@ -22,22 +26,21 @@ STATUSES = {"ok", "failed", "timed_out", "skipped"}
 
 @pytest.fixture(scope="module")
 def dry_run(tiny_build, tmp_path_factory):
-    """(out folder, report, completed process, seconds, the aoti build's error or None)."""
+    """(out folder, report, completed process, paths asked). eager+graphs is asked for too: on the CPU it fails."""
     root = tiny_build(tiny_spec()).parent
-    try:  # build_engines/aoti.py is young: a failing AOTInductor build must show in the check, not stop this test
+    paths = ["onnxruntime", "aoti", "eager+graphs"]
+    try:  # an AOTInductor build that fails here would fail the aoti path too; the rest is still tested
         tiny_build(tiny_spec(), builder="aoti")
-        aoti_error = None
-    except Exception as e:
-        aoti_error = f"{type(e).__name__}: {e}"
+    except Exception:
+        paths.remove("aoti")
     out = tmp_path_factory.mktemp("gpu_check")
-    argv = ["--dry-run", "--out", str(out), "--engines", str(root), "--sd15-backends", "eager,no-such-backend"]
+    argv = ["--dry-run", "--out", str(out), "--engines", str(root), "--paths", ",".join(paths)]
     t = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_check", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "benchmarks.gpu_check", *argv], cwd=ROOT, capture_output=True, text=True, timeout=900
     )
-    seconds = time.monotonic() - t
-    print(f"gpu_check --dry-run: {seconds:.0f} s")  # shown with -s: the time this test adds to the suite
-    return out, json.loads((out / "gpu_check.json").read_text()), proc, seconds, aoti_error
+    print(f"gpu_check --dry-run: {time.monotonic() - t:.0f} s")  # shown with -s: the time this test adds
+    return out, json.loads((out / "gpu_check.json").read_text()), proc, paths
 
 
 def steps_of(report: dict) -> dict:
@@ -45,115 +48,157 @@ def steps_of(report: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_dry_run_writes_the_files_and_records_every_step(dry_run):
-    out, report, proc, _, _ = dry_run
-    files = sorted(p.name for p in out.iterdir())
-    assert files == ["fps_main.json", "fps_soak.json", "gpu_check.json", "gpu_check.log", "summary.md"]  # sd15 failed
+def test_dry_run_measures_every_path_beside_eager(dry_run):
+    out, report, proc, paths = dry_run
+    steps = steps_of(report)
+    assert list(steps) == ["pytest", "kernels", *(f"fps {p}" for p in paths), "soak", "profile", "sd15"]
+    assert all(s["status"] in STATUSES and (s["status"] == "ok" or s["reason"]) for s in steps.values())
     assert report["mode"] == "dry-run" and report["exit_code"] == proc.returncode
-    steps = steps_of(report)
-    assert list(steps) == list(gpu_check.STEPS)
-    for s in steps.values():
-        assert s["status"] in STATUSES, s
-        assert s["status"] != "failed" or s["reason"], s  # a failure says why
+    assert report["machine"]["cpu_model"] and "gpu" not in report["machine"]
+    measured = [p for p in paths if p != "eager+graphs"]
+    for path in measured:
+        step = steps[f"fps {path}"]
+        rows = {r["backend"]: r for r in step["result"]["rows"]}
+        assert step["status"] == "ok" and list(rows) == ["eager", path], step
+        assert step["command"].startswith("python -m benchmarks.fps --model tiny --height 64 --width 64 --device cpu")
+        assert all(r["fps"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"] and r["peak_mem_mb"] > 0 for r in rows.values())
+        assert rows[path]["psnr_ok"] is True and rows["eager"]["psnr_ok"] is None
+        assert step["result"]["ratios"][f"{path}/eager"] == pytest.approx(rows[path]["fps"] / rows["eager"]["fps"])
+        assert json.loads((out / step["result"]["json"]).read_text())["results"][1]["backend"] == path
+    kept = {"gpu_check.json", "gpu_check.log", "summary.md", "pytest.xml", "fps_soak.json", "fps_profile.json"}
+    assert {p.name for p in out.iterdir()} == kept | {"fps_sd15.json"} | {f"fps_{p}.json" for p in measured}
+    # pytest -m gpu ran: on a CPU every gpu test skips, with its reason.
+    pt = steps["pytest"]["result"]
+    assert steps["pytest"]["status"] == "ok" and pt["passed"] == 0 and pt["skipped"] == len(pt["skips"]) > 0
+    assert steps["kernels"]["status"] == "ok" and "no CUDA device here" in steps["kernels"]["result"]["output"][-1]
     log = (out / "gpu_check.log").read_text()
-    for name, s in steps.items():
-        if name != "summary":
-            assert f"start: {name} " in log
-            assert f"{s['status']}: {name} (" in log or s["status"] == "skipped"
-    env = steps["environment"]
-    assert env["status"] == "ok" and env["result"]["torch"] and env["result"]["cuda"] is False
-    assert env["result"]["builder"] and env["result"]["builder_why"] and "onnxruntime" in env["result"]
-    # pytest -m gpu ran: on a CPU nothing passes (everything skips, unless a module fails to import).
-    assert steps["pytest"]["status"] in ("ok", "failed") and steps["pytest"]["result"]["passed"] == 0
-    for name in ("fps_main.json", "fps_soak.json"):
-        assert json.loads((out / name).read_text())["results"]
+    assert all(f"start: {name} " in log for name in steps) and "benchmarks.fps: running onnxruntime" in log
 
 
 @pytest.mark.slow
-def test_summary_has_the_tables_and_the_targets(dry_run):
-    out, report, proc, _, _ = dry_run
-    summary = (out / "summary.md").read_text()
-    for head in (
-        "## Steps",
-        "## Environment",
-        "## pytest -m gpu",
-        "## fps_main:",
-        "## soak:",
-        "## profile:",
-        "## Targets",
-    ):
-        assert head in summary
-    assert "| backend | FPS | p50 ms | p99 ms | p99/p50 | peak MB | PSNR vs eager dB (min) |" in summary
-    assert "| kind | ms per frame | share |" in summary and "| kernel | kind | calls | ms per frame |" in summary
-    assert [t["target"].split(" ")[0] for t in report["targets"]] == [
-        "best",
-        "best",
-        "p99/p50",
-        "memory",
-        "aoti",
-        "tiny",
-    ]
-    for t in report["targets"]:
-        assert t["met"] in (True, False, None) and t["value"] and t["target"] in summary
-    soak = next(t for t in report["targets"] if t["target"].startswith("memory"))
-    assert soak["met"] is None and "20 frames (too few)" in soak["value"]  # 20 frames say nothing about 3,000
-    assert summary in proc.stdout  # the end of the output is the summary (what a device call's reply shows)
-
-
-@pytest.mark.slow
-def test_fps_main_compares_every_backend_with_eager(dry_run):
-    _, report, _, _, aoti_error = dry_run
+def test_a_failed_path_is_reported_and_the_later_steps_run(dry_run):
+    out, report, proc, _ = dry_run
     steps = steps_of(report)
-    main = steps["fps_main"]
-    rows = {r["backend"]: r for r in main["result"]["rows"]}
-    assert rows["eager"]["psnr_ok"] is None and rows["onnxruntime"]["psnr_ok"] is True
-    assert all(r["fps"] > 0 and r["p99_p50"] >= 1.0 for r in rows.values())
-    if "aoti" in rows:
-        assert rows["aoti"]["psnr_ok"] is True and steps["build_main"]["status"] == "ok"
-        assert main["status"] == "ok"
-        return
-    # AOTInductor (being finished) did not run: the check says why, failed the step, and measured the others.
-    assert main["status"] == "failed"
-    if aoti_error is None:  # the session built it, so the check reused it and the run crashed in it
-        assert steps["build_main"]["status"] == "ok" and "aoti" in main["result"]["crashed"]
-    else:
-        assert steps["build_main"]["status"] == "failed" and main["result"]["dropped"]["aoti"].startswith("not built")
-
-
-@pytest.mark.slow
-def test_a_failed_step_is_recorded_and_the_later_steps_run(dry_run):
-    _, report, proc, _, _ = dry_run
-    steps = steps_of(report)
-    # --sd15-backends eager,no-such-backend: both SD1.5 steps fail, saying why; the soak and the profile still run.
-    assert steps["build_sd15"]["status"] == "failed" and steps["fps_sd15"]["status"] == "failed"
-    assert "no-such-backend" in steps["fps_sd15"]["reason"]
-    assert proc.returncode == 1
-    soak, profile = steps["soak"], steps["profile"]
-    assert soak["status"] == "ok" and profile["status"] == "ok"
-    best = gpu_check.best_row(steps["fps_main"]["result"])["backend"]
+    failed = steps["fps eager+graphs"]
+    assert failed["status"] == "failed" and "CUDA graphs need a stream on a CUDA device" in failed["reason"]
+    assert proc.returncode == 1  # a failed step fails the check; targets not met would not
+    assert "- eager+graphs: failed, exit code 1: ValueError: CUDA graphs need" in (out / "summary.md").read_text()
+    best = gpu_report.best_path(report)[0]["backend"]
+    soak, profile, sd15 = steps["soak"], steps["profile"], steps["sd15"]
+    assert soak["status"] == profile["status"] == sd15["status"] == "ok"
     (row,) = soak["result"]["rows"]
     assert row["backend"] == best and row["soak"]["frames"] == 20 and "memory_drift_mb" in row["soak"]
-    assert profile["result"]["backend"] == gpu_check.base(best) and profile["result"]["frames"] == 4
-    assert list(profile["result"]["kinds"]) == list(gpu_check.KIND_NAMES) and 0 < len(profile["result"]["top"]) <= 25
+    (prof,) = profile["result"]["rows"]
+    assert prof["backend"] == gpu_check.base(best) and "--profile" in profile["command"]
+    p = prof["profile"]
+    assert p["frames"] == 4 and list(p["kinds"]) == list(KIND_NAMES) and 0 < len(p["top"]) <= 25  # one interval
+    assert sum(p["kinds"].values()) == pytest.approx(p["busy_ms"]) and p["busy_ms"] > 0
+    assert [r["backend"] for r in sd15["result"]["rows"]] == ["eager"] and "4 step(s)" in sd15["result"]["title"]
 
 
-def test_steps_that_do_not_fit_are_skipped_and_a_crashing_step_is_recorded(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_summary_has_every_table_and_the_targets(dry_run):
+    out, report, proc, paths = dry_run
+    summary = (out / "summary.md").read_text()
+    for head in ("## Steps", "## Paths: tiny 64x64", "## sd15:", "## Soak:", "## Profile:", "## DyMe kernels",
+                 "## pytest -m gpu", "## Targets"):  # fmt: skip
+        assert head in summary
+    assert "| path | FPS | p50 ms | p99 ms | p99/p50 | peak MB | x eager | PSNR vs eager dB (min) |" in summary
+    assert "| kind | ms per frame | share |" in summary and "| kernel | kind | calls | ms per frame |" in summary
+    targets = {t["target"]: t for t in report["targets"]}
+    assert list(targets) == [
+        "tiny 64x64 1 step: best path >= 300 FPS (the goal)",
+        "tiny 64x64 1 step: best path >= 150 FPS",
+        "best path >= 5x eager (same run)",
+        "p99/p50 <= 1.2 (best path)",
+        "memory drift 0 MB over 3,000+ frames (soak)",
+        "aoti vs eager PSNR >= 40 dB (min over frames, fp32)",
+        "tiny 4 steps >= 80 FPS",
+    ]
+    best = gpu_report.best_path(report)[0]
+    goal = targets["tiny 64x64 1 step: best path >= 300 FPS (the goal)"]
+    assert goal["value"] == f"{best['backend']}: {best['fps']:.1f} FPS" and goal["met"] is (best["fps"] >= 300)
+    soak = targets["memory drift 0 MB over 3,000+ frames (soak)"]
+    assert soak["met"] is None and "20 frames (too few)" in soak["value"]  # 20 frames say nothing about 3,000
+    if "aoti" in paths:
+        assert targets["aoti vs eager PSNR >= 40 dB (min over frames, fp32)"]["met"] is True
+    assert all(f"| {t} | {v['value']} |" in summary for t, v in targets.items())
+    assert proc.stdout.endswith(summary + "\n")  # the command ends by printing the summary
+
+
+def test_targets_from_a_report():
+    def row(backend, fps, psnr_ok=True, psnr_min=50.0, p50=2.0, p99=2.2):
+        return {
+            "backend": backend,
+            "fps": fps,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "p99_p50": p99 / p50,
+            "peak_mem_mb": 1,
+            "psnr_vs_eager_db": psnr_min,
+            "psnr_min_db": psnr_min,
+            "psnr_ok": psnr_ok,
+            "soak": {},
+            "profile": {},
+        }
+
+    def step(name, *rows):
+        return {"name": name, "status": "ok", "seconds": 1.0, "reason": "", "command": "", "result": {"rows": rows}}
+
+    eager = row("eager", 30.0, psnr_ok=None, psnr_min=None)
+    soaked = row("aoti+graphs", 300.0) | {"soak": {"frames": 3000, "memory_drift_mb": 0.02, "latency_drift_pct": 1.0}}
+    report = {
+        "plan": {"model": "sd-turbo", "size": 512, "precision": "fp16", "sd15_model": "sd15"},
+        "steps": [
+            step("fps aoti+graphs", eager, row("aoti+graphs", 320.0, psnr_min=38.0)),
+            step("fps tensorrt+graphs", eager, row("tensorrt+graphs", 900.0, psnr_ok=False)),  # fast, wrong: out
+            step("soak", soaked),
+        ],
+    }
+    met = {t["target"].split(":")[-1].strip(): (t["value"], t["met"]) for t in gpu_report.targets(report)}
+    assert met["best path >= 300 FPS (the goal)"] == ("aoti+graphs: 320.0 FPS", True)
+    assert met["best path >= 5x eager (same run)"] == ("10.67x", True)
+    assert met["p99/p50 <= 1.2 (best path)"] == ("aoti+graphs: 1.10", True)
+    assert met["memory drift 0 MB over 3,000+ frames (soak)"] == ("+0.0 MB over 3000 frames", True)
+    assert met["aoti vs eager PSNR >= 40 dB (min over frames, fp16)"] == ("aoti+graphs: 38.0 dB", False)
+    assert met["sd15 4 steps >= 80 FPS"] == ("no sd15 result", None)
+
+
+def test_steps_that_do_not_fit_are_skipped_and_a_crashing_step_is_recorded(tmp_path, monkeypatch, capsys):
     def broken(self, step):
         raise RuntimeError("probe broke")
 
-    monkeypatch.setattr(gpu_check.Check, "environment", broken)
+    monkeypatch.setattr(gpu_check.Check, "pytest", broken)
     code = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "3", "--engines", str(tmp_path / "e")])
     steps = steps_of(json.loads((tmp_path / "gpu_check.json").read_text()))
     assert code == 1
-    assert steps["environment"]["status"] == "failed" and "probe broke" in steps["environment"]["reason"]
-    assert steps["pytest"]["status"] == "skipped" and steps["pytest"]["reason"].startswith(
-        "needs ~10 s; 3 s of the budget left"
-    )
-    assert all(
-        s["status"] == "skipped" and s["reason"] for n, s in steps.items() if n not in ("environment", "summary")
-    )
-    assert "| soak | skipped |" in (tmp_path / "summary.md").read_text()
+    assert steps["pytest"]["status"] == "failed" and "RuntimeError: probe broke" in steps["pytest"]["reason"]
+    assert steps["kernels"]["reason"] == "needs ~5 s; 3 s of the budget left, 4 later step(s) keep 50 s of it"
+    assert steps["soak"]["reason"] == steps["profile"]["reason"] == "no path was measured"  # no best path
+    assert all(s["status"] == "skipped" and s["reason"] for n, s in steps.items() if n != "pytest")
+    assert "| fps aoti | skipped |" in (tmp_path / "summary.md").read_text()
+    assert "| fps aoti | skipped |" in capsys.readouterr().out
     assert not (tmp_path / "e").exists()  # nothing was built
+
+
+def test_a_child_past_its_timeout_is_killed_and_recorded(tmp_path):
+    args = argparse.Namespace(out=tmp_path, paths=[], budget_s=60.0, skip=[], argv=[], engines=tmp_path)
+    (tmp_path / "gpu_check.log").write_text("")
+    check = gpu_check.Check(args, gpu_check.DRY)
+    step = check.steps[0]
+    t = time.monotonic()
+    output = check.child(step, [sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"], 1)
+    assert time.monotonic() - t < 30 and output.strip() == "started"
+    assert step.status == "timed_out" and step.reason == "killed after 1 s, its share of the budget"
+    check.child(step := gpu_check.Step("x", "kernels"), [sys.executable, "-c", "raise SystemExit('bad input')"], 30)
+    assert step.status == "failed" and step.reason == "exit code 1: bad input"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+def test_the_gpu_check_needs_a_gpu(capsys):
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main([])
+    assert e.value.code == 2 and "no CUDA GPU here" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -175,24 +220,29 @@ def test_steps_that_do_not_fit_are_skipped_and_a_crashing_step_is_recorded(tmp_p
     ],
 )
 def test_kernel_kinds(name, kind):
-    assert gpu_check.classify(name) == kind
+    assert classify(name) == kind
 
 
 def test_split_by_kind_is_per_frame():
     kernels = [{"name": "_dyme_assign_kernel", "us": 400.0}, {"name": "nvjet_x", "us": 2000.0}]
-    assert gpu_check.split_by_kind(kernels, 4) == {**dict.fromkeys(gpu_check.KIND_NAMES, 0.0), "dyme": 0.1, "gemm": 0.5}
+    assert split_by_kind(kernels, 4) == {**dict.fromkeys(KIND_NAMES, 0.0), "dyme": 0.1, "gemm": 0.5}
 
 
-def test_what_a_dead_fps_run_leaves_is_read_from_its_log():
-    output = (
-        "INFO benchmarks.fps: running eager: 2 warm-up + 6 timed frames, 1 thread(s)\n"
-        "INFO benchmarks.fps: eager: 20.0 FPS, p50 50.00 ms\n"
-        "INFO benchmarks.fps: running aoti+graphs: 2 warm-up + 6 timed frames, 1 thread(s)\n"
-        "Traceback (most recent call last):\n  ...\nRuntimeError: CUDA error: an illegal memory access\n"
-    )
-    assert gpu_check.crashed_backend(output) == "aoti+graphs"
-    assert gpu_check.progress_lines(output) == ["eager: 20.0 FPS, p50 50.00 ms"]
-    assert gpu_check.last_error(output) == "RuntimeError: CUDA error: an illegal memory access"
+def test_profile_frames_splits_a_runner_by_kind(one_thread):
+    weight, x = torch.randn(16, 8, 3, 3), torch.randn(1, 8, 32, 32)
+    seen = []
+
+    def runner(frame):  # a convolution and a matrix product per frame
+        seen.append(frame)
+        y = torch.nn.functional.conv2d(x, weight, padding=1)  # [1, 16, 32, 32]
+        return (y.flatten(1) @ torch.randn(16 * 32 * 32, 4)).numpy()
+
+    p = profile_frames(runner, [1, 2, 3], 4, cuda=False)
+    assert seen == [1, 2, 3, 1, 2, 3, 1, 2]  # 4 timed, then 4 profiled; the frames loop
+    assert p["frames"] == 4 and p["frame_ms"] > 0 and p["profiled_frame_ms"] > 0
+    assert p["kinds"]["conv"] > 0 and p["kinds"]["gemm"] > 0 and p["kinds"]["dyme"] == 0
+    assert sum(p["kinds"].values()) == pytest.approx(p["busy_ms"])
+    assert {k["kind"] for k in p["top"]} >= {"conv", "gemm"} and "frame" not in {k["name"] for k in p["top"]}
 
 
 def test_profile_rows_are_kernels_without_the_frame_annotation():
@@ -210,10 +260,10 @@ def test_profile_rows_are_kernels_without_the_frame_annotation():
         event("sm90_xmma_fprop_implicit_gemm_cudnn", DeviceType.CUDA, 500.0),
         event("Memset (Device)", DeviceType.CUDA, 0.0),
     ]
-    kernels = gpu_check.op_times(averages, cuda=True, kernels=True)
+    kernels = op_times(averages, cuda=True, kernels=True)
     assert kernels == [{"name": "sm90_xmma_fprop_implicit_gemm_cudnn", "us": 500.0, "calls": 3}]
-    assert [r["name"] for r in gpu_check.op_times(averages, cuda=True, kernels=False)] == ["aten::convolution"]
-    cpu = gpu_check.op_times(averages, cuda=False, kernels=True)
+    assert [r["name"] for r in op_times(averages, cuda=True, kernels=False)] == ["aten::convolution"]
+    cpu = op_times(averages, cuda=False, kernels=True)
     assert [(r["name"], r["us"]) for r in cpu] == [
         ("aten::convolution", 1000.0), ("sm90_xmma_fprop_implicit_gemm_cudnn", 1000.0)
     ]  # fmt: skip
