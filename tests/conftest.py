@@ -11,7 +11,8 @@ import pytest
 import torch
 
 # Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors. Triton reads the flag when a kernel
-# is decorated (at `import streamv2v_trt.kernels.dyme_triton`), so it is set here, before any test module imports the kernels.
+# is decorated (at `import streamv2v_trt.kernels.dyme_triton`), so it is set here, before any test module imports
+# the kernels.
 # With CUDA the kernels are compiled, so GPU tests exercise the real code (and can be captured in CUDA graphs).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
