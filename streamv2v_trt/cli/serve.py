@@ -17,8 +17,10 @@ import os
 import signal
 import sys
 import time
+from dataclasses import fields
 from functools import partial
 
+from ..client_limits import Limits
 from ..console import HelpFormatter
 from .stream_args import CliError, add_stream_args, device_of, open_multistream, resolve_config
 
@@ -40,7 +42,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, localhost only)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--prompt", default="", help="initial prompt (the page can change it live; default: empty)")
-    p.add_argument("--max-frame-bytes", type=int, default=2 * 1024 * 1024, help="largest frame message accepted")
     p.add_argument(
         "--streams",
         type=int,
@@ -49,19 +50,10 @@ def add_parser(subparsers) -> None:
         "holds a slot and its bank; one more is told the server is busy). Default: 4 on a GPU, 2 on the CPU; with "
         "--engines the folder's (python -m build_engines --max-streams K), and another K is refused",
     )
-    p.add_argument(
-        "--max-frame-pixels",
-        type=int,
-        default=2048 * 2048,
-        help="largest frame accepted, in pixels, read from the image header (default: %(default)s = 2048x2048)",
-    )
-    p.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="close a connection that sent no frame for this long, freeing its slot; 0 never (default: %(default)g)",
-    )
+    for limit in LIMIT_FLAGS:  # --max-frame-bytes, --max-frame-pixels, --idle-timeout: stated in `Limits`
+        options = {k: v for k, v in limit.metadata.items() if k != "flag"}
+        p.add_argument(limit.metadata["flag"], dest=limit.name, type=type(limit.default), default=limit.default,
+                       **options)  # fmt: skip
     p.add_argument(
         "--allowed-host",
         action="append",
@@ -106,20 +98,21 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def limits_of(args: argparse.Namespace):
-    """The connection limits the flags ask for; CliError for values that cannot work."""
-    from ..web import Limits
+LIMIT_FLAGS = [f for f in fields(Limits) if "flag" in f.metadata]  # each parsed into args.<field name>
 
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    """The connection limits the flags ask for; CliError for values that cannot work."""
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port must be in 0..65535, got {args.port}")
-    for flag, value in (("--max-frame-bytes", args.max_frame_bytes), ("--max-frame-pixels", args.max_frame_pixels)):
-        if value < 1:
-            raise CliError(f"{flag} must be >= 1, got {value}")
-    if not (math.isfinite(args.idle_timeout) and args.idle_timeout >= 0):
-        raise CliError(f"--idle-timeout must be a number of seconds >= 0 (0: never), got {args.idle_timeout}")
-    return Limits(
-        max_frame_bytes=args.max_frame_bytes, max_frame_pixels=args.max_frame_pixels, idle_timeout_s=args.idle_timeout
-    )
+    for limit in LIMIT_FLAGS:
+        value = getattr(args, limit.name)
+        if limit.name == "idle_timeout_s":
+            if not (math.isfinite(value) and value >= 0):
+                raise CliError(f"--idle-timeout must be a number of seconds >= 0 (0: never), got {value}")
+        elif value < 1:
+            raise CliError(f"{limit.metadata['flag']} must be >= 1, got {value}")
+    return Limits(**{limit.name: getattr(args, limit.name) for limit in LIMIT_FLAGS})
 
 
 def open_slots(args: argparse.Namespace):
