@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import shutil
 import socket
 import threading
@@ -525,6 +526,36 @@ def test_a_hub_that_is_not_ready_says_starting_not_busy(hub):
         with pytest.raises(WebSocketDisconnect) as closed:
             ws.receive_json()
         assert closed.value.code == 1013  # try again later
+
+
+def test_a_text_message_that_is_not_utf8_closes_1007_with_one_warning_line(live_server, hub):
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    url = live_server(hub()).replace("http", "ws") + "/ws"
+    records: list[logging.LogRecord] = []
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    keep = logging.Handler()
+    keep.emit = records.append
+    quiet = serve.ClientTextErrors()  # what `serve` installs before it runs uvicorn
+    uvicorn_log.addFilter(quiet)
+    uvicorn_log.addHandler(keep)
+    try:
+        with connect(url) as ws:
+            assert json.loads(ws.recv(timeout=TIMEOUT))["type"] == "ready"
+            ws.send(b"\xff\xfe not text", text=True)  # a text frame whose bytes are not UTF-8
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=TIMEOUT)
+            assert closed.value.rcvd.code == 1007
+        wait_until(lambda: records, "uvicorn logged the bad message", 5)
+    finally:
+        uvicorn_log.removeFilter(quiet)
+        uvicorn_log.removeHandler(keep)
+    assert [(r.levelname, r.getMessage(), r.exc_info) for r in records] == [
+        ("WARNING", "closed a WebSocket (1007): its client sent a text message that is not UTF-8", None)
+    ]
+    with connect(url) as ws:  # the server goes on
+        assert json.loads(ws.recv(timeout=TIMEOUT))["type"] == "ready"
 
 
 def test_images_are_decoded_and_encoded_off_the_model_thread(hub, monkeypatch):

@@ -11,6 +11,7 @@ machines (streamv2v_trt/web/ray_app.py, docs/SCALING.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -157,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         return run_ray(args, limits, access)
     from ..serving import StreamServer
 
+    logging.getLogger("uvicorn.error").addFilter(ClientTextErrors())  # kept by uvicorn's logging set-up
     with StreamServer(multi) as hub:
         log.info("%d stream slots (%s backend); open %s://%s:%d in a browser", hub.capacity, multi.backend.name,
                  "https" if args.ssl_certfile else "http", args.host, args.port)  # fmt: skip
@@ -170,6 +172,18 @@ def run(args: argparse.Namespace) -> int:
             log_level="info" if args.verbose else "warning",
         )
     return 0
+
+
+class ClientTextErrors(logging.Filter):
+    """uvicorn answers a WebSocket text message that is not UTF-8 rightly (close 1007) but logs it at ERROR with
+    a full traceback, as if the server had failed: the client's mistake gets one warning line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UnicodeDecodeError):
+            record.msg, record.args = "closed a WebSocket (1007): its client sent a text message that is not UTF-8", ()
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 # -- serve --ray -----------------------------------------------------------------------------------------------
@@ -194,7 +208,6 @@ def run_ray(args: argparse.Namespace, limits, access) -> int:
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does: cleanly
     try:
         if args.address is None:  # a Ray of our own, its dashboard off (docs/SCALING.md lists what listens)
             import torch
@@ -206,6 +219,10 @@ def run_ray(args: argparse.Namespace, limits, access) -> int:
     except ConnectionError as e:  # no cluster at --address
         print(f"error: --address {args.address}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    # SIGTERM stops it as Ctrl-C does: cleanly. Set after ray.init, which installs Ray's own SIGTERM handler (it
+    # prints a stack trace and ends the process mid-shutdown, exit -6 measured, leaving the local Ray's processes
+    # running for a minute or more); ours replaces it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     serving = False
     try:
         config = ray_config(args, limits, access, replicas, ray.cluster_resources())
@@ -237,8 +254,38 @@ def run_ray(args: argparse.Namespace, limits, access) -> int:
                 else:  # the cluster is someone else's: take only our application down
                     ray_serve.delete(APP_NAME)
         finally:
+            ours = ray_processes() if args.address is None else []  # the local Ray's, workers included
             ray.shutdown()
+            stop_processes(ours)
     return 0
+
+
+RAY_EXIT_S = 10.0  # how long the local Ray's processes get to exit after ray.shutdown before they are terminated
+
+
+def ray_processes() -> list:
+    """The processes of the local Ray this command started: all its descendants (psutil ships with Ray)."""
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def stop_processes(processes: list) -> None:
+    """Wait for `processes` to exit (ray.shutdown stops the GCS and the raylet, whose agents exit on their own a
+    little later); terminate, then kill, any still running after RAY_EXIT_S, so none outlives the command."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=RAY_EXIT_S)
+    if alive:
+        log.warning("terminating %d Ray process(es) still running %g s after shutdown: %s", len(alive), RAY_EXIT_S,
+                    ", ".join(f"{p.pid}" for p in alive))  # fmt: skip
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(alive, timeout=5)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
 
 
 def check_ray_flags(args: argparse.Namespace) -> int | None:
