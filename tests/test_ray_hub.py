@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import queue
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -49,13 +50,15 @@ class Process:
 class FakeReplica:
     """A stream replica behind a Serve handle (`handle`): one slot, sessions that live as long as its process.
     `kill()` ends the process (calls to it fail as Serve's do); `restart()` starts a fresh one that knows no
-    session. `status_errors`: raised, in turn, by the next status calls (what Serve raises while it restarts one)."""
+    session. `status_errors`: raised, in turn, by the next status calls (what Serve raises while it restarts one);
+    `status_s`: how long a status call takes."""
 
     def __init__(self, capacity: int = 1) -> None:
         self.capacity, self.process = capacity, Process()
         self.sessions: set[str] = set()
         self.status_errors: list[BaseException] = []
         self.answering = True  # status answers (False: a replica still loading its model)
+        self.status_s = 0.0
         self.push_errors: list[BaseException] = []
         self.handle = SimpleNamespace(**{m: Remote(getattr(self, m)) for m in ("status", "open", "close", "push")})
 
@@ -69,8 +72,9 @@ class FakeReplica:
     async def status(self, _owner: str) -> ReplicaStatus:
         if self.status_errors:
             raise self.status_errors.pop(0)
-        if not self.process.alive or not self.answering:
-            await asyncio.sleep(3600)  # Serve holds the call until a replica takes it: the hub's timeout ends it
+        await asyncio.sleep(self.status_s)
+        while not self.process.alive or not self.answering:  # Serve holds the call until a replica takes it
+            await asyncio.sleep(0.01)
         p = self.process
         return ReplicaStatus(str(p.pid), p, p.pid, self.capacity, len(self.sessions), 8, 8, "a photo")
 
@@ -152,6 +156,19 @@ def test_a_restarted_replica_takes_sessions_again_after_a_failed_status_call(hub
     victim.restart()
     fresh = open_on(h, first.replica, 5)
     assert push(h, fresh).frame is not None
+
+
+def test_a_replica_that_dies_during_a_slow_status_call_is_noticed_at_once(hub):
+    """The status call in flight then hangs (Serve holds it for the next replica) until the hub's call timeout;
+    whether the process is alive is checked beside it, so its sessions are lost within a heartbeat or two."""
+    replica = FakeReplica()
+    replica.status_s = 0.5  # a loaded machine: a status call is under way most of the time
+    h = hub(replica, timeout_s=10.0)
+    slot = h.open()
+    time.sleep(0.2)  # the next status call is under way
+    replica.kill()
+    wait_until(lambda: slot.lost is not None, "the session was lost", 2)
+    assert "stopped" in slot.lost and isinstance(push(h, slot).error, SlotLost)
 
 
 def test_an_old_session_on_a_restarted_replica_is_lost(hub):

@@ -4,10 +4,10 @@
 Every Ray call runs on the hub's own event loop thread, which also owns the hub's state (which replica holds
 which session, and what each replica last said). A session's slot is a `RaySlot`: the replica's index, the
 life of that replica process it was opened in (its Ray actor id) and a session id only that process knows.
-Each second the hub checks every replica (`_check`): whether the process holding its sessions is still alive,
-and its status through Serve (load, a new life after a restart, the renewal of the ingress's lease). Sessions of
-a replica process that is gone are lost: their frames are answered with a `SlotLost` result (and their prompt
-changes and resets raise it), on which the app closes their connections.
+Each second the hub checks every replica, in two loops: whether the process holding its sessions is still alive
+(`_check_alive`), and its status through Serve (`_check_status`: load, a new life after a restart, the renewal of
+the ingress's lease). Sessions of a replica process that is gone are lost: their frames are answered with a
+`SlotLost` result (and their prompt changes and resets raise it), on which the app closes their connections.
 
 A replica's checks never end while the hub runs: Serve raises `asyncio.CancelledError` from a call it cancelled
 (a replica that died or restarted mid-call), which is not an `Exception`; `_ask` turns it into `CallCancelled`
@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -240,26 +240,35 @@ class RayHub:
             raise error from None
 
     async def _watch(self) -> None:
-        async def watch(replica: _Replica) -> None:  # one loop each: a replica that hangs delays no other's check
+        """Two checks of every replica, each in its own loop: a replica that hangs delays no other's checks, and a
+        status call that hangs (Serve holds calls for a replica that died during them until a new one starts)
+        does not delay noticing the death."""
+
+        async def every_heartbeat(check: Callable[[_Replica], Awaitable[None]], replica: _Replica) -> None:
             while True:
                 try:
-                    await self._check(replica)
+                    await check(replica)
                 except Exception:  # a fault here must not end the checks: the replica's slots would never return
                     log.exception("checking streams-%d failed", replica.index)
                 await asyncio.sleep(self.heartbeat_s)
 
-        await asyncio.gather(*(watch(r) for r in self.replicas))
+        checks = (self._check_alive, self._check_status)
+        await asyncio.gather(*(every_heartbeat(check, r) for r in self.replicas for check in checks))
 
-    async def _check(self, replica: _Replica) -> None:
-        """Is the process holding our sessions alive (Ray answers at once for a dead actor)? Then the replica's
-        status through Serve: its load, a new life after a restart, and the renewal of our lease."""
-        if replica.status is not None:  # `__ray_ready__`: every Ray actor's built-in no-op method
-            try:
-                await self._ask(replica.status.actor.__ray_ready__.remote(), self.timeout_s)
-            except ActorDiedError:
-                self._lose_replica(replica, replica.status.incarnation, "its replica process stopped")
-            except Exception:  # slow or unreachable for now: no proof of death, the sessions stay
-                pass
+    async def _check_alive(self, replica: _Replica) -> None:
+        """Is the process holding our sessions alive? Ray answers at once for a dead actor."""
+        status = replica.status
+        if status is None:  # no process of it known (yet, or since it died)
+            return
+        try:  # `__ray_ready__`: every Ray actor's built-in no-op method
+            await self._ask(status.actor.__ray_ready__.remote(), self.timeout_s)
+        except ActorDiedError:
+            self._lose_replica(replica, status.incarnation, "its replica process stopped")
+        except Exception:  # slow or unreachable for now: no proof of death, the sessions stay
+            pass
+
+    async def _check_status(self, replica: _Replica) -> None:
+        """The replica's status through Serve: its load, a new life after a restart, the renewal of our lease."""
         try:
             status = await self._ask(replica.handle.status.remote(self.owner), self.timeout_s)
         except Exception as e:
