@@ -70,7 +70,7 @@ class _Replica:
 
 
 class RayHub:
-    """The `Hub` (streamv2v_trt/serving.py) over stream replicas. Every Ray call runs on the hub's own event
+    """The `Hub` (streamv2v_trt/hub.py) over stream replicas. Every Ray call runs on the hub's own event
     loop thread, which also owns all its state; the Hub methods hand work to it (`open` waits for the answer)."""
 
     def __init__(self, handles: Sequence[Any], *, heartbeat_s: float = HEARTBEAT_S,
