@@ -1,11 +1,11 @@
 """StreamServer: a MultiStream behind one loop thread, for serving many clients (the web demo, Ray replicas).
 
 Clients `open()` a slot (None when every slot is taken), `push(slot, frame, deliver)` frames and `close(slot)`.
-Per slot one frame waits at most: a newer push replaces it (latest frame wins, the replaced one is reported as
-dropped), so a slow tick never builds up latency. The loop takes the waiting frame of every slot, runs one
-batched `MultiStream` tick, and hands each slot its result through its `deliver` callback (on the loop thread:
+Per slot one frame waits at most (`hub.Latest`): a newer push replaces it (latest frame wins, the replaced one is
+reported as dropped), so a slow tick never builds up latency. The loop takes the waiting frame of every slot, runs
+one batched `MultiStream` tick, and hands each slot its result through its `deliver` callback (on the loop thread:
 a callback must be quick, e.g. `loop.call_soon_threadsafe`). `run(slot, fn)` runs `fn(stream)` on the loop
-thread between ticks (prompt changes, resets), so a stream is never changed mid-frame.
+thread between ticks (prompt changes, resets), so a stream is never changed mid-frame. It is a `Hub` (hub.py).
 """
 
 from __future__ import annotations
@@ -16,55 +16,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from .frames import FrameError
+from .hub import Deliver, Hub, Latest, Result
 from .multistream import MultiStream
 from .pipeline import StreamV2V
 
+__all__ = ["Deliver", "Hub", "Result", "StreamServer"]  # Hub, Result and Deliver live in hub.py
+
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Result:
-    """What a push turns into: the output frame, or why there is none."""
-
-    seq: int  # the number push() returned
-    frame: Any = None  # the output frame (the input's type); None when dropped or failed
-    error: BaseException | None = None  # FrameError for a bad frame; anything else is a server fault
-    dropped: bool = False  # replaced by a newer frame before it ran
-    latency_s: float = 0.0  # push to result
-    tick_s: float = 0.0  # the batched tick that produced it (model time, shared by the tick's frames)
-
-
-Deliver = Callable[[Result], None]
-
-
-class Hub(Protocol):
-    """What a server of many clients needs: slots of streams, one per client. `StreamServer` is one on this
-    process's networks; a Ray Serve ingress implements it over replicas on other processes and machines.
-
-    Blocking methods (`open`) must not be called from an event loop; futures resolve on another thread."""
-
-    capacity: int  # slots in all
-    width: int  # frame size every slot takes
-    height: int
-    prompt: str  # the prompt a freshly opened slot starts with
-
-    def open(self) -> Any | None:
-        """A free slot (fresh stream: empty bank, `prompt`), or None when every slot is taken."""
-        ...
-
-    def close(self, slot: Any) -> None: ...
-
-    def push(self, slot: Any, frame: Any, deliver: Deliver) -> int:
-        """Queue a uint8 HxWx3 frame; `deliver(Result)` is called once for it, from any thread."""
-        ...
-
-    def update_prompt(self, slot: Any, prompt: str) -> Future: ...
-
-    def reset(self, slot: Any) -> Future: ...
+Waiting = tuple[int, Any, float, Deliver]  # a pushed frame: (seq, frame, push time, deliver)
 
 
 class StreamServer:
@@ -83,8 +46,7 @@ class StreamServer:
         self.prompt = multi.slots[0].prompt if prompt is None else prompt
         self._cond = threading.Condition()
         self._free = deque(range(multi.streams))
-        self._open: set[int] = set()
-        self._pending: dict[int, tuple[int, Any, float, Deliver]] = {}  # slot -> (seq, frame, push time, deliver)
+        self._waiting: dict[int, Latest[Waiting]] = {}  # the open slots, each with its waiting frame
         self._jobs: deque[tuple[int, Callable[[StreamV2V], Any], Future]] = deque()
         self._seq = 0
         self._closed = False
@@ -108,7 +70,7 @@ class StreamServer:
     @property
     def in_use(self) -> int:
         with self._cond:
-            return len(self._open)
+            return len(self._waiting)
 
     def open(self) -> int | None:
         """A free slot, its stream reset to `prompt` and an empty bank, or None when every slot is taken.
@@ -117,7 +79,7 @@ class StreamServer:
             if self._closed or not self._free:
                 return None
             slot = self._free.popleft()
-            self._open.add(slot)
+            self._waiting[slot] = Latest()
         try:
             self.run(slot, self._fresh).result()
         except BaseException:  # the slot must not leak: give it back, the caller hears why
@@ -134,24 +96,24 @@ class StreamServer:
     def close(self, slot: int) -> None:
         """Give the slot back (its waiting frame is dropped); the next `open` resets it."""
         with self._cond:
-            if slot not in self._open:
+            if slot not in self._waiting:
                 return
-            self._open.discard(slot)
-            waiting = self._pending.pop(slot, None)
+            waiting = self._waiting.pop(slot).take()
             self._free.append(slot)
         if waiting is not None:
             waiting[3](Result(waiting[0], dropped=True))
 
-    def push(self, slot: int, frame: Any, deliver: Deliver) -> int:
-        """Queue `frame` for `slot` (replacing a frame still waiting, which is delivered as dropped)."""
+    def push(self, slot: int, frame: Any, deliver: Deliver, order: int | None = None) -> int:
+        """Queue `frame` for `slot`, replacing a frame still waiting, which is delivered as dropped. `order`: the
+        client's count of this frame, where frames may arrive out of order (a frame older than one already pushed
+        is delivered as dropped at once); default: the order of arrival."""
         with self._cond:
             self._check(slot)
             seq, self._seq = self._seq, self._seq + 1
-            replaced = self._pending.get(slot)
-            self._pending[slot] = (seq, frame, time.perf_counter(), deliver)
+            lost = self._waiting[slot].put(seq if order is None else order, (seq, frame, time.perf_counter(), deliver))
             self._cond.notify_all()
-        if replaced is not None:
-            replaced[3](Result(replaced[0], dropped=True))
+        if lost is not None:
+            lost[3](Result(lost[0], dropped=True))
         return seq
 
     def run(self, slot: int, fn: Callable[[StreamV2V], Any]) -> Future:
@@ -175,13 +137,13 @@ class StreamServer:
         with self._cond:
             self._closed = True
             jobs, self._jobs = self._jobs, deque()
-            frames, self._pending = self._pending, {}
+            frames = [frame for waiting in self._waiting.values() if (frame := waiting.take()) is not None]
             self._cond.notify_all()
         stopped = RuntimeError("this StreamServer is stopped")
         for _, _, future in jobs:
             if future.set_running_or_notify_cancel():
                 future.set_exception(stopped)
-        for seq, _, t_push, deliver in frames.values():
+        for seq, _, t_push, deliver in frames:
             deliver(Result(seq, error=stopped, latency_s=time.perf_counter() - t_push))
         self._thread.join(timeout)
 
@@ -194,25 +156,29 @@ class StreamServer:
     def _check(self, slot: int) -> None:
         if self._closed:
             raise RuntimeError("this StreamServer is stopped")
-        if slot not in self._open:
+        if slot not in self._waiting:
             raise KeyError(f"slot {slot} is not open: open() one first")
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        def frames_waiting() -> int:
+            return sum(waiting.item is not None for waiting in self._waiting.values())
+
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._closed or self._jobs or self._pending)
+                self._cond.wait_for(lambda: self._closed or self._jobs or frames_waiting())
                 # A batch is worth a short wait: every open slot with a frame, a command, or the window's end.
                 window = min(self.gather_s, self._last_tick_s / 2)
                 self._cond.wait_for(
-                    lambda: self._closed or self._jobs or len(self._pending) >= len(self._open), timeout=window
+                    lambda: self._closed or self._jobs or frames_waiting() >= len(self._waiting), timeout=window
                 )
                 if self._closed:
                     return
                 jobs, self._jobs = self._jobs, deque()
                 frames = {}
-                if not jobs:  # commands first; waiting frames stay pending until the next turn
-                    frames, self._pending = self._pending, {}
+                if not jobs:  # commands first; waiting frames stay waiting until the next turn
+                    taken = {slot: waiting.take() for slot, waiting in self._waiting.items()}
+                    frames = {slot: frame for slot, frame in taken.items() if frame is not None}
             for slot, fn, future in jobs:
                 if future.set_running_or_notify_cancel():
                     try:
@@ -222,7 +188,7 @@ class StreamServer:
             if frames:
                 self._tick(frames)
 
-    def _tick(self, frames: dict[int, tuple[int, Any, float, Deliver]]) -> None:
+    def _tick(self, frames: dict[int, Waiting]) -> None:
         multi, results = self.multi, {}
         for slot, (seq, frame, t_push, _) in frames.items():
             try:

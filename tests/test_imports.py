@@ -38,6 +38,8 @@ LAYERS = {
     "streamv2v_trt.build_folder": 3,
     "streamv2v_trt.backends": 3,
     "streamv2v_trt.serving": 3,
+    "streamv2v_trt.hub": 3,
+    "streamv2v_trt.client_limits": 3,
     "build_engines": 4,
     "streamv2v_trt.cli": 5,
     "streamv2v_trt.web": 5,

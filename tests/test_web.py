@@ -9,11 +9,13 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import shutil
 import socket
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from streamv2v_trt import StreamV2V  # noqa: E402
 from streamv2v_trt.cli import serve  # noqa: E402
 from streamv2v_trt.cli.stream_args import CliError  # noqa: E402
+from streamv2v_trt.hub import NotReady, Result, SlotLost  # noqa: E402
 from streamv2v_trt.images import fit_to_size  # noqa: E402
 from streamv2v_trt.multistream import MultiStream  # noqa: E402
 from streamv2v_trt.serving import StreamServer  # noqa: E402
@@ -469,6 +472,90 @@ def test_idle_connection_is_closed_and_frees_its_slot(live_server, hub):
     wait_until(lambda: spy.closed == spy.opened and spy.server.in_use == 0, "the slot was not given back")
     with connect(url.replace("http", "ws") + "/ws") as ws:
         assert json.loads(ws.recv(timeout=10))["type"] == "ready"
+
+
+class LosingHub(SpyHub):
+    """A SpyHub whose slots are lost once `lost` is set, as a Ray replica's are when its process stops: every frame
+    is then answered with a SlotLost result, and prompt changes raise it."""
+
+    lost: SlotLost | None = None
+
+    def push(self, slot: int, frame, deliver) -> int:
+        if self.lost is None:
+            return super().push(slot, frame, deliver)
+        deliver(Result(0, error=self.lost))
+        return 0
+
+    def update_prompt(self, slot: int, prompt: str):
+        if self.lost is None:
+            return super().update_prompt(slot, prompt)
+        future: Future = Future()
+        future.set_exception(self.lost)
+        return future
+
+
+@pytest.mark.parametrize("message", ["frame", "prompt"])
+def test_a_lost_stream_is_told_closed_1011_and_its_slot_given_back(multi, message):
+    with StreamServer(multi, prompt="a photo") as server:
+        spy = LosingHub(server)
+        with TestClient(make_app(spy)) as client, client.websocket_connect("/ws") as ws:
+            assert ws.receive_json()["type"] == "ready"
+            ws.send_bytes(jpeg())
+            receive_result(ws)
+            spy.lost = SlotLost("stream lost: its replica process stopped; reconnect for a fresh stream")
+            if message == "frame":
+                ws.send_bytes(jpeg(seed=1))
+            else:
+                ws.send_text('{"type": "prompt", "prompt": "a sketch"}')
+            assert ws.receive_json() == {"type": "error", "message": str(spy.lost)}
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+            assert closed.value.code == 1011 and closed.value.reason == "stream lost"
+        assert spy.closed == spy.opened and server.in_use == 0
+
+
+def test_a_hub_that_is_not_ready_says_starting_not_busy(hub):
+    spy = hub()
+
+    def starting():
+        raise NotReady("no stream replica is ready yet")
+
+    spy.open = starting
+    with TestClient(make_app(spy)) as client, client.websocket_connect("/ws") as ws:
+        assert ws.receive_json() == {"type": "error", "message": "server starting: no stream replica is ready yet"}
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 1013  # try again later
+
+
+def test_a_text_message_that_is_not_utf8_closes_1007_with_one_warning_line(live_server, hub):
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    url = live_server(hub()).replace("http", "ws") + "/ws"
+    records: list[logging.LogRecord] = []
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    keep = logging.Handler()
+    keep.emit = records.append
+    quiet = serve.ClientTextErrors()  # what `serve` installs before it runs uvicorn
+    uvicorn_log.addFilter(quiet)
+    uvicorn_log.addHandler(keep)
+    try:
+        with connect(url) as ws:
+            assert json.loads(ws.recv(timeout=TIMEOUT))["type"] == "ready"
+            ws.send(b"\xff\xfe not text", text=True)  # a text frame whose bytes are not UTF-8
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=TIMEOUT)
+            assert closed.value.rcvd.code == 1007
+        wait_until(lambda: records, "uvicorn logged the bad message", 5)
+    finally:
+        uvicorn_log.removeFilter(quiet)
+        uvicorn_log.removeHandler(keep)
+    assert [(r.levelname, r.getMessage(), r.exc_info) for r in records] == [
+        ("WARNING", "closed a WebSocket (1007): its client sent a text message that is not UTF-8", None)
+    ]
+    with connect(url) as ws:  # the server goes on
+        assert json.loads(ws.recv(timeout=TIMEOUT))["type"] == "ready"
 
 
 def test_images_are_decoded_and_encoded_off_the_model_thread(hub, monkeypatch):

@@ -11,14 +11,17 @@ machines (streamv2v_trt/web/ray_app.py, docs/SCALING.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import signal
 import sys
 import time
+from dataclasses import fields
 from functools import partial
 
+from ..client_limits import Limits
 from ..console import HelpFormatter
 from .stream_args import CliError, add_stream_args, device_of, open_multistream, resolve_config
 
@@ -40,7 +43,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, localhost only)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--prompt", default="", help="initial prompt (the page can change it live; default: empty)")
-    p.add_argument("--max-frame-bytes", type=int, default=2 * 1024 * 1024, help="largest frame message accepted")
     p.add_argument(
         "--streams",
         type=int,
@@ -49,19 +51,10 @@ def add_parser(subparsers) -> None:
         "holds a slot and its bank; one more is told the server is busy). Default: 4 on a GPU, 2 on the CPU; with "
         "--engines the folder's (python -m build_engines --max-streams K), and another K is refused",
     )
-    p.add_argument(
-        "--max-frame-pixels",
-        type=int,
-        default=2048 * 2048,
-        help="largest frame accepted, in pixels, read from the image header (default: %(default)s = 2048x2048)",
-    )
-    p.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="close a connection that sent no frame for this long, freeing its slot; 0 never (default: %(default)g)",
-    )
+    for limit in LIMIT_FLAGS:  # --max-frame-bytes, --max-frame-pixels, --idle-timeout: stated in `Limits`
+        options = {k: v for k, v in limit.metadata.items() if k != "flag"}
+        p.add_argument(limit.metadata["flag"], dest=limit.name, type=type(limit.default), default=limit.default,
+                       **options)  # fmt: skip
     p.add_argument(
         "--allowed-host",
         action="append",
@@ -106,20 +99,21 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def limits_of(args: argparse.Namespace):
-    """The connection limits the flags ask for; CliError for values that cannot work."""
-    from ..web import Limits
+LIMIT_FLAGS = [f for f in fields(Limits) if "flag" in f.metadata]  # each parsed into args.<field name>
 
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    """The connection limits the flags ask for; CliError for values that cannot work."""
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port must be in 0..65535, got {args.port}")
-    for flag, value in (("--max-frame-bytes", args.max_frame_bytes), ("--max-frame-pixels", args.max_frame_pixels)):
-        if value < 1:
-            raise CliError(f"{flag} must be >= 1, got {value}")
-    if not (math.isfinite(args.idle_timeout) and args.idle_timeout >= 0):
-        raise CliError(f"--idle-timeout must be a number of seconds >= 0 (0: never), got {args.idle_timeout}")
-    return Limits(
-        max_frame_bytes=args.max_frame_bytes, max_frame_pixels=args.max_frame_pixels, idle_timeout_s=args.idle_timeout
-    )
+    for limit in LIMIT_FLAGS:
+        value = getattr(args, limit.name)
+        if limit.name == "idle_timeout_s":
+            if not (math.isfinite(value) and value >= 0):
+                raise CliError(f"--idle-timeout must be a number of seconds >= 0 (0: never), got {value}")
+        elif value < 1:
+            raise CliError(f"{limit.metadata['flag']} must be >= 1, got {value}")
+    return Limits(**{limit.name: getattr(args, limit.name) for limit in LIMIT_FLAGS})
 
 
 def open_slots(args: argparse.Namespace):
@@ -164,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         return run_ray(args, limits, access)
     from ..serving import StreamServer
 
+    logging.getLogger("uvicorn.error").addFilter(ClientTextErrors())  # kept by uvicorn's logging set-up
     with StreamServer(multi) as hub:
         log.info("%d stream slots (%s backend); open %s://%s:%d in a browser", hub.capacity, multi.backend.name,
                  "https" if args.ssl_certfile else "http", args.host, args.port)  # fmt: skip
@@ -177,6 +172,18 @@ def run(args: argparse.Namespace) -> int:
             log_level="info" if args.verbose else "warning",
         )
     return 0
+
+
+class ClientTextErrors(logging.Filter):
+    """uvicorn answers a WebSocket text message that is not UTF-8 rightly (close 1007) but logs it at ERROR with
+    a full traceback, as if the server had failed: the client's mistake gets one warning line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UnicodeDecodeError):
+            record.msg, record.args = "closed a WebSocket (1007): its client sent a text message that is not UTF-8", ()
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 # -- serve --ray -----------------------------------------------------------------------------------------------
@@ -201,7 +208,6 @@ def run_ray(args: argparse.Namespace, limits, access) -> int:
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does: cleanly
     try:
         if args.address is None:  # a Ray of our own, its dashboard off (docs/SCALING.md lists what listens)
             import torch
@@ -213,6 +219,10 @@ def run_ray(args: argparse.Namespace, limits, access) -> int:
     except ConnectionError as e:  # no cluster at --address
         print(f"error: --address {args.address}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    # SIGTERM stops it as Ctrl-C does: cleanly. Set after ray.init, which installs Ray's own SIGTERM handler (it
+    # prints a stack trace and ends the process mid-shutdown, exit -6 measured, leaving the local Ray's processes
+    # running for a minute or more); ours replaces it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     serving = False
     try:
         config = ray_config(args, limits, access, replicas, ray.cluster_resources())
@@ -244,8 +254,38 @@ def run_ray(args: argparse.Namespace, limits, access) -> int:
                 else:  # the cluster is someone else's: take only our application down
                     ray_serve.delete(APP_NAME)
         finally:
+            ours = ray_processes() if args.address is None else []  # the local Ray's, workers included
             ray.shutdown()
+            stop_processes(ours)
     return 0
+
+
+RAY_EXIT_S = 10.0  # how long the local Ray's processes get to exit after ray.shutdown before they are terminated
+
+
+def ray_processes() -> list:
+    """The processes of the local Ray this command started: all its descendants (psutil ships with Ray)."""
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def stop_processes(processes: list) -> None:
+    """Wait for `processes` to exit (ray.shutdown stops the GCS and the raylet, whose agents exit on their own a
+    little later); terminate, then kill, any still running after RAY_EXIT_S, so none outlives the command."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=RAY_EXIT_S)
+    if alive:
+        log.warning("terminating %d Ray process(es) still running %g s after shutdown: %s", len(alive), RAY_EXIT_S,
+                    ", ".join(f"{p.pid}" for p in alive))  # fmt: skip
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(alive, timeout=5)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
 
 
 def check_ray_flags(args: argparse.Namespace) -> int | None:

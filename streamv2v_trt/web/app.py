@@ -11,16 +11,18 @@ the order they arrive, which is the order the page sent them, so both sides agre
                      {"type": "error", "seq"?, "message"}  (bad frame or message; the socket stays usable)
                      {"type": "prompt", "prompt"} | {"type": "reset"}   (acknowledgements)
 
-The server closes the socket after an error message in three cases: the request's Host or Origin is not
-allowed (1008, before any slot is taken), every slot of the hub is taken (1013, "server busy"), or no frame
-came for `Limits.idle_timeout_s` (1001).
+The server closes the socket after an error message in five cases: the request's Host or Origin is not
+allowed (1008, before any slot is taken), every slot of the hub is taken (1013, "server busy"), the hub has no
+stream ready yet (1013, "server starting"), the connection's stream was lost (1011, "stream lost": the process
+holding it stopped; reconnect for a fresh one), or no frame came for `Limits.idle_timeout_s` (1001).
 
-The app serves from a `Hub` (`streamv2v_trt/serving.py`) and uses nothing else of it: every connection holds
+The app serves from a `Hub` (`streamv2v_trt/hub.py`) and uses nothing else of it: every connection holds
 one slot (its own stream and bank) from connect to disconnect; the hub batches the slots' frames into one
 model call per tick on its own thread. Decoding, resizing and encoding images run on a small pool beside it,
 so a large frame costs its sender, not the model. Per connection a frame is decoded as soon as it arrives and
 pushed to the hub, where one frame per slot waits at most: a newer one replaces it (latest frame wins, the
-replaced one is answered `dropped`), so a slow model drops frames instead of queueing them.
+replaced one is answered `dropped`), so a slow model drops frames instead of queueing them. What the hub says
+about a slot comes back in its results: a `SlotLost` error ends the session (close 1011).
 """
 
 from __future__ import annotations
@@ -30,21 +32,20 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, PlainTextResponse
 
+from ..client_limits import Limits
 from ..frames import FrameError
+from ..hub import Hub, Latest, NotReady, Result, SlotLost  # the protocol only: serving a hub loads no model here
 from .access import Access
 from .codec import BadFrame, decode_frame, encode_jpeg
-
-if TYPE_CHECKING:  # the app needs only the protocol; a hub of remote replicas does not load the model here
-    from ..serving import Hub, Result
 
 log = logging.getLogger(__name__)
 
@@ -52,30 +53,28 @@ IMAGE_THREADS = 4  # decode/encode threads shared by all connections; each conne
 MAX_IN_WORK = 3  # frames of one connection between decode and answer: one in a tick, one waiting, one answered
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_frame_bytes: int = 2 * 1024 * 1024  # a 1080p JPEG is ~0.5 MB; the page sends stream-sized frames
-    max_frame_pixels: int = 2048 * 2048  # checked from the header, before decoding; a 1080p frame fits
-    max_prompt_chars: int = 1000
-    max_text_chars: int = 16 * 1024  # a text message, checked before parsing (a prompt with escapes fits)
-    idle_timeout_s: float = 60.0  # close a connection that sent no frame for this long, freeing its slot; 0: never
-    jpeg_quality: int = 85
-
-
 def index_html() -> str:
     return resources.files(__package__).joinpath("index.html").read_text(encoding="utf-8")
 
 
-def create_app(hub: Hub, limits: Limits = Limits(), access: Access | None = None) -> FastAPI:
+def create_app(
+    hub: Hub, limits: Limits | None = None, access: Access | None = None, on_shutdown: Callable[[], None] | None = None
+) -> FastAPI:
     """The demo app, serving from `hub` (a `StreamServer`, or any `Hub`): one slot per connection, for its life.
-    The hub belongs to the caller (start and stop it around the app). `access`: default localhost only."""
-    access = access or Access()
+    The hub belongs to the caller (start and stop it around the app), or, where the app is built inside a server
+    process (Ray's ingress), `on_shutdown` stops it when the app shuts down. Default `limits`: `Limits()`;
+    default `access`: localhost only."""
+    limits, access = limits or Limits(), access or Access()
     image_pool = ThreadPoolExecutor(max_workers=IMAGE_THREADS, thread_name_prefix="streamv2v-image")
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        yield
-        image_pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            yield
+        finally:
+            image_pool.shutdown(wait=False, cancel_futures=True)
+            if on_shutdown is not None:
+                on_shutdown()
 
     # No /docs or /openapi.json: the app has one page and one socket, and serves nothing it does not check.
     app = FastAPI(title="StreamV2V live demo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -102,6 +101,10 @@ def create_app(hub: Hub, limits: Limits = Limits(), access: Access | None = None
             return
         try:
             slot = await open_slot(hub)
+        except NotReady as e:  # starting (models loading): not busy, and soon worth another try
+            await ws.send_json({"type": "error", "message": f"server starting: {e}"})
+            await ws.close(code=1013)  # 1013: try again later
+            return
         except Exception as e:  # the page must hear why; the server keeps serving others
             log.exception("could not open a slot for a new connection")
             await ws.send_json({"type": "error", "message": f"could not open a stream: {e}"})
@@ -154,7 +157,7 @@ class Session:
     ) -> None:  # fmt: skip
         self.ws, self.hub, self.slot, self.image_pool, self.limits = ws, hub, slot, image_pool, limits
         self.loop = asyncio.get_running_loop()
-        self.frame: tuple[int, bytes, float] | None = None  # (seq, data, receive time): the newest frame not decoded
+        self.frame: Latest[tuple[int, bytes, float]] = Latest()  # (seq, data, receive time): the newest not decoded
         self.in_work = 0  # frames decoding, in the hub, or being answered; at most MAX_IN_WORK
         self.answers: asyncio.Queue[tuple[int, float, Result]] = asyncio.Queue()  # from the hub's thread
         self.wake = asyncio.Event()  # a frame came in, or a frame left work
@@ -202,7 +205,11 @@ class Session:
             if msg.get("bytes") is not None:
                 await self.on_frame(msg["bytes"])
             elif msg.get("text") is not None:
-                await self.on_text(msg["text"])
+                try:
+                    await self.on_text(msg["text"])
+                except SlotLost as e:
+                    await self.close_lost(e)
+                    return
 
     async def next_message(self) -> dict | None:
         """The next ASGI message, or None once the connection is idle: no frame waiting or in work, and none
@@ -211,7 +218,7 @@ class Session:
         if timeout <= 0:
             return await self.ws.receive()
         while True:
-            busy = self.in_work > 0 or self.frame is not None
+            busy = self.in_work > 0 or self.frame.item is not None
             idle = 0.0 if busy else time.monotonic() - self.last_active
             if idle >= timeout:
                 return None
@@ -239,18 +246,21 @@ class Session:
             })  # fmt: skip
             return
         # Replaced before any await, so the pusher never takes a frame that is also answered as dropped.
-        replaced, self.frame = self.frame, (seq, data, time.perf_counter())
+        replaced = self.frame.put(seq, (seq, data, time.perf_counter()))
         self.wake.set()
         if replaced is not None:  # still not decoded (this connection has MAX_IN_WORK in work): the new one wins
             self.dropped += 1
             await self.send({"type": "dropped", "seq": replaced[0]})
 
     async def on_text(self, text: str) -> None:
-        """Every text message gets one answer, an acknowledgement or an error; none ends the connection."""
+        """Every text message gets one answer, an acknowledgement or an error; none ends the connection (but a
+        stream the hub lost, `SlotLost`, raised for the session to end)."""
         try:
             reply = await self.apply_text(text)
         except BadMessage as e:
             reply = {"type": "error", "message": str(e)}
+        except SlotLost:
+            raise
         except Exception as e:  # the stream failed to apply a valid message: a server bug, but the page must hear it
             log.exception("text message %.100r failed", text)
             reply = {"type": "error", "message": f"internal error: {e}"}
@@ -290,9 +300,9 @@ class Session:
         while True:
             await self.wake.wait()
             self.wake.clear()
-            if self.frame is None or self.in_work >= MAX_IN_WORK:
+            if self.frame.item is None or self.in_work >= MAX_IN_WORK:
                 continue
-            (seq, data, received), self.frame = self.frame, None
+            seq, data, received = self.frame.take()
             self.in_work += 1
             try:
                 image = await self.loop.run_in_executor(
@@ -313,9 +323,13 @@ class Session:
             pass
 
     async def send_answers(self) -> None:
-        """The hub's answers in the order they came: dropped, error, or a result (encoded off the model thread)."""
+        """The hub's answers in the order they came: dropped, error, or a result (encoded off the model thread).
+        An answer that the stream was lost ends the session."""
         while True:
             seq, received, result = await self.answers.get()
+            if isinstance(result.error, SlotLost):
+                await self.close_lost(result.error)
+                return
             if result.dropped:
                 self.dropped += 1
                 await self.answer({"type": "dropped", "seq": seq})
@@ -345,6 +359,13 @@ class Session:
                 "server_ms": round((now - received) * 1e3, 1), "fps": round(self.fps, 2), "dropped": self.dropped,
             }  # fmt: skip
             await self.answer(stats, jpeg)
+
+    async def close_lost(self, error: SlotLost) -> None:
+        """The hub lost this connection's stream (the process holding it stopped): say why, then close 1011 (the
+        server failed; the page may reconnect at once for a fresh stream)."""
+        log.warning("closing a connection whose stream was lost: %s", error)
+        await self.send({"type": "error", "message": str(error)})
+        await self.ws.close(code=1011, reason="stream lost")
 
     async def answer(self, msg: dict, data: bytes | None = None) -> None:
         """Send the answer to a frame in work; the frame leaves work, making room for the next."""

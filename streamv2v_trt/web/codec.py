@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import io
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..client_limits import Limits
 from ..images import fit_to_size
-
-if TYPE_CHECKING:
-    from .app import Limits
 
 IMAGE_FORMATS = {"JPEG", "PNG", "WEBP"}
 

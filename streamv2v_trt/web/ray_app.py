@@ -14,9 +14,10 @@ when every slot of every replica is taken, `open` returns None and the app says 
 
 Faults: the hub asks Ray every second whether each replica process that holds sessions is alive (and renews its
 lease there, ray_replica.py). When one has died (or a call to it fails because it died), its sessions are lost:
-frames in flight get an error, and `CloseLostStreams` closes their WebSockets (an error message, then close
+their frames are answered `SlotLost`, on which the app closes their WebSockets (an error message, then close
 1011: the page shows why, a reload reconnects); other replicas' sessions go on. Serve starts the replica again;
-the hub routes new sessions to it once it answers.
+the hub routes new sessions to it once it answers. Until some replica answers (at start, while the models load)
+a new connection is told the server is starting (close 1013), not busy.
 
 Frames cross to the replicas as the uint8 arrays the app decoded, not JPEG (measured in docs/SCALING.md).
 """
@@ -28,10 +29,11 @@ from dataclasses import dataclass
 
 from ray import serve
 
+from ..client_limits import Limits
 from ..multistream import MultiStream
 from .access import Access
-from .app import MAX_IN_WORK, Limits, create_app
-from .ray_hub import CloseLostStreams, RayHub
+from .app import MAX_IN_WORK, create_app
+from .ray_hub import RayHub
 from .ray_replica import LEASE_S, StreamReplica
 
 APP_NAME = "streamv2v"
@@ -71,9 +73,9 @@ def build_application(config: RayServeConfig) -> serve.Application:
     replicas = [stream.options(name=name).bind(config.load, config.lease_s) for name in names]
     limits, access = config.limits, config.access
 
-    def asgi_app():  # runs in the ingress replica's process
+    def asgi_app():  # runs in the ingress replica's process; the app stops the hub when Serve stops the ingress
         hub = RayHub([serve.get_deployment_handle(name, APP_NAME) for name in names])
-        return CloseLostStreams(create_app(hub, limits, access), hub)
+        return create_app(hub, limits, access, on_shutdown=hub.stop)
 
     ingress = serve.deployment(
         serve.ingress(asgi_app)(),

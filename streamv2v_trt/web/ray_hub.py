@@ -1,40 +1,47 @@
-"""RayHub: the `Hub` the demo app serves from (streamv2v_trt/serving.py), over stream replicas in other
-processes (ray_replica.py), and `CloseLostStreams`, which closes the WebSockets whose stream was lost.
+"""RayHub: the `Hub` (streamv2v_trt/hub.py) the demo app serves from, over stream replicas in other processes
+(ray_replica.py).
 
 Every Ray call runs on the hub's own event loop thread, which also owns the hub's state (which replica holds
 which session, and what each replica last said). A session's slot is a `RaySlot`: the replica's index, the
 life of that replica process it was opened in (its Ray actor id) and a session id only that process knows.
-Each second the hub checks every replica (`_check`): whether the process holding its sessions is still alive,
-and its status through Serve (load, a new life after a restart, the renewal of the ingress's lease). Sessions of
-a replica process that is gone are lost: their frames in flight get an error, and their connections are closed.
+Each second the hub checks every replica, in two loops: whether the process holding its sessions is still alive
+(`_check_alive`), and its status through Serve (`_check_status`: load, a new life after a restart, the renewal of
+the ingress's lease). Sessions of a replica process that is gone are lost: their frames are answered with a
+`SlotLost` result (and their prompt changes and resets raise it), on which the app closes their connections.
+
+A replica's checks never end while the hub runs: Serve raises `asyncio.CancelledError` from a call it cancelled
+(a replica that died or restarted mid-call), which is not an `Exception`; `_ask` turns it into `CallCancelled`
+so that it fails that call only, and the next check finds the restarted replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import itertools
-import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray.exceptions import ActorDiedError, RayTaskError
 
-from ..serving import Deliver, Result
-from .app import CLOSED
-from .ray_replica import ReplicaStatus, StreamLost
+from ..hub import Deliver, NotReady, Result, SlotLost
+from .ray_replica import ReplicaStatus
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0  # how often the hub checks every replica (liveness, load, lease)
 CALL_TIMEOUT_S = 10.0  # an open or status call that takes longer: that replica is skipped for now
+STARTING = "no stream replica is ready yet (the model is loading, or every replica is restarting); try again shortly"
+
+
+class CallCancelled(RuntimeError):
+    """Ray Serve cancelled a call of the hub's (its replica stopped or restarted while the call ran)."""
 
 
 class RaySlot:
@@ -44,7 +51,6 @@ class RaySlot:
         self.replica, self.incarnation = replica, incarnation
         self.session = uuid.uuid4().hex
         self.lost: str | None = None  # why the stream is gone, once it is
-        self.connection: Connection | None = None  # the WebSocket to close when the stream is lost
         self.pushed = 0  # pushes sent, in order (the replica drops one overtaken by a newer)
         self.pending: set[asyncio.Task] = set()  # pushes awaiting their result (hub loop)
 
@@ -64,7 +70,7 @@ class _Replica:
 
 
 class RayHub:
-    """The `Hub` (streamv2v_trt/serving.py) over stream replicas. Every Ray call runs on the hub's own event
+    """The `Hub` (streamv2v_trt/hub.py) over stream replicas. Every Ray call runs on the hub's own event
     loop thread, which also owns all its state; the Hub methods hand work to it (`open` waits for the answer)."""
 
     def __init__(self, handles: Sequence[Any], *, heartbeat_s: float = HEARTBEAT_S,
@@ -73,8 +79,8 @@ class RayHub:
         self.replicas = [_Replica(i, handle) for i, handle in enumerate(handles)]
         self.heartbeat_s, self.timeout_s = heartbeat_s, timeout_s
         self._seq = itertools.count()
-        self._answered = threading.Event()  # some replica has answered: width, height and prompt are known
-        self._first: ReplicaStatus | None = None
+        self._up = threading.Event()  # some replica answers now: `open` may route to it
+        self._first: ReplicaStatus | None = None  # the first answer: width, height and prompt
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="streamv2v-ray-hub", daemon=True)
         self._thread.start()
@@ -103,9 +109,9 @@ class RayHub:
         return self._some_status().prompt
 
     def open(self) -> RaySlot | None:
-        """A slot on the least-loaded replica that answers, or None when all are full (or none answers)."""
-        if not self._answered.wait(self.timeout_s):
-            return None
+        """A slot on the least-loaded replica that answers, or None when all are full. While no replica answers
+        (the models load, or all restart), waits up to `timeout_s` for one, then raises NotReady."""
+        self._up.wait(self.timeout_s)
         return asyncio.run_coroutine_threadsafe(self._open(), self._loop).result()
 
     def close(self, slot: RaySlot) -> None:
@@ -113,8 +119,6 @@ class RayHub:
 
     def push(self, slot: RaySlot, frame: Any, deliver: Deliver) -> int:
         seq = next(self._seq)
-        if slot.connection is None:  # the app pushes from its session's tasks, which run in their connection's context
-            slot.connection = CONNECTION.get()
         self._submit(self._push(slot, seq, frame, deliver))
         return seq
 
@@ -146,14 +150,27 @@ class RayHub:
         asyncio.run_coroutine_threadsafe(work, self._loop).add_done_callback(report)
 
     # -- the hub's loop ------------------------------------------------------------------------------------------
+    async def _ask(self, call: Awaitable[Any], timeout_s: float | None) -> Any:
+        """Await one Ray or Serve call, at most `timeout_s` (None: as long as it takes). A CancelledError that
+        Serve raised, not a cancel of this task, is the call's failure: it becomes `CallCancelled`, an ordinary
+        error (left a BaseException, it passed every `except Exception` and ended a replica's checks for good)."""
+        try:
+            return await asyncio.wait_for(call, timeout_s)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # this task was cancelled: the hub stops, or a slot is lost
+                raise
+            raise CallCancelled("Ray Serve cancelled the call (its replica stopped or restarted meanwhile)") from None
+
     async def _open(self) -> RaySlot | None:
+        if not any(r.up for r in self.replicas):
+            raise NotReady(STARTING)
         free = [r for r in self.replicas if r.up and r.status is not None and r.load < r.status.capacity]
         for replica in sorted(free, key=lambda r: (r.load, r.index)):
             slot = RaySlot(replica.index, "")
             replica.opening += 1
             try:
-                incarnation = await asyncio.wait_for(replica.handle.open.remote(self.owner, slot.session),
-                                                     self.timeout_s)  # fmt: skip
+                incarnation = await self._ask(replica.handle.open.remote(self.owner, slot.session), self.timeout_s)
             except Exception as e:  # timed out or died: try the next; undo the open if it lands later
                 log.warning("opening a slot on streams-%d failed (%s): trying another replica", replica.index,
                             _describe(e))  # fmt: skip
@@ -171,7 +188,7 @@ class RayHub:
 
     async def _forget(self, replica: _Replica, session: str) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(replica.handle.close.remote(session), self.timeout_s)
+            await self._ask(replica.handle.close.remote(session), self.timeout_s)
 
     async def _close(self, slot: RaySlot) -> None:
         replica = self.replicas[slot.replica]
@@ -179,7 +196,7 @@ class RayHub:
         if slot.lost is None:
             slot.lost = "closed"
             try:
-                await asyncio.wait_for(replica.handle.close.remote(slot.session), self.timeout_s)
+                await self._ask(replica.handle.close.remote(slot.session), self.timeout_s)
             except Exception as e:  # the replica's death or the lease frees it
                 log.warning("closing a session on streams-%d failed: %s", replica.index, _describe(e))
 
@@ -192,7 +209,7 @@ class RayHub:
             task = asyncio.current_task()
             slot.pending.add(task)
             try:
-                result = await replica.handle.push.remote(slot.session, slot.pushed, frame)
+                result = await self._ask(replica.handle.push.remote(slot.session, slot.pushed, frame), None)
             except asyncio.CancelledError:  # the stream was lost while this frame waited (_lose_slot)
                 pass
             except ActorDiedError:
@@ -201,51 +218,64 @@ class RayHub:
                 result = Result(seq, error=_unwrap(e))
             finally:
                 slot.pending.discard(task)
-        if result is None or isinstance(result.error, StreamLost):
+        if result is None or isinstance(result.error, SlotLost):  # the app closes the session on this answer
             self._lose_slot(slot, str(result.error) if result is not None else slot.lost or "lost")
-            result = Result(seq, error=StreamLost(f"stream lost: {slot.lost}"))
+            result = Result(seq, error=_lost(slot))
         deliver(replace(result, seq=seq, latency_s=time.perf_counter() - t0))
 
     async def _call(self, slot: RaySlot, method: str, *args: Any) -> None:
         if slot.lost is not None:
-            raise StreamLost(f"stream lost: {slot.lost}")
+            raise _lost(slot)
         replica = self.replicas[slot.replica]
         try:
-            await getattr(replica.handle, method).remote(slot.session, *args)
+            await self._ask(getattr(replica.handle, method).remote(slot.session, *args), None)
         except ActorDiedError as e:
             self._lose_replica(replica, slot.incarnation, "its replica process stopped")
-            raise StreamLost(f"stream lost: {slot.lost}") from e
+            raise _lost(slot) from e
         except RayTaskError as e:
             error = _unwrap(e)
-            if isinstance(error, StreamLost):
+            if isinstance(error, SlotLost):
                 self._lose_slot(slot, str(error))
+                raise _lost(slot) from None
             raise error from None
 
     async def _watch(self) -> None:
-        async def watch(replica: _Replica) -> None:  # one loop each: a replica that hangs delays no other's check
+        """Two checks of every replica, each in its own loop: a replica that hangs delays no other's checks, and a
+        status call that hangs (Serve holds calls for a replica that died during them until a new one starts)
+        does not delay noticing the death."""
+
+        async def every_heartbeat(check: Callable[[_Replica], Awaitable[None]], replica: _Replica) -> None:
             while True:
-                await self._check(replica)
+                try:
+                    await check(replica)
+                except Exception:  # a fault here must not end the checks: the replica's slots would never return
+                    log.exception("checking streams-%d failed", replica.index)
                 await asyncio.sleep(self.heartbeat_s)
 
-        await asyncio.gather(*(watch(r) for r in self.replicas))
+        checks = (self._check_alive, self._check_status)
+        await asyncio.gather(*(every_heartbeat(check, r) for r in self.replicas for check in checks))
 
-    async def _check(self, replica: _Replica) -> None:
-        """Is the process holding our sessions alive (Ray answers at once for a dead actor)? Then the replica's
-        status through Serve: its load, a new life after a restart, and the renewal of our lease."""
-        if replica.status is not None:  # `__ray_ready__`: every Ray actor's built-in no-op method
-            try:
-                await asyncio.wait_for(replica.status.actor.__ray_ready__.remote(), self.timeout_s)
-            except ActorDiedError:
-                self._lose_replica(replica, replica.status.incarnation, "its replica process stopped")
-            except Exception:  # slow or unreachable for now: no proof of death, the sessions stay
-                pass
+    async def _check_alive(self, replica: _Replica) -> None:
+        """Is the process holding our sessions alive? Ray answers at once for a dead actor."""
+        status = replica.status
+        if status is None:  # no process of it known (yet, or since it died)
+            return
+        try:  # `__ray_ready__`: every Ray actor's built-in no-op method
+            await self._ask(status.actor.__ray_ready__.remote(), self.timeout_s)
+        except ActorDiedError:
+            self._lose_replica(replica, status.incarnation, "its replica process stopped")
+        except Exception:  # slow or unreachable for now: no proof of death, the sessions stay
+            pass
+
+    async def _check_status(self, replica: _Replica) -> None:
+        """The replica's status through Serve: its load, a new life after a restart, the renewal of our lease."""
         try:
-            status = await asyncio.wait_for(replica.handle.status.remote(self.owner), self.timeout_s)
+            status = await self._ask(replica.handle.status.remote(self.owner), self.timeout_s)
         except Exception as e:
             if replica.up:
                 log.warning("streams-%d does not answer (%s): no new sessions go to it", replica.index,
                             _describe(e))  # fmt: skip
-            replica.up = False
+            self._set_up(replica, False)
             return
         stale = [s for s in replica.slots if s.incarnation != status.incarnation]
         for slot in stale:
@@ -253,29 +283,37 @@ class RayHub:
         if not replica.up:
             log.info("streams-%d is up: pid %d, %d/%d slots in use", replica.index, status.pid, status.in_use,
                      status.capacity)  # fmt: skip
-        replica.status, replica.up = status, True
+        replica.status = status
         if self._first is None:
             self._first = status
-            self._answered.set()
+        self._set_up(replica, True)
+
+    def _set_up(self, replica: _Replica, up: bool) -> None:
+        replica.up = up
+        if any(r.up for r in self.replicas):
+            self._up.set()
+        else:
+            self._up.clear()
 
     def _lose_replica(self, replica: _Replica, incarnation: str, why: str) -> None:
         """The replica process `incarnation` is gone: every session it held is lost."""
         if replica.status is not None and replica.status.incarnation == incarnation:
             log.error("streams-%d (pid %d) stopped: %s; its %d session(s) are closed", replica.index,
                       replica.status.pid, why, len(replica.slots))  # fmt: skip
-            replica.status, replica.up = None, False
+            replica.status = None
+            self._set_up(replica, False)
         for slot in [s for s in replica.slots if s.incarnation == incarnation]:
             self._lose_slot(slot, why)
 
     def _lose_slot(self, slot: RaySlot, why: str) -> None:
+        """The slot's stream is gone: its frames waiting for a result are answered `SlotLost` now (cancelled), and
+        so is every later frame of it, until the app closes the session."""
         if slot.lost is not None:
             return
         slot.lost = why
         self.replicas[slot.replica].slots.discard(slot)
         for task in list(slot.pending):
             task.cancel()
-        if slot.connection is not None:
-            slot.connection.lose(f"stream lost: {why}; reconnect for a fresh stream")
 
     async def _stop(self) -> None:
         self._watcher.cancel()
@@ -288,90 +326,10 @@ def _unwrap(error: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else error
 
 
+def _lost(slot: RaySlot) -> SlotLost:
+    """What the client is told about its lost stream."""
+    return SlotLost(f"stream lost: {slot.lost}; reconnect for a fresh stream")
+
+
 def _describe(error: BaseException) -> str:
     return type(error).__name__ if isinstance(error, asyncio.TimeoutError) else f"{type(error).__name__}: {error}"
-
-
-# -- closing the WebSockets of lost streams --------------------------------------------------------------------
-
-CONNECTION: contextvars.ContextVar[Connection | None] = contextvars.ContextVar("streamv2v_connection", default=None)
-
-
-class Connection:
-    """One WebSocket as `CloseLostStreams` passes it to the app: `lose(why)` (any thread) ends the app's session
-    (its next receive is a disconnect) and, once the app has returned, sends an error and close 1011."""
-
-    def __init__(self, receive, send) -> None:
-        self._receive, self._send = receive, send
-        self.loop = asyncio.get_running_loop()
-        self.lost: str | None = None
-        self.open = True  # neither side has closed
-        self._lost = asyncio.Event()
-
-    def lose(self, why: str) -> None:
-        with contextlib.suppress(RuntimeError):  # the event loop has closed: the connection is gone anyway
-            self.loop.call_soon_threadsafe(self._mark, why)
-
-    def _mark(self, why: str) -> None:
-        if self.lost is None:
-            self.lost = why
-            self._lost.set()
-
-    async def receive(self) -> dict:
-        if not self._lost.is_set():
-            message = asyncio.ensure_future(self._receive())
-            lost = asyncio.ensure_future(self._lost.wait())
-            try:
-                await asyncio.wait((message, lost), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                lost.cancel()
-                if not message.done():
-                    message.cancel()
-            if message.done() and not message.cancelled():  # a cancelled receive loses no message we need
-                msg = message.result()
-                if msg["type"] == "websocket.disconnect":
-                    self.open = False
-                return msg
-        return {"type": "websocket.disconnect", "code": 1011}
-
-    async def send(self, msg: dict) -> None:
-        if msg["type"] == "websocket.close":
-            self.open = False
-        await self._send(msg)
-
-    async def close_lost(self) -> None:
-        if self.lost is None or not self.open:
-            return
-        self.open = False
-        with contextlib.suppress(*CLOSED):
-            await self._send({"type": "websocket.send", "text": json.dumps({"type": "error", "message": self.lost})})
-            await self._send({"type": "websocket.close", "code": 1011, "reason": "stream lost"})
-
-
-class CloseLostStreams:
-    """ASGI wrapper of the demo app for a `RayHub`: a WebSocket whose stream was lost (its replica stopped) gets
-    an error message and close 1011 (1011: the server failed; the page may reconnect at once), not silence.
-
-    The hub learns a session's connection from a context variable set here: the app calls `hub.push` from its
-    session's tasks, which run in this connection's context. On the lifespan's end the hub stops."""
-
-    def __init__(self, app, hub: RayHub) -> None:
-        self.app, self.hub = app, hub
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                self.hub.stop()
-            return
-        if scope["type"] != "websocket":
-            await self.app(scope, receive, send)
-            return
-        connection = Connection(receive, send)
-        token = CONNECTION.set(connection)
-        try:
-            await self.app(scope, connection.receive, connection.send)
-        finally:
-            CONNECTION.reset(token)
-        await connection.close_lost()

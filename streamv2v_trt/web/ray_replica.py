@@ -3,12 +3,12 @@
 The ingress (`ray_hub.RayHub`) opens a slot for each WebSocket session under a session id it makes, and calls
 `push`, `update_prompt`, `reset` and `close` with that id. A session id lives only in the replica process that
 opened it: when the process dies, Serve starts a fresh one (the model loads again) that knows no session, so
-every call for an old session answers `StreamLost` instead of reaching another client's slot.
+every call for an old session answers `SlotLost` (hub.py) instead of reaching another client's slot.
 
 Frames cross processes as the uint8 HxWx3 arrays the app decoded (docs/SCALING.md has the measurement against
 JPEG bytes); a push waits for its own result, so one Serve request is one frame. Latest frame wins as in the
-plain server: the StreamServer keeps one waiting frame per slot and answers a replaced one `dropped`, and a push
-that arrives after a newer one of its session (requests may overtake each other) is answered `dropped` at once.
+plain server, by the StreamServer's own rule: pushes carry the ingress's count of the session's frames, so one
+that arrives after a newer one (requests may overtake each other) is answered `dropped` at once.
 
 Slots are leased to their ingress: the ingress renews its lease with `status` every second, and the slots of an
 ingress not heard from for `lease_s` are given back (an ingress that died, and Serve restarted, leaves none).
@@ -29,16 +29,13 @@ import numpy as np
 import ray
 
 from ..frames import FrameError
+from ..hub import Result, SlotLost
 from ..multistream import MultiStream
-from ..serving import Result, StreamServer
+from ..serving import StreamServer
 
 log = logging.getLogger(__name__)
 
 LEASE_S = 30.0  # an ingress that did not call for this long has gone: its slots are given back
-
-
-class StreamLost(RuntimeError):
-    """The session's stream is gone with the replica process that held it (its bank too): reconnect."""
 
 
 @dataclass(frozen=True)
@@ -55,11 +52,10 @@ class ReplicaStatus:
     prompt: str  # what a fresh session starts with
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Session:
     slot: int
     owner: str  # the ingress that opened it
-    order: int = -1  # the newest push taken
 
 
 class StreamReplica:
@@ -121,14 +117,11 @@ class StreamReplica:
         entry = self.sessions.get(session)
         if entry is None:
             return Result(-1, error=self._lost())
-        if order <= entry.order:  # overtaken by a newer frame of the session: it would have replaced this one
-            return Result(-1, dropped=True)
-        entry.order = order
         if isinstance(frame, np.ndarray) and not frame.flags.writeable:  # Ray hands out read-only views; torch
             frame = frame.copy()  # warns on those (a copy of one frame costs microseconds beside the tick)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Result] = loop.create_future()
-        self.server.push(entry.slot, frame, lambda result: loop.call_soon_threadsafe(_settle, answer, result))
+        self.server.push(entry.slot, frame, lambda result: loop.call_soon_threadsafe(_settle, answer, result), order)
         return portable(await answer)
 
     async def update_prompt(self, session: str, prompt: str) -> None:
@@ -143,8 +136,8 @@ class StreamReplica:
             raise self._lost()
         return entry.slot
 
-    def _lost(self) -> StreamLost:
-        return StreamLost(f"its replica process was restarted (now pid {os.getpid()}), without its bank")
+    def _lost(self) -> SlotLost:
+        return SlotLost(f"its replica process was restarted (now pid {os.getpid()}), without its bank")
 
     def __del__(self) -> None:  # Serve calls it when it stops the replica
         server = getattr(self, "server", None)
@@ -162,7 +155,7 @@ def portable(result: Result) -> Result:
     mistake), any other error becomes a RuntimeError with its text (a model fault's exception may hold tensors
     or not unpickle)."""
     error = result.error
-    if error is None or type(error) in (FrameError, StreamLost):
+    if error is None or type(error) in (FrameError, SlotLost):
         return result
     if isinstance(error, FrameError):
         return replace(result, error=FrameError(str(error)))
