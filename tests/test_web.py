@@ -260,27 +260,31 @@ def test_connections_at_once_each_get_their_own_stream(hub, reference):
 
 def test_slow_model_drops_frames_latest_wins_per_connection(hub):
     spy = hub(delay_s=0.3)
-    with TestClient(make_app(spy)) as client:
-        with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
-            a.receive_json(), b.receive_json()
-            n = 8
-            for i in range(n):
-                a.send_bytes(jpeg(seed=i))
-                b.send_bytes(jpeg(seed=50 + i))
-            for ws, stream in zip((a, b), spy.streams):
-                results, dropped = [], []
-                while len(results) + len(dropped) < n:
-                    msg = ws.receive_json()
-                    if msg["type"] == "result":
-                        ws.receive_bytes()
-                        results.append(msg["seq"])
-                    else:
-                        assert msg["type"] == "dropped", msg
-                        dropped.append(msg["seq"])
-                assert sorted(results + dropped) == list(range(n))  # every frame answered exactly once
-                assert dropped and len(results) < n
-                assert results[-1] == n - 1  # the newest frame is never dropped
-                assert stream.frame_id == len(results)  # dropped frames never reached the model
+    with TestClient(make_app(spy)) as client, contextlib.ExitStack() as stack:
+        # One at a time: a slot is opened on a worker thread after the socket is accepted, so two sockets
+        # connected together may open their slots in either order, and `spy.streams` is in opening order.
+        a = stack.enter_context(client.websocket_connect("/ws"))
+        a.receive_json()
+        b = stack.enter_context(client.websocket_connect("/ws"))
+        b.receive_json()
+        n = 8
+        for i in range(n):
+            a.send_bytes(jpeg(seed=i))
+            b.send_bytes(jpeg(seed=50 + i))
+        for ws, stream in zip((a, b), spy.streams):
+            results, dropped = [], []
+            while len(results) + len(dropped) < n:
+                msg = ws.receive_json()
+                if msg["type"] == "result":
+                    ws.receive_bytes()
+                    results.append(msg["seq"])
+                else:
+                    assert msg["type"] == "dropped", msg
+                    dropped.append(msg["seq"])
+            assert sorted(results + dropped) == list(range(n))  # every frame answered exactly once
+            assert dropped and len(results) < n
+            assert results[-1] == n - 1  # the newest frame is never dropped
+            assert stream.frame_id == len(results)  # dropped frames never reached the model
 
 
 class Disconnecting:
