@@ -34,7 +34,7 @@ import psutil
 import torch
 
 from streamv2v_trt.console import HelpFormatter, configure_logging, cpu_model, device_and_threads
-from streamv2v_trt.models.presets import ModelUnavailable
+from streamv2v_trt.presets import ModelUnavailable
 
 log = logging.getLogger("benchmarks.fps")
 

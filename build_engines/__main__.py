@@ -11,7 +11,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from streamv2v_trt.backends.tensorrt_import import TensorRTUnavailable
 from streamv2v_trt.console import HelpFormatter, configure_logging
-from streamv2v_trt.models.presets import PRESETS, ModelUnavailable
+from streamv2v_trt.presets import PRESETS, ModelUnavailable
 from streamv2v_trt.spec import FF_LAYER_PREFIXES, BankKind, CfgType, EngineSpec, LoraSpec, Precision, VaeKind
 
 from .build import build, stages

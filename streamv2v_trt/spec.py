@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .models.presets import PRESETS
+from .presets import PRESETS
 
 # Layers whose attention output is fused with the bank: the low-resolution ones (docs/DESIGN.md, "Feature fusion").
 FF_LAYER_PREFIXES = ("mid_block.", "up_blocks.0.", "up_blocks.1.")

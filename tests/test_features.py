@@ -13,7 +13,7 @@ from streamv2v_trt.blending import blend_prompts, blend_seeds, seed_noise
 from streamv2v_trt.config import SimilarFilterConfig
 from streamv2v_trt.frames import frame_to_tensor, tensor_to_frame
 from streamv2v_trt.models.loader import load_models
-from streamv2v_trt.models.presets import PRESETS
+from streamv2v_trt.presets import PRESETS
 from streamv2v_trt.prompt import PromptEncoder
 from streamv2v_trt.similar_filter import SimilarFrameFilter, skip_probability
 

@@ -20,7 +20,7 @@ import torch
 
 from ..config import BankConfig, SimilarFilterConfig, StreamConfig
 from ..manifest import Manifest
-from ..models.presets import PRESETS, ModelUnavailable
+from ..presets import PRESETS, ModelUnavailable
 from ..multistream import MultiStream
 from ..pipeline import StreamV2V
 from ..spec import BankKind, CfgType, EngineSpec, LoraSpec, Precision, t_index_list_from_strength

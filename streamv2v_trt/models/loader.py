@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DCondit
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..spec import EngineSpec, VaeKind
-from .presets import PRESETS, ModelPreset, ModelUnavailable
+from ..presets import PRESETS, ModelPreset, ModelUnavailable
 from .tokenizer import clip_tokenizer
 
 log = logging.getLogger(__name__)
