@@ -34,12 +34,12 @@ import psutil
 import torch
 
 from streamv2v_trt.console import HelpFormatter, configure_logging, cpu_model, device_and_threads
+from streamv2v_trt.flavours import ENGINE_BACKENDS, Builder, build_for
 from streamv2v_trt.presets import ModelUnavailable
 
 log = logging.getLogger("benchmarks.fps")
 
-BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt", "aoti")
-ENGINE_BACKENDS = {"onnxruntime": None, "tensorrt": "tensorrt", "aoti": "aoti"}  # backend -> builder
+BACKENDS = ("eager", "compiled", *ENGINE_BACKENDS)  # compiled: eager with torch.compile
 
 
 @dataclass
@@ -153,14 +153,14 @@ def engine_folder(args, spec, base: str) -> Path:
     """The build folder `base` runs, built first when it is missing or stale (build_engines reuses what it can)."""
     from build_engines import BuildConfig, build
 
-    builder = ENGINE_BACKENDS[base]
-    if builder == "tensorrt":  # the flavour that imports: full TensorRT, else TensorRT-RTX
+    builder, onnx_only = build_for(base)
+    if builder is None and not onnx_only:  # tensorrt: the flavour that imports, full TensorRT, else TensorRT-RTX
         from streamv2v_trt.backends.tensorrt_import import import_tensorrt
 
         builder = import_tensorrt()[1]
     out = args.engines / spec.folder_name(builder)
     log.info("build folder for %s: %s", base, out)
-    return build(BuildConfig(spec, out=out, builder=builder or "auto", onnx_only=builder is None)).out
+    return build(BuildConfig(spec, out=out, builder=builder or Builder.AUTO, onnx_only=onnx_only)).out
 
 
 def open_stream(name: str, args, cfg):

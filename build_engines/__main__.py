@@ -117,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
     cfg = _config(args, args.precision or "fp16")
     if args.precision is None:  # fp16 is what GPUs run; an AOTInductor package for the CPU is fp32
         builder, _ = choose_builder(cfg)
-        if builder == "aoti" and cfg.aoti_device.type == "cpu":
+        if builder == Builder.AOTI and cfg.aoti_device.type == "cpu":
             cfg = _config(args, "fp32")
     return cfg
 

@@ -29,7 +29,7 @@ import torch
 
 from .bank import NO_UPDATE
 from .config import StreamConfig
-from .cuda_graph import CAPTURABLE_BACKENDS
+from .flavours import CAPTURABLE_BACKENDS, rebuild_command
 from .frames import frame_to_tensor, image_to_uint8, is_host, tensor_to_frame, uint8_to_image
 from .pipeline import FramePlan, StreamV2V
 from .spec import EngineSpec
@@ -49,18 +49,17 @@ class MultiStream:
         cuda_graphs: bool = False,
     ) -> None:  # fmt: skip
         K = streams or cfg.spec.max_streams
-        if backend.name != "eager" and K != cfg.spec.max_streams:
-            asked = dataclasses.replace(cfg.spec, max_streams=K)
-            builder = "aoti" if backend.name == "aoti" else None
-            rebuild = asked.build_command(builder=builder, onnx_only=backend.name == "onnxruntime")
+        kind = backend.name.info
+        if kind.runs_folders and K != cfg.spec.max_streams:
+            rebuild = rebuild_command(dataclasses.replace(cfg.spec, max_streams=K), backend.name, built=backend.builder)
             raise ValueError(
-                f"the {backend.name} networks were built for {cfg.spec.max_streams} stream(s), asked {K}; "
-                f"rebuild: {rebuild} (writes engines/{asked.folder_name(builder)}; open that folder)"
+                f"the {backend.name.value} networks were built for {cfg.spec.max_streams} stream(s), asked {K}; "
+                f"rebuild: {rebuild}"
             )
-        if cuda_graphs and backend.name not in CAPTURABLE_BACKENDS:
+        if cuda_graphs and not kind.capturable:
             raise ValueError(
-                f"the {backend.name} backend cannot be captured into a CUDA graph (its calls synchronise); "
-                f"use one of {CAPTURABLE_BACKENDS}, or cuda_graphs=False"
+                f"the {backend.name.value} backend cannot be captured into a CUDA graph (its calls synchronise); "
+                f"use one of {', '.join(CAPTURABLE_BACKENDS)}, or cuda_graphs=False"
             )
         self.backend, self.cfg, self.streams = backend, cfg, K
         device, dtype = backend.device, backend.dtype

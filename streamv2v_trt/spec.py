@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .flavours import Builder
 from .presets import PRESETS
 
 # Layers whose attention output is fused with the bank: the low-resolution ones (docs/DESIGN.md, "Feature fusion").
@@ -219,7 +220,7 @@ class EngineSpec:
         another size, batch or bank never overwrite each other. AOTInductor packages get their own folder."""
         name = Path(self.model).name or "model"
         streams = f"-s{self.max_streams}" if self.max_streams > 1 else ""
-        suffix = "-aoti" if builder == "aoti" else ""
+        suffix = "-aoti" if builder == Builder.AOTI else ""
         return (
             f"{name}-{self.width}x{self.height}-b{self.stream_batch}{streams}-{self.bank.value}{self.bank_frames}"
             f"-{self.vae.value}-{self.precision.value}{suffix}"
@@ -248,7 +249,7 @@ class EngineSpec:
         for lora in self.loras:
             args += ["--lora", lora.cli_arg()]
         if builder:
-            args += ["--builder", builder]
+            args += ["--builder", Builder(builder).value]
         if onnx_only:
             args.append("--onnx-only")
         if out is not None:

@@ -14,6 +14,7 @@ LAYERS = {
     "streamv2v_trt.config": 0,
     "streamv2v_trt.console": 0,
     "streamv2v_trt.presets": 0,
+    "streamv2v_trt.flavours": 0,
     "streamv2v_trt.kernels": 1,
     "streamv2v_trt.layout": 1,
     "streamv2v_trt.attention": 1,

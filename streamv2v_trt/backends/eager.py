@@ -6,6 +6,7 @@ import torch
 
 from ..bank_unet import BankUNet
 from ..config import StreamConfig
+from ..flavours import BackendKind
 from ..models.loader import Models, load_models
 from ..models.lora import fuse_loras
 from ..prompt import PromptEncoder
@@ -36,7 +37,8 @@ def open_eager(
 
 
 class EagerBackend:
-    name = "eager"
+    name = BackendKind.EAGER
+    builder = None  # runs the PyTorch weights, no build
 
     def __init__(
         self, models: Models, spec: EngineSpec, *, channels_last: bool = False, compile: bool | str = False

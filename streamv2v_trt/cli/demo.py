@@ -13,6 +13,7 @@ import torch
 
 from ..clips import pan_clip
 from ..console import HelpFormatter, device_and_threads
+from ..flavours import folder_backend
 from ..pipeline import StreamV2V
 from ..spec import EngineSpec, Precision
 
@@ -92,9 +93,9 @@ def _engine_build(args: argparse.Namespace, spec: EngineSpec, device: torch.devi
     if device.type == "cuda":
         cfg = BuildConfig(replace(spec, precision=Precision.FP16))
         builder, _ = choose_builder(cfg)
-        backend = "aoti" if builder == "aoti" else "tensorrt"
     else:
-        cfg, builder, backend = BuildConfig(spec, onnx_only=True), None, "onnxruntime"
+        cfg, builder = BuildConfig(spec, onnx_only=True), None
+    backend = folder_backend(builder, device.type)
     return (replace(cfg, out=args.engines / cfg.spec.folder_name(builder)) if args.engines else cfg), backend
 
 

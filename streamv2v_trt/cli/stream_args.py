@@ -19,17 +19,17 @@ from pathlib import Path
 import torch
 
 from ..config import BankConfig, SimilarFilterConfig, StreamConfig
+from ..flavours import BackendKind, folder_backend
 from ..manifest import Manifest
-from ..presets import PRESETS, ModelUnavailable
 from ..multistream import MultiStream
 from ..pipeline import StreamV2V
+from ..presets import PRESETS, ModelUnavailable
 from ..spec import BankKind, CfgType, EngineSpec, LoraSpec, Precision, t_index_list_from_strength
 from ..stream import Stream
 
 log = logging.getLogger(__name__)
 
 GUIDED_DEFAULT_SCALE = 1.2  # StreamDiffusion's default guidance scale; g <= 1 turns guidance off
-BACKENDS = ("eager", "onnxruntime", "tensorrt", "aoti")
 
 
 class CliError(RuntimeError):
@@ -43,7 +43,7 @@ def add_stream_args(parser: argparse.ArgumentParser, *, live: bool = False) -> N
     g.add_argument("--engines", metavar="DIR", type=Path, help="a build folder (python -m build_engines)")
     g.add_argument(
         "--backend",
-        choices=BACKENDS,
+        choices=[k.value for k in BackendKind],
         help="eager (PyTorch; the default without --engines); with --engines: onnxruntime (its ONNX), tensorrt "
         "(its TensorRT engines) or aoti (its AOTInductor packages); default: what the folder was built for "
         "(onnxruntime on a CPU)",
@@ -184,10 +184,10 @@ def resolve_spec(args: argparse.Namespace, device: torch.device, manifest: Manif
         if value is not None and _plain(value) != _plain(getattr(built, name))
     ]
     if wrong:
-        from ..build_folder import rebuild_command
+        from ..build_folder import folder_rebuild
 
         asked = dataclasses.replace(built, **{k: v for k, v in flags.items() if v is not None})
-        rebuild = rebuild_command(asked, args.engines, engine_backend(args, manifest.builder, device), manifest)
+        rebuild = folder_rebuild(asked, args.engines, engine_backend(args, manifest.builder, device), manifest)
         raise CliError(
             f"the engines in {args.engines} were built for other settings: {', '.join(wrong)}; drop those flags or "
             f"rebuild: {rebuild}"
@@ -260,7 +260,7 @@ def stream_config(args: argparse.Namespace, spec: EngineSpec) -> StreamConfig:
         raise CliError(str(e)) from e
 
 
-def engine_backend(args: argparse.Namespace, builder: str | None, device: torch.device) -> str:
+def engine_backend(args: argparse.Namespace, builder: str | None, device: torch.device) -> BackendKind:
     """The backend for a build folder: `--backend`, else what the folder was built for (onnxruntime on a CPU)."""
     if args.backend is not None:
         if args.backend == "eager":
@@ -268,10 +268,8 @@ def engine_backend(args: argparse.Namespace, builder: str | None, device: torch.
                 "--backend eager runs the PyTorch weights, not a build folder: drop --engines, or pick "
                 "--backend onnxruntime, tensorrt or aoti"
             )
-        return args.backend
-    if builder == "aoti":
-        return "aoti"
-    return "tensorrt" if builder in ("tensorrt", "tensorrt-rtx") and device.type == "cuda" else "onnxruntime"
+        return BackendKind(args.backend)
+    return folder_backend(builder, device.type)
 
 
 def _device_and_threads(args: argparse.Namespace) -> tuple[torch.device, int | None]:
