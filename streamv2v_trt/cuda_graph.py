@@ -70,6 +70,10 @@ class CudaGraphStream:
     def prompt(self) -> PromptBlend:
         return self.stream.prompt
 
+    @property
+    def device(self) -> torch.device:
+        return self.stream.device
+
     def update_prompt(self, prompt: PromptBlend, negative_prompt: str | None = None) -> None:
         self.stream.update_prompt(prompt, negative_prompt=negative_prompt)
 

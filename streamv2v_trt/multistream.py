@@ -32,7 +32,7 @@ from .config import StreamConfig
 from .flavours import CAPTURABLE_BACKENDS, rebuild_command
 from .frames import frame_to_tensor, image_to_uint8, is_host, tensor_to_frame, uint8_to_image
 from .pipeline import FramePlan, StreamV2V
-from .spec import EngineSpec
+from .spec import EngineSpec, LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -93,38 +93,33 @@ class MultiStream:
         model: str | EngineSpec | StreamConfig = "tiny",
         streams: int = 4,
         *,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = "cpu",
         prompt: str = "",
         cuda_graphs: bool = False,
         compile: bool | str = False,
     ) -> MultiStream:
-        """`streams` slots on the eager (PyTorch) networks: any number works without a build."""
-        from .backends.eager import open_eager
+        """`streams` slots on the eager (PyTorch) networks, any number without a build:
+        `open_multistream(Source(model, ...), cfg, streams)` (source.py)."""
+        from .source import open_multistream, pretrained
 
-        multi = cls(*open_eager(model, torch.device(device), compile=compile), streams=streams, cuda_graphs=cuda_graphs)
-        for slot in multi.slots:
-            slot.update_prompt(prompt)
-        return multi
+        source, cfg = pretrained(model, device=device, compile=compile, cuda_graphs=cuda_graphs)
+        return open_multistream(source, cfg, streams, prompt=prompt)
 
     @classmethod
     def from_engines(
-        cls, directory: str | PathLike, backend: str = "onnxruntime", cfg: StreamConfig | None = None, *,
+        cls, directory: str | PathLike, backend: str | None = None, cfg: StreamConfig | None = None, *,
         prompt: str = "", device: torch.device | str | None = None, streams: int | None = None,
-        cuda_graphs: bool = False, **options,
+        cuda_graphs: bool = False, loras: tuple[LoraSpec, ...] | None = None, verify_hashes: bool = True,
+        threads: int | None = None, **runtime,
     ) -> MultiStream:  # fmt: skip
-        """The slots of a build folder made with `--max-streams K` (options as `StreamV2V.from_engines`).
-        `streams` (default: the folder's K) other than K is refused with the command that builds it."""
-        from .build_folder import open_build_folder
+        """The slots of a build folder made with `--max-streams K`: `open_multistream(Source(engines=directory,
+        ...), cfg, streams)`. `streams` (default: the folder's K) other than K is refused with the command that
+        builds it."""
+        from .source import Source, open_multistream
 
-        runtime = {k: options.pop(k) for k in list(options) if k not in ("loras", "verify_hashes", "threads")}
-        opened = open_build_folder(directory, backend, cfg, device=device, runtime=runtime, **options)
-        multi = cls(
-            opened.backend, opened.prompt_encoder, opened.scheduler, opened.cfg, streams=streams,
-            cuda_graphs=cuda_graphs,
-        )  # fmt: skip
-        for slot in multi.slots:
-            slot.update_prompt(prompt)
-        return multi
+        source = Source(engines=directory, backend=backend, device=device, threads=threads, loras=loras,
+                        verify_hashes=verify_hashes, cuda_graphs=cuda_graphs)  # fmt: skip
+        return open_multistream(source, cfg, streams, prompt=prompt, **runtime)
 
     # -- one tick ---------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from streamv2v_trt import CfgType, EngineSpec, SimilarFilterConfig, StreamConfig
 from streamv2v_trt.cli.main import build_parser, main
-from streamv2v_trt.cli.stream_args import CliError, open_stream, resolve_spec, stream_config
+from streamv2v_trt.cli.stream_args import CliError, opening, resolve_spec, stream_config, stream_request
 from streamv2v_trt.config import BankConfig
 from streamv2v_trt.models.loader import load_models
 from streamv2v_trt.spec import t_index_list_from_strength
@@ -67,6 +67,15 @@ CPU = torch.device("cpu")
 
 def config(args) -> StreamConfig:
     return stream_config(args, resolve_spec(args, CPU))
+
+
+def open_stream(args):
+    """What `video` opens for the flags: their Source and StreamConfig through the library (CliError)."""
+    from streamv2v_trt.source import open_stream as open_source
+
+    source, cfg = stream_request(args)
+    with opening(source.engines, cfg.spec.model):
+        return open_source(source, cfg, negative_prompt=args.negative_prompt or "")
 
 
 def test_video_defaults_keep_features_off_and_serve_turns_live_ones_on():

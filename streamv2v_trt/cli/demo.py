@@ -12,10 +12,12 @@ import numpy as np
 import torch
 
 from ..clips import pan_clip
+from ..config import StreamConfig
 from ..console import HelpFormatter, device_and_threads
 from ..flavours import folder_backend
-from ..pipeline import StreamV2V
+from ..source import Source, open_stream
 from ..spec import EngineSpec, Precision
+from ..stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ def write_side_by_side(path: Path, columns: list[list[np.ndarray]], names: list[
         container.mux(stream.encode())
 
 
-def timed_stream(stream: StreamV2V, frames: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
+def timed_stream(stream: Stream, frames: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
     """Outputs and FPS; one warm-up frame (then reset) is excluded from the timing."""
     stream(frames[0])
     stream.reset()
@@ -111,10 +113,9 @@ def run(args: argparse.Namespace) -> int:
     precision = Precision.FP16 if device.type == "cuda" else Precision.FP32
     spec = EngineSpec.resolve(args.model, height=args.size, width=args.size, steps=1, precision=precision)
     frames = pan_clip(args.frames, args.size, args.size)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)  # the same policy for every path, or the ratio means nothing
+    threads = torch.get_num_threads()  # restored after: both sources set args.threads, the same for every path
     try:
-        eager = StreamV2V.from_pretrained(spec, device=device, prompt=args.prompt)
+        eager = open_stream(Source(device=str(device), threads=args.threads), StreamConfig(spec), prompt=args.prompt)
         eager_out, eager_fps = timed_stream(eager, frames)
         columns, names = [frames, eager_out], ["input", "eager"]
         lines = [f"eager ({device.type}, {precision.value}): {eager_fps:.1f} FPS"]
@@ -122,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
             cfg, backend = _engine_build(args, spec, device)
             result = build(cfg)
             print(f"{'reused' if result.reused else 'built'} {result.out}:\n{result.summary()}")
-            engine = StreamV2V.from_engines(result.out, backend, prompt=args.prompt, threads=args.threads)
+            source = Source(engines=result.out, backend=backend, threads=args.threads)
+            engine = open_stream(source, prompt=args.prompt)
             engine_out, engine_fps = timed_stream(engine, frames)
             diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(eager_out, engine_out))
             columns.append(engine_out)

@@ -1,4 +1,5 @@
-"""Flags shared by every subcommand that runs a stream (`video`, `serve`), and the stream they open.
+"""Flags shared by every subcommand that runs a stream (`video`, `serve`): parsed into a `Source` and a
+`StreamConfig` (`stream_request`), which the subcommand opens with `source.open_stream` / `open_multistream`.
 
 Without `--engines` the eager PyTorch pipeline is built from `--model` (optionally `--compile`d); with
 `--engines DIR` the build folder runs on `--backend` (default: what the folder was built for). What the
@@ -13,19 +14,18 @@ import argparse
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..config import BankConfig, SimilarFilterConfig, StreamConfig
-from ..flavours import BackendKind, folder_backend
+from ..flavours import ENGINE_BACKENDS, BackendKind, folder_backend
 from ..manifest import Manifest
-from ..multistream import MultiStream
-from ..pipeline import StreamV2V
 from ..presets import PRESETS, ModelUnavailable
+from ..source import Source
 from ..spec import BankKind, CfgType, EngineSpec, LoraSpec, Precision, t_index_list_from_strength
-from ..stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +222,6 @@ def stream_config(args: argparse.Namespace, spec: EngineSpec) -> StreamConfig:
          "the similar-frame filter is off", "--similar-filter"),
         ("--max-skip", args.max_skip is not None and not similar, "the similar-frame filter is off",
          "--similar-filter"),
-        ("--compile", args.compile and args.engines is not None, "--engines runs compiled networks already",
-         "the eager backend (drop --engines)"),
     ]  # fmt: skip
     for flag, unused, why, needs in ignored:
         if unused:
@@ -262,111 +260,71 @@ def stream_config(args: argparse.Namespace, spec: EngineSpec) -> StreamConfig:
 
 def engine_backend(args: argparse.Namespace, builder: str | None, device: torch.device) -> BackendKind:
     """The backend for a build folder: `--backend`, else what the folder was built for (onnxruntime on a CPU)."""
-    if args.backend is not None:
-        if args.backend == "eager":
-            raise CliError(
-                "--backend eager runs the PyTorch weights, not a build folder: drop --engines, or pick "
-                "--backend onnxruntime, tensorrt or aoti"
-            )
-        return BackendKind(args.backend)
-    return folder_backend(builder, device.type)
+    if args.backend is None:
+        return folder_backend(builder, device.type)
+    if args.backend == BackendKind.EAGER:
+        raise CliError(
+            "--backend eager runs the PyTorch weights, not a build folder: drop --engines, or pick "
+            f"--backend {' or '.join(ENGINE_BACKENDS)}"
+        )
+    return BackendKind(args.backend)
 
 
-def _device_and_threads(args: argparse.Namespace) -> tuple[torch.device, int | None]:
-    """The device, and the thread policy applied: one intra-op thread on a CPU unless --threads says."""
+def stream_source(args: argparse.Namespace, backend: BackendKind | None = None) -> Source:
+    """Where the flags' stream comes from and how it runs. The thread policy: one intra-op thread on a CPU unless
+    --threads says (two thread pools on a small CPU stall each other)."""
     device = device_of(args.device)
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
-    if threads is not None:
-        if threads < 1:
-            raise CliError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    return device, threads
+    if threads is not None and threads < 1:
+        raise CliError(f"--threads must be >= 1, got {threads}")
+    if args.cuda_graphs and device.type != "cuda":  # before minutes of loading
+        raise CliError(f"--cuda-graphs needs a CUDA GPU, the streams run on {device}")
+    return Source(
+        engines=args.engines,
+        backend=backend,
+        device=None if args.device == "auto" else str(device),
+        threads=threads,
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
+    )  # fmt: skip  (the LoRAs are the config's: resolve_spec puts them in the spec)
 
 
-def _open(args: argparse.Namespace, eager: Callable, engines: Callable):
-    """Load what the flags ask for: `eager(cfg, device)` without --engines, else `engines(dir, backend, cfg,
-    device, threads)`; every failure becomes one CliError line."""
-    device, threads = _device_and_threads(args)
+def stream_request(args: argparse.Namespace, streams: int | None = None) -> tuple[Source, StreamConfig]:
+    """The `Source` and `StreamConfig` the flags ask for, every flag checked; nothing loaded (a build folder's
+    manifest is read). `streams`: the slots of a MultiStream (a folder must be built for that many). CliError."""
+    if streams is not None and streams < 1:
+        raise CliError(f"--streams must be >= 1, got {streams}")
+    if args.compile and args.engines is not None:
+        raise CliError("--compile has no effect: --engines runs compiled networks already; add the eager backend "
+                       "(drop --engines) or drop the flag")  # fmt: skip
+    device = device_of(args.device)
     if args.engines is None:
-        if args.backend not in (None, "eager"):
+        if args.backend not in (None, BackendKind.EAGER):
             raise CliError(
                 f"--backend {args.backend} runs a build folder: add --engines DIR (build one with python -m "
                 f"build_engines --model {args.model or 'tiny'}), or use --backend eager"
             )
-        cfg = stream_config(args, resolve_spec(args, device))
-        try:
-            return eager(cfg, device)
-        except ModelUnavailable as e:  # names the model and says what to do already
-            raise CliError(str(e)) from e
-        except (FileNotFoundError, OSError, ValueError) as e:  # LoraError is a ValueError: the message names it
-            raise CliError(f"cannot load model {cfg.spec.model!r}: {' '.join(str(e).split())}") from e
+        return stream_source(args), stream_config(args, resolve_spec(args, device))
     from ..manifest import load_manifest
 
-    try:
+    with opening(args.engines):
         manifest = load_manifest(args.engines)
         backend = engine_backend(args, manifest.builder, device)
         cfg = stream_config(args, resolve_spec(args, device, manifest))
-        return engines(args.engines, backend, cfg, None if args.device == "auto" else device, threads)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # EngineMismatch, LoRA, backend, device
-        if isinstance(e, CliError):
-            raise
-        raise CliError(f"cannot open {args.engines}: {' '.join(str(e).split())}") from e
+    if streams is not None:  # a folder built for another count is refused when it opens, with its rebuild command
+        cfg = cfg.with_spec(max_streams=streams)
+    return stream_source(args, backend), cfg
 
 
-def resolve_config(args: argparse.Namespace) -> StreamConfig:
-    """The stream config the flags ask for, with every check `open_stream` makes, nothing loaded (a build folder's
-    manifest is read). Raises CliError."""
-    return _open(args, lambda cfg, _device: cfg, lambda _folder, _backend, cfg, _device, _threads: cfg)
-
-
-def open_stream(args: argparse.Namespace, prompt: str = "") -> StreamV2V:
-    """The stream the flags ask for (not yet wrapped in CUDA graphs: see `wrap_stream`). Raises CliError."""
-    negative = args.negative_prompt or ""
-    return _open(
-        args,
-        lambda cfg, device: StreamV2V.from_pretrained(
-            cfg, device=device, prompt=prompt, negative_prompt=negative, compile=args.compile
-        ),
-        lambda folder, backend, cfg, device, threads: StreamV2V.from_engines(
-            folder, backend, cfg, prompt=prompt, negative_prompt=negative, device=device, threads=threads
-        ),
-    )
-
-
-def open_multistream(args: argparse.Namespace, streams: int | None, prompt: str = "") -> MultiStream:
-    """`streams` slots (None: a build folder's count) of the stream the flags ask for, batched (`MultiStream`);
-    with `--cuda-graphs` every phase is replayed from CUDA graphs. Raises CliError."""
-    if streams is not None and streams < 1:
-        raise CliError(f"--streams must be >= 1, got {streams}")
-
-    def eager(cfg: StreamConfig, device: torch.device) -> MultiStream:
-        return MultiStream.from_pretrained(
-            cfg, streams or 1, device=device, prompt=prompt, cuda_graphs=args.cuda_graphs, compile=args.compile
-        )
-
-    def engines(folder, backend: str, cfg: StreamConfig, device, threads) -> MultiStream:
-        if streams is not None:  # a folder built for another count is refused, with its rebuild command
-            cfg = cfg.with_spec(max_streams=streams)
-        return MultiStream.from_engines(
-            folder, backend, cfg, prompt=prompt, device=device, threads=threads, cuda_graphs=args.cuda_graphs
-        )
-
-    if args.cuda_graphs and device_of(args.device).type != "cuda":  # before minutes of loading
-        raise CliError(f"--cuda-graphs needs a CUDA GPU, the streams run on {device_of(args.device)}")
-    multi = _open(args, eager, engines)
-    if args.negative_prompt:  # stream_config allows it only where guidance uses it
-        for stream in multi.slots:
-            stream.update_prompt(stream.prompt, negative_prompt=args.negative_prompt)
-    return multi
-
-
-def wrap_stream(stream: StreamV2V, args: argparse.Namespace) -> Stream:
-    """`stream`, replayed from CUDA graphs when `--cuda-graphs` asks."""
-    if not args.cuda_graphs:
-        return stream
-    from ..cuda_graph import CudaGraphStream
-
+@contextmanager
+def opening(engines: Path | None, model: str | None = None) -> Iterator[None]:
+    """Library errors while opening a stream as one CliError line (a CliError passes through)."""
     try:
-        return CudaGraphStream(stream)
-    except ValueError as e:
-        raise CliError(f"--cuda-graphs: {e}") from e
+        yield
+    except CliError:
+        raise
+    except ModelUnavailable as e:  # names the model and says what to do already
+        raise CliError(str(e)) from e
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:  # EngineMismatch, LoRA, backend, device
+        what = f"open {engines}" if engines is not None else f"load model {model!r}"
+        raise CliError(f"cannot {what}: {' '.join(str(e).split())}") from e
