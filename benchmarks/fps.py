@@ -39,9 +39,11 @@ import numpy as np
 import torch
 
 from streamv2v_trt.console import HelpFormatter, configure_logging, device_and_threads
+from streamv2v_trt.flags import add_flags
 from streamv2v_trt.flavours import ENGINE_BACKENDS, Builder, build_for
 from streamv2v_trt.presets import ModelUnavailable
-from streamv2v_trt.source import Source
+from streamv2v_trt.source import DEFAULT_MODEL, Source
+from streamv2v_trt.spec import EngineSpec
 
 from .measure import PeakMemory, Timer, device_used_mb, machine, memory_mb, psnr
 
@@ -276,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", default="tiny", help="preset (tiny, sd-turbo, sd15) or diffusers folder")
+    add_flags(p, EngineSpec, ["model"], defaults={"model": DEFAULT_MODEL})
     p.add_argument(
         "--backends", default="eager,onnxruntime", help=f"comma list of {', '.join(BACKENDS)}, each with +graphs"
     )
@@ -292,16 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--warmup", type=int, default=10, help="untimed frames first (compilation, graph capture)")
     p.add_argument("--soak", type=int, default=0, help="then N more frames, tracking memory and latency drift")
-    p.add_argument("--height", type=int, default=None, help="default: the preset's")
-    p.add_argument("--width", type=int, default=None, help="default: the preset's")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
+    add_flags(p, EngineSpec, ["height", "width", "steps"], unset=["height", "width", "steps"])
     p.add_argument("--t-index-list", default=None, help="e.g. 30,35,40,45 (default: the spec's)")
-    p.add_argument("--vae", default="taesd", choices=("taesd", "full"))
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=("fp16", "fp32"), help="default: fp16 on cuda, fp32 on cpu")
-    p.add_argument(
-        "--threads", type=int, default=None, help="intra-op threads of torch AND onnxruntime (default: 1 on a CPU)"
-    )
+    add_flags(p, EngineSpec, ["vae"])
+    add_flags(p, Source, ["device", "threads"], defaults={"device": "auto"})
+    add_flags(p, EngineSpec, ["precision"], unset=["precision"], defaults={"precision": "fp16 on cuda, fp32 on cpu"},
+              aliases={"precision": ("--dtype",)})  # fmt: skip
     p.add_argument("--psnr-floor", type=float, default=30.0, help="a backend whose min PSNR vs eager is lower fails")
     p.add_argument("--engines", type=Path, default=Path("engines"), help="parent folder of the build folders")
     p.add_argument("--prompt", default="a watercolor painting")
@@ -309,54 +307,67 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging()
-    from streamv2v_trt import EngineSpec, StreamConfig
-    from streamv2v_trt.clips import pattern_clip
+def run_config(args):
+    """The config every backend runs (the spec from the flags), with the device and thread policy set in `args`:
+    cuda when available; 1 CPU thread on a CPU, torch's on a GPU; fp16 on cuda, fp32 on the CPU."""
+    from streamv2v_trt import StreamConfig
 
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    fp16 = args.dtype == "fp16" or (args.dtype is None and args.device.startswith("cuda"))
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = args.device.startswith("cuda")
     if args.threads is None:
-        args.threads = torch.get_num_threads() if args.device.startswith("cuda") else 1
+        args.threads = torch.get_num_threads() if cuda else 1
     torch.set_num_threads(args.threads)
     t_index = tuple(int(t) for t in args.t_index_list.split(",")) if args.t_index_list else ()
     spec = EngineSpec.resolve(
-        args.model, height=args.height, width=args.width, steps=len(t_index) or args.steps,
-        vae=args.vae, precision="fp16" if fp16 else "fp32",
+        args.model, height=args.height, width=args.width, steps=len(t_index) or args.steps, vae=args.vae,
+        precision=args.precision or ("fp16" if cuda else "fp32"),
     )  # fmt: skip
-    cfg = StreamConfig(spec, t_index_list=t_index)
+    return StreamConfig(spec, t_index_list=t_index)
+
+
+def run_all(args, cfg, backends: list[str]) -> list[Result]:
+    """Every backend (eager first: it is the reference), in each layout, on the same clips."""
+    from streamv2v_trt.clips import pattern_clip
+
+    spec = cfg.spec
+    clips = [pattern_clip(args.warmup + args.frames, spec.height, spec.width, seed=i) for i in range(args.streams)]
+    layouts = ("separate",) if args.streams == 1 else ("separate", "multi")
+    results, reference = [], None
+    if "eager" not in backends:
+        log.warning("no eager backend in this run: outputs are not checked (PSNR needs eager as the reference)")
+    for name in sorted(backends, key=lambda b: b != "eager"):
+        for layout in layouts:
+            row = label(name, layout, args.streams)
+            log.info("running %s: %d warm-up + %d timed frames, %d thread(s)", row, args.warmup, args.frames,
+                     args.threads)  # fmt: skip
+            result, outputs = run_backend(name, layout, args, cfg, clips, reference)
+            if name == "eager" and reference is None:
+                reference = outputs  # eager, K separate streams: what every other row is compared with
+            results.append(result)
+            log.info("%s: %.1f FPS, p50 %.2f ms", row, result.fps, result.p50_ms)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
     if args.streams < 1:
         raise SystemExit(f"--streams must be >= 1, got {args.streams}")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for b in backends:
         parse_backend(b)
-    clips = [pattern_clip(args.warmup + args.frames, spec.height, spec.width, seed=i) for i in range(args.streams)]
-    layouts = ("separate",) if args.streams == 1 else ("separate", "multi")
-
-    results, reference = [], None
-    if "eager" not in backends:
-        log.warning("no eager backend in this run: outputs are not checked (PSNR needs eager as the reference)")
-    for name in sorted(backends, key=lambda b: b != "eager"):  # eager first: it is the reference
-        for layout in layouts:
-            row = label(name, layout, args.streams)
-            log.info("running %s: %d warm-up + %d timed frames, %d thread(s)", row, args.warmup, args.frames,
-                     args.threads)  # fmt: skip
-            try:
-                result, outputs = run_backend(name, layout, args, cfg, clips, reference)
-            except ModelUnavailable as e:  # its message names the model and says what to do
-                print(f"error: {e}", file=sys.stderr)
-                return 1
-            if name == "eager" and reference is None:
-                reference = outputs  # eager, K separate streams: what every other row is compared with
-            results.append(result)
-            log.info("%s: %.1f FPS, p50 %.2f ms", row, result.fps, result.p50_ms)
-
+    cfg = run_config(args)
+    spec = cfg.spec
+    try:
+        results = run_all(args, cfg, backends)
+    except ModelUnavailable as e:  # its message names the model and says what to do
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     ratios = fps_ratios(results, args.streams)
-    info = machine()
     print(
         f"{args.model} {spec.width}x{spec.height}, {spec.steps} step(s) {list(cfg.t_index_list)}, "
-        f"{'fp16' if fp16 else 'fp32'}, {device_and_threads(args.device, args.threads)} for every backend (torch "
+        f"{spec.precision.value}, {device_and_threads(args.device, args.threads)} for every backend (torch "
         "and onnxruntime)"
     )
     print(table(results))
@@ -367,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {', '.join(failed)} below the PSNR floor of {args.psnr_floor} dB vs eager")
     if args.json:
         report = {
-            "machine": info,
+            "machine": machine(),
             "command": "python -m benchmarks.fps " + " ".join(argv if argv is not None else sys.argv[1:]),
             "config": {
                 "spec": spec.to_json(), "t_index_list": list(cfg.t_index_list), "interval": cfg.bank.interval,

@@ -5,12 +5,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from streamv2v_trt.backends.tensorrt_import import TensorRTUnavailable, import_tensorrt, rtx_refusal, rtx_runs_on
+from streamv2v_trt.flags import flag
 from streamv2v_trt.flavours import Builder
 from streamv2v_trt.spec import EngineSpec
 
@@ -20,13 +21,30 @@ class BuildConfig:
     """One build: the spec, the folder, the builder, and the builder's knobs."""
 
     spec: EngineSpec
-    out: Path | None = None  # None: engines/<spec.folder_name(builder)>
-    builder: Builder = Builder.AUTO
-    onnx_only: bool = False  # stop after the ONNX export (ONNX Runtime runs it; no TensorRT needed)
-    force: bool = False  # rebuild even if an intact matching build exists
-    workspace_gib: float = 4.0  # TensorRT builder workspace limit
-    device: str | None = None  # AOTInductor: compile for this device (default: cuda when present, else cpu)
-    max_autotune: bool = False  # AOTInductor: benchmark kernel choices while compiling (much slower builds)
+    out: Path | None = field(
+        default=None,
+        metadata=flag(
+            "output folder (default: engines/<model>-<W>x<H>-b<UNet batch>-<bank><frames>-<vae>-<precision>[-aoti], a "
+            "name that changes with everything the networks are specialised for)",
+            metavar="DIR",
+            parse=Path,
+        ),
+    )
+    builder: Builder = field(
+        default=Builder.AUTO,
+        metadata=flag(
+            "auto: tensorrt if it imports and a GPU is here; tensorrt-rtx where it runs (8.0, 8.6, 8.9, 12.x, or no "
+            "GPU: it builds ahead of time); else aoti (AOTInductor: any GPU torch supports, Hopper included, the CPU)"
+        ),
+    )
+    onnx_only: bool = field(default=False, metadata=flag("stop after the ONNX export (ONNX Runtime runs it)"))
+    force: bool = field(default=False, metadata=flag("rebuild everything even if an intact matching build exists"))
+    workspace_gib: float = field(default=4.0, metadata=flag("TensorRT builder workspace limit in GiB"))
+    device: str | None = field(  # AOTInductor only
+        default=None,
+        metadata=flag("aoti: the device to compile for", choices=("cuda", "cpu"), default_text="cuda if any"),
+    )
+    max_autotune: bool = field(default=False, metadata=flag("aoti: autotune kernels (much slower build)"))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "builder", Builder(self.builder))

@@ -64,7 +64,7 @@ class MultiStream:
         self.backend, self.cfg, self.streams = backend, cfg, K
         device, dtype = backend.device, backend.dtype
         self.device, self.dtype = device, dtype
-        Bu, (h, w) = cfg.unet_batch, cfg.spec.latent_hw
+        Bu, (h, w) = cfg.stream_batch, cfg.spec.latent_hw
         L, D = prompt_encoder.length, prompt_encoder.dim
         layout = backend.layout
         # The networks' inputs, all K streams side by side; slot i owns rows [i*Bu, (i+1)*Bu).

@@ -77,7 +77,7 @@ class StreamV2V:
         B, (h, w) = cfg.steps, cfg.spec.latent_hw
         # UNet batch Bu = [uncond elements ; B stream slots]: 0 uncond (none/self), 1 (initialize: slot 0's
         # negative), B (full CFG). Every element has its own bank, so the bank batch follows the UNet batch.
-        Bu = cfg.unet_batch
+        Bu = cfg.stream_batch
         self._n_uncond = Bu - B
         self.schedule = StreamSchedule(scheduler, cfg.t_index_list, cfg.num_inference_steps, device, dtype)
         D, L = prompt_encoder.dim, prompt_encoder.length

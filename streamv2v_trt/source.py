@@ -12,14 +12,15 @@ same calls. What each backend can do (files, CUDA graphs, default device) is the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .blending import PromptBlend
 from .config import StreamConfig
-from .flavours import BackendKind, backend_of
+from .flags import flag
+from .flavours import CAPTURABLE_BACKENDS, ENGINE_BACKENDS, BackendKind, backend_of
 from .multistream import MultiStream
 from .pipeline import StreamV2V
 from .spec import EngineSpec, LoraSpec, Precision
@@ -49,13 +50,37 @@ class Source:
     """
 
     model: str | None = None
-    engines: Path | None = None
-    backend: BackendKind | None = None
-    device: str | None = None
-    threads: int | None = None
-    compile: bool = False
+    engines: Path | None = field(
+        default=None, metadata=flag("a build folder (python -m build_engines)", metavar="DIR", parse=Path)
+    )
+    backend: BackendKind | None = field(
+        default=None,
+        metadata=flag(
+            f"eager runs the PyTorch weights; a build folder runs on {', '.join(ENGINE_BACKENDS)} (its ONNX, TensorRT "
+            "engines or AOTInductor packages)",
+            choices=tuple(k.value for k in BackendKind),
+            default_text="eager, or what the build folder was built for (onnxruntime on a CPU)",
+        ),
+    )
+    device: str | None = field(default=None, metadata=flag("cpu, cuda, cuda:1, ... or auto (cuda if available)"))
+    threads: int | None = field(
+        default=None,
+        metadata=flag(
+            "CPU intra-op threads of torch and ONNX Runtime alike",
+            parse=int,
+            default_text="1 when the stream runs on "
+            "the CPU (two thread pools on a small CPU stall each other), torch's on a GPU",
+        ),
+    )
+    compile: bool = field(default=False, metadata=flag("eager: torch.compile the UNet and VAE (slow first frames)"))
     channels_last: bool | None = None
-    cuda_graphs: bool = False
+    cuda_graphs: bool = field(
+        default=False,
+        metadata=flag(
+            f"replay whole frames from CUDA graphs (a GPU; the {', '.join(CAPTURABLE_BACKENDS)} backends; no "
+            "similar-frame filter)"
+        ),
+    )
     loras: tuple[LoraSpec, ...] | None = None
     verify_hashes: bool = True
 

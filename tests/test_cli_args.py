@@ -115,7 +115,7 @@ def test_flags_map_into_the_stream_config():
     assert cfg.steps == 2
     # Guidance without --guidance-scale uses StreamDiffusion's default, so --cfg-type alone is not a no-op.
     assert config(video_args("--cfg-type", "full")).guidance_scale == 1.2
-    assert config(video_args("--cfg-type", "initialize", "--negative-prompt", "blurry")).unet_batch == 2
+    assert config(video_args("--cfg-type", "initialize", "--negative-prompt", "blurry")).stream_batch == 2
     assert config(video_args("--strength", "0.5", "--steps", "2")).t_index_list == t_index_list_from_strength(0.5, 2)
 
 
@@ -130,7 +130,7 @@ def test_flags_map_into_the_stream_config():
         (["--cfg-type", "self", "--negative-prompt", "ugly"], "--negative-prompt has no effect"),
         (["--similar-threshold", "0.9"], "--similar-threshold has no effect: the similar-frame filter is off"),
         (["--similar-filter", "--similar-threshold", "1.5"], "--similar-threshold must be a cosine similarity"),
-        (["--similar-filter", "--max-skip", "0"], "--max-skip must be >= 1"),
+        (["--similar-filter", "--max-skip", "-1"], "--max-skip must be a number of frames >= 0"),
     ],
 )
 def test_bad_values_are_refused_with_the_flag_named(flags, message):

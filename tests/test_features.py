@@ -262,7 +262,7 @@ def test_rcfg_equals_streamdiffusion_reference(parts, cfg_type, t_index_list):
     kw = dict(t_index_list=t_index_list, cfg_type=cfg_type, guidance_scale=1.8, delta=0.6)
     stream = make(parts, negative_prompt=neg, **kw)
     unet_batch = {"self": B, "initialize": B + 1, "full": 2 * B}[cfg_type]
-    assert stream.cfg.unet_batch == unet_batch == stream.sample.shape[0]
+    assert stream.cfg.stream_batch == unet_batch == stream.sample.shape[0]
     assert all(t.shape[0] == unet_batch for t in stream.bank.tensors.values())  # a bank per UNet batch element
     reference = StreamDiffusionReference(stream, stream.prompt_encoder(neg), seed=stream.cfg.seed)
     # From the second frame on the stock noise and the bank are not trivial; B + 2 frames fill every slot.

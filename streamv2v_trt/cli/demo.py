@@ -14,8 +14,9 @@ import torch
 from ..clips import pan_clip
 from ..config import StreamConfig
 from ..console import HelpFormatter, device_and_threads
+from ..flags import add_flags
 from ..flavours import folder_backend
-from ..source import Source, open_stream
+from ..source import DEFAULT_MODEL, Source, open_stream
 from ..spec import EngineSpec, Precision
 from ..stream import Stream
 
@@ -32,15 +33,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "writes input | eager | engine side by side, labelled. Runs on the CPU with the tiny random-weight model.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", default="tiny", help="preset (tiny, sd-turbo, sd15), diffusers folder or hub id")
+    add_flags(p, EngineSpec, ["model"], defaults={"model": DEFAULT_MODEL})
     p.add_argument("--frames", type=int, default=48, help="frames in the generated clip")
     p.add_argument("--size", type=int, default=128, help="frame height and width in pixels, multiple of 8")
     p.add_argument("--prompt", default="a watercolor painting of an astronaut", help="text prompt")
     p.add_argument("--engines", type=Path, help="parent folder for the builds (default: build_engines' folders)")
     p.add_argument("--eager-only", action="store_true", help="skip building and running the engines")
-    p.add_argument(
-        "--threads", type=int, default=1, help="CPU intra-op threads for every path (torch and ONNX Runtime alike)"
-    )
+    add_flags(p, Source, ["threads"], defaults={"threads": 1})  # for every path: the ratio means nothing otherwise
     p.add_argument("--out", type=Path, default=Path("demo.mp4"), help="output video")
     p.add_argument("--fps", type=int, default=24, help="frame rate of the written video")
     p.set_defaults(func=run, quiet=True)
