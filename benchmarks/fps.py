@@ -40,7 +40,7 @@ import torch
 
 from streamv2v_trt.console import HelpFormatter, configure_logging, device_and_threads
 from streamv2v_trt.flags import add_flags
-from streamv2v_trt.flavours import ENGINE_BACKENDS, Builder, build_for
+from streamv2v_trt.flavours import ENGINE_BACKENDS, BackendKind, Builder, build_for
 from streamv2v_trt.presets import ModelUnavailable
 from streamv2v_trt.source import DEFAULT_MODEL, Source
 from streamv2v_trt.spec import EngineSpec
@@ -49,7 +49,8 @@ from .measure import PeakMemory, Timer, device_used_mb, machine, memory_mb, psnr
 
 log = logging.getLogger("benchmarks.fps")
 
-BACKENDS = ("eager", "compiled", *ENGINE_BACKENDS)  # compiled: eager with torch.compile
+EAGER = BackendKind.EAGER  # the reference every other backend's frames are compared with
+BACKENDS = (EAGER, "compiled", *ENGINE_BACKENDS)  # compiled: eager with torch.compile
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Result:
 def parse_backend(name: str) -> tuple[str, bool]:
     base, _, suffix = name.partition("+")
     if base not in BACKENDS or suffix not in ("", "graphs"):
-        raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}, optionally with +graphs")
+        raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}, optionally with +graphs")
     return base, bool(suffix)
 
 
@@ -243,7 +244,7 @@ def fps_ratios(results: list[Result], streams: int) -> dict[str, float]:
     by = {r.backend: r for r in results}
     ratios = {}
     for r in results:
-        eager = by.get(label("eager", r.layout, streams))
+        eager = by.get(label(EAGER, r.layout, streams))
         if eager is not None and r is not eager:
             ratios[f"{r.backend}/{eager.backend}"] = r.fps / eager.fps
     for r in results:
@@ -334,15 +335,15 @@ def run_all(args, cfg, backends: list[str]) -> list[Result]:
     clips = [pattern_clip(args.warmup + args.frames, spec.height, spec.width, seed=i) for i in range(args.streams)]
     layouts = ("separate",) if args.streams == 1 else ("separate", "multi")
     results, reference = [], None
-    if "eager" not in backends:
+    if EAGER not in backends:
         log.warning("no eager backend in this run: outputs are not checked (PSNR needs eager as the reference)")
-    for name in sorted(backends, key=lambda b: b != "eager"):
+    for name in sorted(backends, key=lambda b: b != EAGER):
         for layout in layouts:
             row = label(name, layout, args.streams)
             log.info("running %s: %d warm-up + %d timed frames, %d thread(s)", row, args.warmup, args.frames,
                      args.threads)  # fmt: skip
             result, outputs = run_backend(name, layout, args, cfg, clips, reference)
-            if name == "eager" and reference is None:
+            if name == EAGER and reference is None:
                 reference = outputs  # eager, K separate streams: what every other row is compared with
             results.append(result)
             log.info("%s: %.1f FPS, p50 %.2f ms", row, result.fps, result.p50_ms)
