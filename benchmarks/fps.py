@@ -110,7 +110,7 @@ def source_of(name: str, args, spec) -> tuple[Source, Path | None]:
 
 def open_stream(name: str, args, cfg):
     """(runner, stream, folder): one stream of backend `name` (the runner is graphed with "+graphs")."""
-    from streamv2v_trt.source import open_stream as open_source
+    from streamv2v_trt.opening import open_stream as open_source
 
     source, folder = source_of(name, args, cfg.spec)
     runner = open_source(source, cfg, prompt=args.prompt)
@@ -131,7 +131,7 @@ def open_streams(name: str, layout: str, args, cfg) -> Streams:
     """`--streams K` streams of backend `name`: "separate" (K streams on the same networks, each called in
     turn: what runs without batching) or "multi" (a MultiStream of K slots: one batched call per round)."""
     from streamv2v_trt.cuda_graph import CudaGraphStream
-    from streamv2v_trt.source import open_multistream
+    from streamv2v_trt.opening import open_multistream
 
     K = args.streams
     if layout == "multi":

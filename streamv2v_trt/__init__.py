@@ -13,8 +13,9 @@ from .config import BankConfig, SimilarFilterConfig, StreamConfig
 from .flavours import BackendKind, Builder
 from .frames import FrameError
 from .multistream import MultiStream
+from .opening import open_multistream, open_stream
 from .pipeline import StreamV2V
-from .source import Source, open_multistream, open_stream
+from .source import Source
 from .spec import BankKind, CfgType, EngineSpec, LoraSpec, Precision, VaeKind, t_index_list_from_strength
 from .stream import Stream
 

@@ -23,7 +23,7 @@ import torch
 
 from .backends.named_io import NamedIOBackend, NetworkRunner
 from .config import StreamConfig
-from .flavours import ENGINE_BACKENDS, BackendKind, Builder, backend_of, folder_backend, rebuild_command
+from .flavours import ENGINE_BACKENDS, BackendKind, Builder, backend_of, folder_backend
 from .layout import NETWORKS, TensorSpec, bank_layout
 from .manifest import EngineMismatch, Manifest, load_manifest, mismatch
 from .prompt import PromptEncoder, text_shape
@@ -42,10 +42,10 @@ class OpenedBuild:
 
 
 def folder_rebuild(spec: EngineSpec, directory: Path | str, backend: BackendKind, manifest: Manifest | None) -> str:
-    """`flavours.rebuild_command` for a folder: the same spec (files damaged, another GPU or torch) is rebuilt
+    """`EngineSpec.rebuild_command` for a folder: the same spec (files damaged, another GPU or torch) is rebuilt
     into `directory`, another spec into its own folder, with the folder's TensorRT flavour kept."""
     same = manifest is not None and not manifest.spec.differences(spec)
-    return rebuild_command(spec, backend, directory if same or manifest is None else None, _built(manifest))
+    return spec.rebuild_command(backend, directory if same or manifest is None else None, _built(manifest))
 
 
 def _built(manifest: Manifest | None) -> Builder | None:

@@ -3,8 +3,8 @@
 A builder (`python -m build_engines --builder`) makes a build folder's files; a backend (`--backend`, `Source`)
 runs them, or runs the PyTorch weights (eager). Everything that depends on which is which reads `BACKENDS`:
 the files a backend loads, the folders it opens, whether CUDA graphs can capture its calls, its default device,
-which backend a folder runs on by default, and the command that rebuilds what a backend needs. Plain data: no
-runtime or model library is imported here.
+which backend a folder runs on by default, and which build gives a backend its files (`build_for`, which
+`EngineSpec.rebuild_command` words). Plain data: nothing of ours or of a model library is imported here.
 
     backend       opens folders built by            loads            CUDA graphs   default device
     eager         (none: the PyTorch weights)       -                yes           cuda if present, else cpu
@@ -17,11 +17,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .spec import EngineSpec
 
 
 class _Name(str, enum.Enum):
@@ -138,19 +133,3 @@ def build_for(backend: str | BackendKind, built: str | Builder | None = None) ->
     builder = built if built is not None and built in info.opens else info.build
     onnx_only = builder is None and backend_of(backend) is BackendKind.ONNXRUNTIME
     return (None if builder is Builder.AUTO else builder), onnx_only
-
-
-def rebuild_command(
-    spec: EngineSpec,
-    backend: str | BackendKind,
-    directory: Path | str | None = None,
-    built: str | Builder | None = None,
-) -> str:
-    """The one rebuild text: the command that builds `spec` for `backend`. Into `directory` when given (the same
-    spec: files damaged, another GPU or torch); else into the spec's own folder (the naming rule), which the text
-    names. `built`: the builder of the folder at hand, whose flavour a rebuild keeps."""
-    builder, onnx_only = build_for(backend, built)
-    if directory is not None:
-        return spec.build_command(directory, builder=builder, onnx_only=onnx_only)
-    folder = Path("engines") / spec.folder_name(builder)
-    return f"{spec.build_command(builder=builder, onnx_only=onnx_only)} (writes {folder}; open that folder)"

@@ -29,9 +29,10 @@ import torch
 
 from .bank import NO_UPDATE
 from .config import StreamConfig
-from .flavours import CAPTURABLE_BACKENDS, rebuild_command
+from .flavours import CAPTURABLE_BACKENDS
 from .frames import frame_to_tensor, image_to_uint8, is_host, tensor_to_frame, uint8_to_image
 from .pipeline import FramePlan, StreamV2V
+from .source import Source, open_networks, pretrained
 from .spec import EngineSpec, LoraSpec
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ class MultiStream:
         K = streams or cfg.spec.max_streams
         kind = backend.name.info
         if kind.runs_folders and K != cfg.spec.max_streams:
-            rebuild = rebuild_command(dataclasses.replace(cfg.spec, max_streams=K), backend.name, built=backend.builder)
+            asked = dataclasses.replace(cfg.spec, max_streams=K)
+            rebuild = asked.rebuild_command(backend.name, built=backend.builder)
             raise ValueError(
                 f"the {backend.name.value} networks were built for {cfg.spec.max_streams} stream(s), asked {K}; "
                 f"rebuild: {rebuild}"
@@ -88,6 +90,21 @@ class MultiStream:
         self.graphs = _PhaseGraphs(device) if cuda_graphs else None
 
     @classmethod
+    def from_source(
+        cls, source: Source, cfg: StreamConfig | None = None, streams: int | None = None, *, prompt: str = "",
+        negative_prompt: str = "", **runtime,
+    ) -> MultiStream:  # fmt: skip
+        """`streams` slots (default: `cfg.spec.max_streams`, a folder's K) of `source`'s networks running `cfg`,
+        each with this prompt (`opening.open_multistream` is this). A build folder runs exactly the K it was built
+        for; another K is refused with the command that builds it. Eager runs any K."""
+        if streams is not None and streams < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
+        multi = cls(*open_networks(source, cfg, runtime), streams=streams, cuda_graphs=source.cuda_graphs)
+        for slot in multi.slots:
+            slot.update_prompt(prompt, negative_prompt=negative_prompt)
+        return multi
+
+    @classmethod
     def from_pretrained(
         cls,
         model: str | EngineSpec | StreamConfig = "tiny",
@@ -99,11 +116,9 @@ class MultiStream:
         compile: bool | str = False,
     ) -> MultiStream:
         """`streams` slots on the eager (PyTorch) networks, any number without a build:
-        `open_multistream(Source(model, ...), cfg, streams)` (source.py)."""
-        from .source import open_multistream, pretrained
-
+        `from_source(Source(model, ...), cfg, streams)`."""
         source, cfg = pretrained(model, device=device, compile=compile, cuda_graphs=cuda_graphs)
-        return open_multistream(source, cfg, streams, prompt=prompt)
+        return cls.from_source(source, cfg, streams, prompt=prompt)
 
     @classmethod
     def from_engines(
@@ -112,14 +127,12 @@ class MultiStream:
         cuda_graphs: bool = False, loras: tuple[LoraSpec, ...] | None = None, verify_hashes: bool = True,
         threads: int | None = None, **runtime,
     ) -> MultiStream:  # fmt: skip
-        """The slots of a build folder made with `--max-streams K`: `open_multistream(Source(engines=directory,
-        ...), cfg, streams)`. `streams` (default: the folder's K) other than K is refused with the command that
-        builds it."""
-        from .source import Source, open_multistream
-
+        """The slots of a build folder made with `--max-streams K`: `from_source(Source(engines=directory, ...),
+        cfg, streams)`. `streams` (default: the folder's K) other than K is refused with the command that builds
+        it."""
         source = Source(engines=directory, backend=backend, device=device, threads=threads, loras=loras,
                         verify_hashes=verify_hashes, cuda_graphs=cuda_graphs)  # fmt: skip
-        return open_multistream(source, cfg, streams, prompt=prompt, **runtime)
+        return cls.from_source(source, cfg, streams, prompt=prompt, **runtime)
 
     # -- one tick ---------------------------------------------------------------------------------------------
     @torch.inference_mode()

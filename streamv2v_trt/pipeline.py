@@ -27,6 +27,7 @@ from .frames import HostStaging, frame_to_tensor, image_to_uint8, is_host, tenso
 from .prompt import PromptEncoder
 from .schedule import StreamSchedule
 from .similar_filter import SimilarFrameFilter
+from .source import Source, open_networks, pretrained
 from .spec import CfgType, EngineSpec
 
 if TYPE_CHECKING:
@@ -119,6 +120,17 @@ class StreamV2V:
         self.update_prompt("", negative_prompt="")
 
     @classmethod
+    def from_source(
+        cls, source: Source, cfg: StreamConfig | None = None, *, prompt: PromptBlend = "", negative_prompt: str = "",
+        **runtime,
+    ) -> StreamV2V:  # fmt: skip
+        """The stream of `source`'s networks running `cfg` (`opening.open_stream` is this, CUDA-graphed when the
+        source asks; `source.open_networks` says what `cfg` defaults to)."""
+        stream = cls(*open_networks(source, cfg, runtime))
+        stream.update_prompt(prompt, negative_prompt=negative_prompt)
+        return stream
+
+    @classmethod
     def from_pretrained(
         cls,
         model: str | EngineSpec | StreamConfig = "tiny",
@@ -129,7 +141,7 @@ class StreamV2V:
         compile: bool | str = False,
         channels_last: bool | None = None,
     ) -> StreamV2V:
-        """The eager (PyTorch) pipeline: `open_stream(Source(model, device, ...), cfg)` (source.py).
+        """The eager (PyTorch) pipeline: `from_source(Source(model, device, ...), cfg)`.
 
         `model`: a preset name, a local diffusers folder or a hub id (the preset's size and steps, fp16 on a GPU
         and fp32 on the CPU), an `EngineSpec`, or a whole `StreamConfig`. The spec's LoRAs are fused into the
@@ -138,10 +150,8 @@ class StreamV2V:
         frames compile them: a minute or more); a string picks another torch.compile backend. `channels_last`
         (default: on for CUDA) lays the convolution networks out NHWC.
         """
-        from .source import open_stream, pretrained
-
         source, cfg = pretrained(model, device=device, compile=compile, channels_last=channels_last)
-        return open_stream(source, cfg, prompt=prompt, negative_prompt=negative_prompt)
+        return cls.from_source(source, cfg, prompt=prompt, negative_prompt=negative_prompt)
 
     @classmethod
     def from_engines(
@@ -158,7 +168,7 @@ class StreamV2V:
         threads: int | None = None,
         **runtime,
     ) -> StreamV2V:
-        """The pipeline on a `python -m build_engines` folder: `open_stream(Source(engines=directory, ...), cfg)`.
+        """The pipeline on a `python -m build_engines` folder: `from_source(Source(engines=directory, ...), cfg)`.
 
         `backend`: "onnxruntime" (its ONNX; CPU, or CUDA with onnxruntime-gpu), "tensorrt" (TensorRT or
         TensorRT-RTX engines, GPU) or "aoti" (AOTInductor packages, for the device they were built for); default:
@@ -168,11 +178,9 @@ class StreamV2V:
         the folder was built with (their text-encoder layers run here). Only open folders you built: engines and
         packages are native code that runs when loaded (docs/RUNTIME.md).
         """
-        from .source import Source, open_stream
-
         source = Source(engines=directory, backend=backend, device=device, threads=threads, loras=loras,
                         verify_hashes=verify_hashes)  # fmt: skip
-        return open_stream(source, cfg, prompt=prompt, negative_prompt=negative_prompt, **runtime)
+        return cls.from_source(source, cfg, prompt=prompt, negative_prompt=negative_prompt, **runtime)
 
     def sibling(self) -> StreamV2V:
         """A new stream on the same loaded networks: its own bank, noise and counters; this one's config, prompt

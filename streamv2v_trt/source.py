@@ -1,30 +1,30 @@
-"""Open a stream: where its networks come from (`Source`) and what it runs (`StreamConfig`), in one call.
+"""Where a stream's networks come from and how they run: `Source`, and `open_networks`, which opens them.
 
-    stream = open_stream(Source(engines="engines/sd-turbo-512x512-b1-dyme1-taesd-fp16-aoti", cuda_graphs=True))
-    stream = open_stream(Source(model="sd-turbo", device="cuda"), cfg, prompt="a watercolor painting")
-    multi = open_multistream(Source(engines="engines/tiny-64x64-b1-s4-dyme1-taesd-fp32"), streams=4)
+    Source(engines="engines/sd-turbo-512x512-b1-dyme1-taesd-fp16-aoti", cuda_graphs=True)
+    Source(model="sd-turbo", device="cuda", compile=True)
 
-Every surface opens its streams here: `video` and `serve`, the benchmarks, the demo, and each Ray Serve replica
-(a `Source` is plain, frozen and picklable, so the replicas receive `Source + StreamConfig`). The classmethods
-`StreamV2V.from_pretrained / from_engines` and `MultiStream.from_pretrained / from_engines` are spellings of the
-same calls. What each backend can do (files, CUDA graphs, default device) is the table in `flavours.py`.
+A `Source` is plain, frozen and picklable (the Ray replicas receive one with their `StreamConfig`). Streams are
+opened from it by `opening.open_stream` / `open_multistream`, which are `StreamV2V.from_source` /
+`MultiStream.from_source` (`open_networks`, then the class); `from_pretrained / from_engines` are spellings. What each backend can do (files, CUDA
+graphs, default device) is the table in `flavours.py`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from .blending import PromptBlend
 from .config import StreamConfig
 from .flags import flag
 from .flavours import CAPTURABLE_BACKENDS, ENGINE_BACKENDS, BackendKind, backend_of
-from .multistream import MultiStream
-from .pipeline import StreamV2V
 from .spec import EngineSpec, LoraSpec, Precision
-from .stream import Stream
+
+if TYPE_CHECKING:
+    from .backends import Backend
+    from .prompt import PromptEncoder
 
 DEFAULT_MODEL = "tiny"  # the test model: runs anywhere, random weights
 
@@ -130,57 +130,18 @@ def pretrained(model: str | EngineSpec | StreamConfig, **source) -> tuple[Source
     return Source(**source), model if isinstance(model, StreamConfig) else StreamConfig(spec=model)
 
 
-def open_stream(
-    source: Source | None = None,
-    cfg: StreamConfig | None = None,
-    *,
-    prompt: PromptBlend = "",
-    negative_prompt: str = "",
-    **runtime,
-) -> Stream:
-    """One stream: a `StreamV2V`, or a `CudaGraphStream` over it with `source.cuda_graphs`.
+class Networks(NamedTuple):
+    """What a `StreamV2V` or a `MultiStream` is made of: `StreamV2V(*networks)`."""
 
-    cfg: what it runs (default: the model preset's spec, or the folder's own, with the `runtime` settings, e.g.
-    `seed=3, t_index_list=(30,)`). A folder built for another spec is refused with `EngineMismatch`, which names
-    every difference and the command that rebuilds it. `negative_prompt`: RCFG initialize and full CFG.
-    """
-    backend, encoder, scheduler, cfg = open_networks(source or Source(), cfg, runtime)
-    stream = StreamV2V(backend, encoder, scheduler, cfg)
-    stream.update_prompt(prompt, negative_prompt=negative_prompt)
-    if not (source and source.cuda_graphs):
-        return stream
-    from .cuda_graph import CudaGraphStream
-
-    return CudaGraphStream(stream)
+    backend: Backend
+    prompt_encoder: PromptEncoder
+    scheduler: object  # the model's LCMScheduler
+    cfg: StreamConfig
 
 
-def open_multistream(
-    source: Source | None = None,
-    cfg: StreamConfig | None = None,
-    streams: int | None = None,
-    *,
-    prompt: PromptBlend = "",
-    negative_prompt: str = "",
-    **runtime,
-) -> MultiStream:
-    """`streams` slots batched into one network call per tick (`MultiStream`; each slot with this prompt).
-
-    streams: default `cfg.spec.max_streams` (a folder's K). A build folder runs exactly the K it was built for
-    (`--max-streams K`); another K is refused with the command that builds it. Eager runs any K.
-    """
-    source = source or Source()
-    if streams is not None and streams < 1:
-        raise ValueError(f"streams must be >= 1, got {streams}")
-    backend, encoder, scheduler, cfg = open_networks(source, cfg, runtime)
-    multi = MultiStream(backend, encoder, scheduler, cfg, streams=streams, cuda_graphs=source.cuda_graphs)
-    for slot in multi.slots:
-        slot.update_prompt(prompt, negative_prompt=negative_prompt)
-    return multi
-
-
-def open_networks(source: Source, cfg: StreamConfig | None, runtime: dict | None = None) -> tuple:
-    """(backend, prompt encoder, scheduler, config) of `source` for `cfg`: what `StreamV2V` and `MultiStream`
-    are made of. Checks what it can (CUDA graphs, device) before anything loads."""
+def open_networks(source: Source, cfg: StreamConfig | None, runtime: dict | None = None) -> Networks:
+    """The networks of `source` for `cfg` (default: the model preset's spec, or the folder's own, with the
+    `runtime` settings). Checks what it can (CUDA graphs, device) before anything loads."""
     if cfg is not None and runtime:
         raise TypeError(f"pass runtime settings {sorted(runtime)} inside cfg, or drop cfg")
     device = source.resolved_device()
@@ -195,14 +156,14 @@ def open_networks(source: Source, cfg: StreamConfig | None, runtime: dict | None
         from .backends.eager import open_eager
 
         cfg = _eager_config(source, cfg, device, runtime or {})
-        return open_eager(cfg, device, compile=source.compile, channels_last=source.channels_last)
+        return Networks(*open_eager(cfg, device, compile=source.compile, channels_last=source.channels_last))
     from .build_folder import open_build_folder
 
     opened = open_build_folder(
         source.engines, source.backend, cfg, device=source.device, loras=source.loras,
         verify_hashes=source.verify_hashes, threads=source.threads, runtime=runtime,
     )  # fmt: skip
-    return opened.backend, opened.prompt_encoder, opened.scheduler, opened.cfg
+    return Networks(opened.backend, opened.prompt_encoder, opened.scheduler, opened.cfg)
 
 
 def _eager_config(source: Source, cfg: StreamConfig | None, device: torch.device, runtime: dict) -> StreamConfig:

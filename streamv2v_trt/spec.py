@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .flags import argv, flag
-from .flavours import Builder
+from .flavours import Builder, build_for
 from .presets import PRESETS
 
 # Layers whose attention output is fused with the bank: the low-resolution ones (docs/DESIGN.md, "Feature fusion").
@@ -298,6 +298,17 @@ class EngineSpec:
         if out is not None:
             args += ["--out", str(out)]
         return shlex.join(args)
+
+    def rebuild_command(self, backend: str, directory: Path | str | None = None, built: str | None = None) -> str:
+        """The one rebuild text: the command that builds this spec for `backend` (`flavours.build_for`). Into
+        `directory` when given (the same spec: files damaged, another GPU or torch); else into the spec's own
+        folder (the naming rule), which the text names. `built`: the builder of the folder at hand, whose TensorRT
+        flavour a rebuild keeps."""
+        builder, onnx_only = build_for(backend, built)
+        if directory is not None:
+            return self.build_command(directory, builder=builder, onnx_only=onnx_only)
+        folder = Path("engines") / self.folder_name(builder)
+        return f"{self.build_command(builder=builder, onnx_only=onnx_only)} (writes {folder}; open that folder)"
 
     # -- JSON (the manifest) --------------------------------------------------------------------------------
     def to_json(self) -> dict:

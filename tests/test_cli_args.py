@@ -71,7 +71,7 @@ def config(args) -> StreamConfig:
 
 def open_stream(args):
     """What `video` opens for the flags: their Source and StreamConfig through the library (CliError)."""
-    from streamv2v_trt.source import open_stream as open_source
+    from streamv2v_trt.opening import open_stream as open_source
 
     source, cfg = stream_request(args)
     with opening(source.engines, cfg.spec.model):

@@ -35,6 +35,7 @@ LAYERS = {
     "streamv2v_trt.cuda_graph": 3,
     "streamv2v_trt.multistream": 3,
     "streamv2v_trt.source": 3,
+    "streamv2v_trt.opening": 3,
     "streamv2v_trt.manifest": 3,
     "streamv2v_trt.build_folder": 3,
     "streamv2v_trt.backends": 3,

@@ -16,7 +16,8 @@ from ..config import StreamConfig
 from ..console import HelpFormatter, device_and_threads
 from ..flags import add_flags
 from ..flavours import folder_backend
-from ..source import DEFAULT_MODEL, Source, open_stream
+from ..opening import open_stream
+from ..source import DEFAULT_MODEL, Source
 from ..spec import EngineSpec, Precision
 from ..stream import Stream
 

@@ -19,7 +19,7 @@ import sys
 import time
 
 from ..console import HelpFormatter
-from ..source import open_multistream
+from ..opening import open_multistream
 from .stream_args import CliError, add_stream_args, device_of, opening, stream_request
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..console import HelpFormatter, device_and_threads
 from ..images import fit_to_size
-from ..source import open_stream
+from ..opening import open_stream
 from ..stream import Stream
 from ..video_io import VideoError, VideoReader, VideoWriter, check_output_path
 from .stream_args import CliError, add_stream_args, opening, stream_request

@@ -29,8 +29,9 @@ import ray
 
 from ..config import StreamConfig
 from ..frames import FrameError
+from ..opening import open_multistream
 from ..serving import Result, StreamServer
-from ..source import Source, open_multistream
+from ..source import Source
 
 log = logging.getLogger(__name__)
 
