@@ -5,8 +5,8 @@
 
 A `Source` is plain, frozen and picklable (the Ray replicas receive one with their `StreamConfig`). Streams are
 opened from it by `opening.open_stream` / `open_multistream`, which are `StreamV2V.from_source` /
-`MultiStream.from_source` (`open_networks`, then the class); `from_pretrained / from_engines` are spellings. What each backend can do (files, CUDA
-graphs, default device) is the table in `flavours.py`.
+`MultiStream.from_source` (`open_networks`, then the class); `from_pretrained / from_engines` are spellings.
+What each backend can do (files, CUDA graphs, default device) is the table in `flavours.py`.
 """
 
 from __future__ import annotations
