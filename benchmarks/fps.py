@@ -2,6 +2,7 @@
 
     python -m benchmarks.fps --model tiny --height 64 --width 64 --backends eager,onnxruntime --frames 200
     python -m benchmarks.fps --model sd-turbo --backends eager,eager+graphs,compiled+graphs,aoti+graphs --soak 3000
+    python -m benchmarks.fps --model tiny --height 64 --width 64 --backends eager,onnxruntime --streams 2
 
 Backends: eager (PyTorch), compiled (eager + torch.compile; channels_last on CUDA), onnxruntime (a build folder's ONNX),
 tensorrt (its TensorRT / TensorRT-RTX engines), aoti (its AOTInductor packages); "+graphs" replays each frame from
@@ -16,31 +17,41 @@ ran on a CPU (Linux resets the peak between backends). Every timed frame is comp
 below `--psnr-floor` is marked FAIL and the command exits 1, so a fast wrong backend cannot pass. `--soak N` runs N
 more frames and reports memory and latency drift. `--profile` splits one bank interval's time per frame into conv /
 GEMM / attention / DyMe / copies / other and lists the top kernels (benchmarks/frame_profile.py).
+
+`--streams K` runs every backend twice: K separate streams on the same networks, called in turn, and one
+MultiStream of K slots, one batched network call per round (a build folder made for K streams); each stream gets
+its own clip, the same in both. FPS counts all K streams' frames, latency is a round (K frames in, K out), PSNR
+compares every stream's frames with eager's K separate streams, and "multiK/xK" is what batching gains. Every
+stream is opened by the library's `open_stream` / `open_multistream` from a `Source` and the `StreamConfig`.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
-import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
-from streamv2v_trt.console import HelpFormatter, configure_logging, cpu_model, device_and_threads
-from streamv2v_trt.models.presets import ModelUnavailable
+from streamv2v_trt.console import HelpFormatter, configure_logging, device_and_threads
+from streamv2v_trt.flags import add_flags
+from streamv2v_trt.flavours import ENGINE_BACKENDS, BackendKind, Builder, build_for
+from streamv2v_trt.presets import ModelUnavailable
+from streamv2v_trt.source import DEFAULT_MODEL, Source
+from streamv2v_trt.spec import EngineSpec
+
+from .measure import PeakMemory, Timer, device_used_mb, machine, memory_mb, psnr
 
 log = logging.getLogger("benchmarks.fps")
 
-BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt", "aoti")
-ENGINE_BACKENDS = {"onnxruntime": None, "tensorrt": "tensorrt", "aoti": "aoti"}  # backend -> builder
+EAGER = BackendKind.EAGER  # the reference every other backend's frames are compared with
+BACKENDS = (EAGER, "compiled", *ENGINE_BACKENDS)  # compiled: eager with torch.compile
 
 
 @dataclass
@@ -62,92 +73,16 @@ class Result:
     psnr_min_db: float | None = None
     psnr_ok: bool | None = None  # psnr_min >= the floor; None for eager itself
     engines: str | None = None
+    streams: int = 1  # frames per round: FPS counts all of them, latency is a round
+    layout: str = "separate"  # K streams called in turn, or "multi": one MultiStream of K slots
     soak: dict = field(default_factory=dict)
     profile: dict = field(default_factory=dict)  # --profile: benchmarks/frame_profile.py
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """dB, capped at 100 for identical frames (JSON has no infinity)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return min(100.0, 10 * np.log10(255.0**2 / mse)) if mse else 100.0
-
-
-class Timer:
-    """Per-frame latency: CUDA events on a GPU (read after the run, no sync per frame), perf_counter on a CPU."""
-
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-        self.marks: list = []
-
-    def start(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def stop(self, start) -> None:
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.marks.append((start, e))
-        else:
-            self.marks.append((time.perf_counter() - start) * 1e3)
-
-    def latencies_ms(self) -> np.ndarray:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return np.array([s.elapsed_time(e) for s, e in self.marks])
-        return np.array(self.marks)
-
-
-class PeakMemory:
-    """A backend's own peak: CUDA max allocated, or the process's peak RSS since `reset` (Linux clear_refs)."""
-
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-        self.kind = "cuda_max_allocated" if cuda else "peak_rss"
-
-    def reset(self) -> None:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak RSS) to the current RSS
-        except OSError:
-            self.kind = "peak_rss_cumulative"  # not Linux: the peak covers earlier backends too
-
-    def peak_mb(self) -> float:
-        if self.cuda:
-            return torch.cuda.max_memory_allocated() / 2**20
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def memory_mb(cuda: bool) -> float:
-    if cuda:
-        return torch.cuda.memory_allocated() / 2**20
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def device_used_mb() -> float:
-    free, total = torch.cuda.mem_get_info()
-    return (total - free) / 2**20
 
 
 def parse_backend(name: str) -> tuple[str, bool]:
     base, _, suffix = name.partition("+")
     if base not in BACKENDS or suffix not in ("", "graphs"):
-        raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}, optionally with +graphs")
+        raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}, optionally with +graphs")
     return base, bool(suffix)
 
 
@@ -155,93 +90,139 @@ def engine_folder(args, spec, base: str) -> Path:
     """The build folder `base` runs, built first when it is missing or stale (build_engines reuses what it can)."""
     from build_engines import BuildConfig, build
 
-    builder = ENGINE_BACKENDS[base]
-    if builder == "tensorrt":  # the flavour that imports: full TensorRT, else TensorRT-RTX
+    builder, onnx_only = build_for(base)
+    if builder is None and not onnx_only:  # tensorrt: the flavour that imports, full TensorRT, else TensorRT-RTX
         from streamv2v_trt.backends.tensorrt_import import import_tensorrt
 
         builder = import_tensorrt()[1]
     out = args.engines / spec.folder_name(builder)
     log.info("build folder for %s: %s", base, out)
-    return build(BuildConfig(spec, out=out, builder=builder or "auto", onnx_only=builder is None)).out
+    return build(BuildConfig(spec, out=out, builder=builder or Builder.AUTO, onnx_only=onnx_only)).out
+
+
+def source_of(name: str, args, spec) -> tuple[Source, Path | None]:
+    """The `Source` backend `name` runs ("aoti+graphs": aoti, CUDA graphs), its build folder built for `spec`."""
+    base, graphs = parse_backend(name)
+    folder = engine_folder(args, spec, base) if base in ENGINE_BACKENDS else None
+    backend = base if folder is not None else None
+    source = Source(engines=folder, backend=backend, device=args.device, threads=args.threads,
+                    compile=base == "compiled", cuda_graphs=graphs)  # fmt: skip
+    return source, folder
 
 
 def open_stream(name: str, args, cfg):
-    from streamv2v_trt import StreamV2V
+    """(runner, stream, folder): one stream of backend `name` (the runner is graphed with "+graphs")."""
+    from streamv2v_trt.opening import open_stream as open_source
+
+    source, folder = source_of(name, args, cfg.spec)
+    runner = open_source(source, cfg, prompt=args.prompt)
+    return runner, runner, folder
+
+
+@dataclass
+class Streams:
+    """K streams of one backend, run a round at a time: one frame per stream in, one out each."""
+
+    run: Callable[[list[np.ndarray]], list[np.ndarray]]
+    device: torch.device
+    dtype: torch.dtype
+    folder: Path | None
+
+
+def open_streams(name: str, layout: str, args, cfg) -> Streams:
+    """`--streams K` streams of backend `name`: "separate" (K streams on the same networks, each called in
+    turn: what runs without batching) or "multi" (a MultiStream of K slots: one batched call per round)."""
     from streamv2v_trt.cuda_graph import CudaGraphStream
+    from streamv2v_trt.opening import open_multistream
 
-    base, graphs = parse_backend(name)
-    folder = None
-    if base in ("eager", "compiled"):
-        stream = StreamV2V.from_pretrained(cfg, device=args.device, prompt=args.prompt, compile=base == "compiled")
-    else:
-        folder = engine_folder(args, cfg.spec, base)
-        stream = StreamV2V.from_engines(folder, base, cfg, prompt=args.prompt, device=args.device, threads=args.threads)
-    return (CudaGraphStream(stream) if graphs else stream), stream, folder
+    K = args.streams
+    if layout == "multi":
+        base, _ = parse_backend(name)
+        if base in ENGINE_BACKENDS:  # a folder built for K streams
+            cfg = cfg.with_spec(max_streams=K)
+        source, folder = source_of(name, args, cfg.spec)
+        multi = open_multistream(source, cfg, K, prompt=args.prompt)
+        return Streams(lambda fs: list(multi(dict(enumerate(fs))).values()), multi.device, multi.dtype, folder)
+    runner, stream, folder = open_stream(name, args, cfg)
+    pipeline = runner.stream if isinstance(runner, CudaGraphStream) else runner
+    others = [pipeline.sibling() for _ in range(K - 1)]  # their own banks and noise, the same networks
+    runners = [runner, *(CudaGraphStream(s) if runner is not pipeline else s for s in others)]
+    return Streams(lambda fs: [r(f) for r, f in zip(runners, fs)], pipeline.device, pipeline.dtype, folder)
 
 
-def run_backend(name: str, args, cfg, frames, reference) -> tuple[Result, list[np.ndarray]]:
+def label(name: str, layout: str, streams: int) -> str:
+    """A row's name: the backend alone for one stream, "eager x2" for K separate streams, "eager multi2"."""
+    if streams == 1:
+        return name
+    return f"{name} x{streams}" if layout == "separate" else f"{name} multi{streams}"
+
+
+def run_backend(name: str, layout: str, args, cfg, clips, reference) -> tuple[Result, list[list[np.ndarray]]]:
+    """Warm-up rounds, timed rounds (one frame of each stream's clip per round), PSNR against `reference`'s
+    outputs, soak. FPS counts every stream's frames; latency is one round (K frames in, K out)."""
     cuda = args.device.startswith("cuda")
     memory = PeakMemory(cuda)
     memory.reset()
-    runner, stream, folder = open_stream(name, args, cfg)
-    warm = frames[: args.warmup]
-    timed = frames[args.warmup : args.warmup + args.frames]
-    for f in warm:
-        runner(f)
+    streams = open_streams(name, layout, args, cfg)
+    rounds = [list(r) for r in zip(*clips)]  # round t: frame t of every stream
+    warm, timed = rounds[: args.warmup], rounds[args.warmup : args.warmup + args.frames]
+    for frames in warm:
+        streams.run(frames)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     timer = Timer(cuda)
     outputs = []
     t0 = time.perf_counter()
-    for f in timed:
+    for frames in timed:
         start = timer.start()
-        out = runner(f)
+        outputs.append(streams.run(frames))
         timer.stop(start)
-        outputs.append(out)
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     lat = timer.latencies_ms()
     result = Result(
-        backend=name,
-        device=str(stream.device),
-        dtype=str(stream.dtype).removeprefix("torch."),
+        backend=label(name, layout, args.streams),
+        device=str(streams.device),
+        dtype=str(streams.dtype).removeprefix("torch."),
         threads=args.threads,
         frames=len(timed),
         warmup=len(warm),
-        fps=len(timed) / wall,
+        fps=len(timed) * args.streams / wall,
         p50_ms=float(np.percentile(lat, 50)),
         p99_ms=float(np.percentile(lat, 99)),
         mean_ms=float(lat.mean()),
         peak_mem_mb=memory.peak_mb(),
         mem_kind=memory.kind,
         device_used_mb=device_used_mb() if cuda else None,
-        engines=str(folder) if folder else None,
+        engines=str(streams.folder) if streams.folder else None,
+        streams=args.streams,
+        layout=layout,
     )
     if reference is not None:
-        scores = [psnr(a, b) for a, b in zip(reference, outputs)]
+        scores = [psnr(a, b) for want, got in zip(reference, outputs) for a, b in zip(want, got)]
         result.psnr_vs_eager_db, result.psnr_min_db = float(np.mean(scores)), float(np.min(scores))
         result.psnr_ok = result.psnr_min_db >= args.psnr_floor
-    if args.profile:  # one bank interval: exactly one bank update among the profiled frames
+    if args.profile:  # one bank interval: exactly one bank update among the profiled rounds (K frames each)
         from benchmarks.frame_profile import profile_frames
 
-        result.profile = profile_frames(runner, timed, cfg.bank.interval, cuda)
+        result.profile = profile_frames(streams.run, timed, cfg.bank.interval, cuda)
     if args.soak:
-        result.soak = soak(runner, frames, args.soak, cuda)
-    del runner, stream
+        result.soak = soak(streams.run, rounds, args.soak, cuda)
+    del streams
     return result, outputs
 
 
-def soak(runner, frames: list[np.ndarray], n: int, cuda: bool) -> dict:
-    """n more frames (the clip loops); memory and latency sampled in windows, drift = last window vs first."""
+def soak(run: Callable, rounds: list[list[np.ndarray]], n: int, cuda: bool) -> dict:
+    """n more rounds (the clips loop); memory and latency sampled in windows, drift = last window vs first."""
     window = max(1, n // 20)
     timer = Timer(cuda)
     mem, changes = [], []
     last = None
     for i in range(n):
         start = timer.start()
-        out = runner(frames[i % len(frames)])
+        out = run(rounds[i % len(rounds)])[0]
         timer.stop(start)
         if (i + 1) % window == 0:
             mem.append(memory_mb(cuda))
@@ -263,22 +244,19 @@ def soak(runner, frames: list[np.ndarray], n: int, cuda: bool) -> dict:
     }
 
 
-def machine() -> dict:
-    import onnxruntime
-
-    info = {
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_model": cpu_model(),
-        "logical_cpus": psutil.cpu_count(),
-        "load_avg_1m": psutil.getloadavg()[0],
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-        info["cuda"] = torch.version.cuda
-    return info
+def fps_ratios(results: list[Result], streams: int) -> dict[str, float]:
+    """Every row against eager in the same layout ("onnxruntime/eager", "aoti multi4/eager multi4"), and each
+    MultiStream against its K separate streams ("aoti multi4/x4")."""
+    by = {r.backend: r for r in results}
+    ratios = {}
+    for r in results:
+        eager = by.get(label(EAGER, r.layout, streams))
+        if eager is not None and r is not eager:
+            ratios[f"{r.backend}/{eager.backend}"] = r.fps / eager.fps
+    for r in results:
+        if r.layout == "multi":
+            ratios[f"{r.backend}/x{streams}"] = r.fps / by[r.backend.replace(f" multi{streams}", f" x{streams}")].fps
+    return ratios
 
 
 def table(results: list[Result]) -> str:
@@ -307,11 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", default="tiny", help="preset (tiny, sd-turbo, sd15) or diffusers folder")
+    add_flags(p, EngineSpec, ["model"], defaults={"model": DEFAULT_MODEL})
     p.add_argument(
         "--backends", default="eager,onnxruntime", help=f"comma list of {', '.join(BACKENDS)}, each with +graphs"
     )
-    p.add_argument("--frames", type=int, default=100, help="timed frames per backend")
+    p.add_argument("--frames", type=int, default=100, help="timed frames per backend (per stream)")
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=1,
+        metavar="K",
+        help="K > 1: every backend runs K streams twice, as K separate streams on the same networks (called in "
+        "turn) and as one MultiStream of K slots (one batched call; engines built with --max-streams K); FPS "
+        "counts all K streams' frames, latency is a round of K frames",
+    )
     p.add_argument("--warmup", type=int, default=10, help="untimed frames first (compilation, graph capture)")
     p.add_argument("--soak", type=int, default=0, help="then N more frames, tracking memory and latency drift")
     p.add_argument(
@@ -319,16 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="then profile one bank interval: ms per frame by kernel kind, the top kernels",
     )
-    p.add_argument("--height", type=int, default=None, help="default: the preset's")
-    p.add_argument("--width", type=int, default=None, help="default: the preset's")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
+    add_flags(p, EngineSpec, ["height", "width", "steps"], unset=["height", "width", "steps"])
     p.add_argument("--t-index-list", default=None, help="e.g. 30,35,40,45 (default: the spec's)")
-    p.add_argument("--vae", default="taesd", choices=("taesd", "full"))
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=("fp16", "fp32"), help="default: fp16 on cuda, fp32 on cpu")
-    p.add_argument(
-        "--threads", type=int, default=None, help="intra-op threads of torch AND onnxruntime (default: 1 on a CPU)"
-    )
+    add_flags(p, EngineSpec, ["vae"])
+    add_flags(p, Source, ["device", "threads"], defaults={"device": "auto"})
+    add_flags(p, EngineSpec, ["precision"], unset=["precision"], defaults={"precision": "fp16 on cuda, fp32 on cpu"},
+              aliases={"precision": ("--dtype",)})  # fmt: skip
     p.add_argument("--psnr-floor", type=float, default=30.0, help="a backend whose min PSNR vs eager is lower fails")
     p.add_argument("--engines", type=Path, default=Path("engines"), help="parent folder of the build folders")
     p.add_argument("--prompt", default="a watercolor painting")
@@ -336,49 +319,67 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging()
-    from streamv2v_trt import EngineSpec, StreamConfig
-    from streamv2v_trt.clips import pattern_clip
+def run_config(args):
+    """The config every backend runs (the spec from the flags), with the device and thread policy set in `args`:
+    cuda when available; 1 CPU thread on a CPU, torch's on a GPU; fp16 on cuda, fp32 on the CPU."""
+    from streamv2v_trt import StreamConfig
 
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    fp16 = args.dtype == "fp16" or (args.dtype is None and args.device.startswith("cuda"))
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = args.device.startswith("cuda")
     if args.threads is None:
-        args.threads = torch.get_num_threads() if args.device.startswith("cuda") else 1
+        args.threads = torch.get_num_threads() if cuda else 1
     torch.set_num_threads(args.threads)
     t_index = tuple(int(t) for t in args.t_index_list.split(",")) if args.t_index_list else ()
     spec = EngineSpec.resolve(
-        args.model, height=args.height, width=args.width, steps=len(t_index) or args.steps,
-        vae=args.vae, precision="fp16" if fp16 else "fp32",
+        args.model, height=args.height, width=args.width, steps=len(t_index) or args.steps, vae=args.vae,
+        precision=args.precision or ("fp16" if cuda else "fp32"),
     )  # fmt: skip
-    cfg = StreamConfig(spec, t_index_list=t_index)
+    return StreamConfig(spec, t_index_list=t_index)
+
+
+def run_all(args, cfg, backends: list[str]) -> list[Result]:
+    """Every backend (eager first: it is the reference), in each layout, on the same clips."""
+    from streamv2v_trt.clips import pattern_clip
+
+    spec = cfg.spec
+    clips = [pattern_clip(args.warmup + args.frames, spec.height, spec.width, seed=i) for i in range(args.streams)]
+    layouts = ("separate",) if args.streams == 1 else ("separate", "multi")
+    results, reference = [], None
+    if EAGER not in backends:
+        log.warning("no eager backend in this run: outputs are not checked (PSNR needs eager as the reference)")
+    for name in sorted(backends, key=lambda b: b != EAGER):
+        for layout in layouts:
+            row = label(name, layout, args.streams)
+            log.info("running %s: %d warm-up + %d timed frames, %d thread(s)", row, args.warmup, args.frames,
+                     args.threads)  # fmt: skip
+            result, outputs = run_backend(name, layout, args, cfg, clips, reference)
+            if name == EAGER and reference is None:
+                reference = outputs  # eager, K separate streams: what every other row is compared with
+            results.append(result)
+            log.info("%s: %.1f FPS, p50 %.2f ms", row, result.fps, result.p50_ms)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    if args.streams < 1:
+        raise SystemExit(f"--streams must be >= 1, got {args.streams}")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for b in backends:
         parse_backend(b)
-    frames = pattern_clip(args.warmup + args.frames, spec.height, spec.width)
-
-    results, reference = [], None
-    if "eager" not in backends:
-        log.warning("no eager backend in this run: outputs are not checked (PSNR needs eager as the reference)")
-    for name in sorted(backends, key=lambda b: b != "eager"):  # eager first: it is the reference
-        log.info("running %s: %d warm-up + %d timed frames, %d thread(s)", name, args.warmup, args.frames, args.threads)
-        try:
-            result, outputs = run_backend(name, args, cfg, frames, reference if name != "eager" else None)
-        except ModelUnavailable as e:  # its message names the model and says what to do
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        if name == "eager":
-            reference = outputs
-        results.append(result)
-        log.info("%s: %.1f FPS, p50 %.2f ms", name, result.fps, result.p50_ms)
-
-    by = {r.backend: r for r in results}
-    ratios = {f"{r.backend}/eager": r.fps / by["eager"].fps for r in results if "eager" in by and r.backend != "eager"}
-    info = machine()
+    cfg = run_config(args)
+    spec = cfg.spec
+    try:
+        results = run_all(args, cfg, backends)
+    except ModelUnavailable as e:  # its message names the model and says what to do
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    ratios = fps_ratios(results, args.streams)
     print(
         f"{args.model} {spec.width}x{spec.height}, {spec.steps} step(s) {list(cfg.t_index_list)}, "
-        f"{'fp16' if fp16 else 'fp32'}, {device_and_threads(args.device, args.threads)} for every backend (torch "
+        f"{spec.precision.value}, {device_and_threads(args.device, args.threads)} for every backend (torch "
         "and onnxruntime)"
     )
     print(table(results))
@@ -389,11 +390,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {', '.join(failed)} below the PSNR floor of {args.psnr_floor} dB vs eager")
     if args.json:
         report = {
-            "machine": info,
+            "machine": machine(),
             "command": "python -m benchmarks.fps " + " ".join(argv if argv is not None else sys.argv[1:]),
             "config": {
                 "spec": spec.to_json(), "t_index_list": list(cfg.t_index_list), "interval": cfg.bank.interval,
                 "device": args.device, "threads": args.threads, "psnr_floor": args.psnr_floor,
+                "streams": args.streams,
             },
             "results": [asdict(r) for r in results],
             "ratios": ratios,

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
-import numpy as np
 import torch
 
 log = logging.getLogger("benchmarks.frame_profile")
@@ -66,8 +66,9 @@ def op_times(averages, cuda: bool, kernels: bool) -> list[dict]:
     return rows
 
 
-def profile_frames(runner: Callable[[np.ndarray], np.ndarray], frames: list[np.ndarray], n: int, cuda: bool) -> dict:
-    """n frames timed, then n more under torch.profiler (`frames` loops): ms per frame by kind and the top kernels."""
+def profile_frames(runner: Callable[[Any], Any], frames: list, n: int, cuda: bool) -> dict:
+    """n frames timed, then n more under torch.profiler (`frames` loops): ms per frame by kind and the top kernels.
+    A "frame" is whatever `runner` takes: one frame, or (benchmarks.fps --streams K) a round of K frames."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from streamv2v_trt.backends.tensorrt_import import import_tensorrt, tensorrt_version
+from streamv2v_trt.backends.tensorrt_import import FLAVOURS, import_tensorrt, tensorrt_version
+from streamv2v_trt.flavours import Builder
 from streamv2v_trt.layout import NETWORKS
 from streamv2v_trt.manifest import MANIFEST_FILE, EngineMismatch, FileEntry, Manifest, NetworkEntry, load_manifest
 
@@ -86,7 +87,7 @@ def _status(a: Artifact) -> str:
 
 def stages(builder: str | None) -> list[str]:
     """The stages a build runs, in order (for a progress bar)."""
-    if builder == "aoti":
+    if builder == Builder.AOTI:
         return [f"compile {n}" for n in NETWORKS]
     names = [f"{s} {n}" for n in NETWORKS for s in ("export", "cleanup")]
     return names + ([f"build {n}" for n in NETWORKS] if builder else [])
@@ -105,10 +106,10 @@ class _Plan:
 
 def _facts(builder: str | None, cfg: BuildConfig) -> tuple[str | None, dict, dict]:
     """(builder version, target, options) recorded in the manifest and compared for reuse."""
-    if builder in ("tensorrt", "tensorrt-rtx"):
+    if builder in FLAVOURS:
         trt, _ = import_tensorrt(builder)
         return tensorrt_version(trt), {}, {"workspace_gib": cfg.workspace_gib}
-    if builder == "aoti":
+    if builder == Builder.AOTI:
         from .aoti import aoti_options
 
         device = cfg.aoti_device
@@ -156,7 +157,7 @@ def plan_reuse(
             "onnx_data" not in net.files or _intact(out, net.files["onnx_data"])
         ):
             keep.update({k: net.files[k] for k in ("onnx", "onnx_data") if k in net.files})
-        kind = "package" if builder == "aoti" else "engine"
+        kind = "package" if builder == Builder.AOTI else "engine"
         if compiled_ok and (kind == "package" or "onnx" in keep) and _intact(out, net.files.get(kind)):
             keep[kind] = net.files[kind]
     return plan
@@ -187,21 +188,21 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
         return _reused(out, plan.old, time.perf_counter() - t_start, why)
 
     run = _Run(cfg, out, plan, step)
-    if builder != "aoti" and plan.old is not None and all(plan.kept(n, "onnx") for n in NETWORKS):
+    if builder != Builder.AOTI and plan.old is not None and all(plan.kept(n, "onnx") for n in NETWORKS):
         run.reuse_onnx()  # only engines to build: no model to load (GBs for sd-turbo)
     else:
-        device = cfg.aoti_device if builder == "aoti" else torch.device("cpu")
+        device = cfg.aoti_device if builder == Builder.AOTI else torch.device("cpu")
         models = load_models(cfg.spec, device=device)
         if cfg.spec.loras:  # the networks carry them; the manifest records their hashes beside the base weights'
             fuse_loras(models.unet, cfg.spec.loras, text_encoder=models.text_encoder)
-        if builder == "aoti":
+        if builder == Builder.AOTI:
             run.compile_packages(models, options)
         else:
             run.export_onnx(models)
         del models  # free the torch weights before TensorRT needs its memory
         gc.collect()
     ff_layers = run.ff_layers
-    if builder in ("tensorrt", "tensorrt-rtx"):
+    if builder in FLAVOURS:
         run.build_engines(builder)
     run.remove_stale()
     old = plan.old
@@ -230,7 +231,7 @@ def _complete(plan: _Plan, builder: str | None) -> bool:
     keeps its engines (the manifest stays as it was)."""
     if plan.old is None:
         return False
-    kinds = {None: ("onnx",), "aoti": ("package",)}.get(builder, ("onnx", "engine"))
+    kinds = {None: ("onnx",), Builder.AOTI: ("package",)}.get(builder, ("onnx", "engine"))
     return all(plan.kept(n, k) for n in NETWORKS for k in kinds)
 
 

@@ -21,19 +21,15 @@ from pathlib import Path
 
 import torch
 
-from .backends import ENGINE_BACKENDS
 from .backends.named_io import NamedIOBackend, NetworkRunner
 from .config import StreamConfig
+from .flavours import ENGINE_BACKENDS, BackendKind, Builder, backend_of, folder_backend
 from .layout import NETWORKS, TensorSpec, bank_layout
 from .manifest import EngineMismatch, Manifest, load_manifest, mismatch
 from .prompt import PromptEncoder, text_shape
 from .spec import EngineSpec, LoraSpec
 
 log = logging.getLogger(__name__)
-
-# The files each backend runs.
-BACKEND_FILES = {"onnxruntime": ("onnx", "onnx_data"), "tensorrt": ("engine",), "aoti": ("package",)}
-_TENSORRT = ("tensorrt", "tensorrt-rtx")
 
 
 @dataclass
@@ -45,37 +41,29 @@ class OpenedBuild:
     scheduler: object  # the model's LCMScheduler
 
 
-def rebuild_command(spec: EngineSpec, directory: Path | str, backend: str, manifest: Manifest | None) -> str:
-    """The build that gives `backend` what `spec` asks. The same spec (files damaged, another GPU or torch) is
-    rebuilt into `directory`; another spec into its own folder (the naming rule), which the command names."""
-    built = manifest.builder if manifest is not None and manifest.builder in _TENSORRT else None
-    builder = "aoti" if backend == "aoti" else built
-    onnx_only = backend == "onnxruntime" and built is None
-    if manifest is not None and manifest.spec.differences(spec):
-        default = Path("engines") / spec.folder_name(builder)
-        return f"{spec.build_command(builder=builder, onnx_only=onnx_only)} (writes {default}; open that folder)"
-    return spec.build_command(directory, builder=builder, onnx_only=onnx_only)
+def folder_rebuild(spec: EngineSpec, directory: Path | str, backend: BackendKind, manifest: Manifest | None) -> str:
+    """`EngineSpec.rebuild_command` for a folder: the same spec (files damaged, another GPU or torch) is rebuilt
+    into `directory`, another spec into its own folder, with the folder's TensorRT flavour kept."""
+    same = manifest is not None and not manifest.spec.differences(spec)
+    return spec.rebuild_command(backend, directory if same or manifest is None else None, _built(manifest))
 
 
-def default_device(backend: str, manifest: Manifest) -> torch.device:
-    if backend == "tensorrt":
-        return torch.device("cuda")
-    if backend == "aoti":
-        return torch.device(manifest.target.get("device", "cpu"))
-    return torch.device("cpu")
+def _built(manifest: Manifest | None) -> Builder | None:
+    return None if manifest is None or manifest.builder is None else Builder(manifest.builder)
 
 
-def target_problems(manifest: Manifest, backend: str, device: torch.device) -> list[str]:
+def default_device(backend: BackendKind, manifest: Manifest) -> torch.device:
+    return torch.device(backend.info.device or manifest.target.get("device", "cpu"))
+
+
+def target_problems(manifest: Manifest, backend: BackendKind, device: torch.device) -> list[str]:
     """What keeps `backend` from running this folder's files on `device` (builder, device, GPU, torch)."""
-    builder = manifest.builder or "onnx only"
-    if backend == "tensorrt" and manifest.builder not in _TENSORRT:
-        return [f"no TensorRT engines in this folder (builder: {builder}); open it with its own backend or rebuild"]
-    if backend == "aoti" and manifest.builder != "aoti":
-        return [f"no AOTInductor packages in this folder (builder: {builder}); open it with its own backend or rebuild"]
-    if backend == "onnxruntime" and not manifest.has("onnx"):
-        own = "tensorrt" if manifest.builder in _TENSORRT else manifest.builder  # a backend name, not a builder's
-        return [f"no ONNX files in this folder (builder: {builder}); open it with --backend {own}"]
-    if backend != "aoti":
+    built, info = _built(manifest), backend.info
+    if built not in info.opens or not manifest.has(info.files[0]):
+        own = folder_backend(built, "cuda").value  # the backend that loads what its builder made
+        return [f"no {info.what} in this folder (builder: {built.value if built else 'onnx only'}); open it with "
+                f"--backend {own}"]  # fmt: skip
+    if backend is not BackendKind.AOTI:
         return []
     target, problems = manifest.target, []
     if target.get("device") != device.type:
@@ -148,14 +136,14 @@ def _io(t: tuple | None) -> str:
 
 
 def _open_runners(
-    backend: str, directory: Path, manifest: Manifest, device: torch.device, threads: int | None
+    backend: BackendKind, directory: Path, manifest: Manifest, device: torch.device, threads: int | None
 ) -> dict[str, NetworkRunner]:
-    files = {name: directory / manifest.network(name).files[BACKEND_FILES[backend][0]].name for name in NETWORKS}
-    if backend == "onnxruntime":
+    files = {name: directory / manifest.network(name).files[backend.info.files[0]].name for name in NETWORKS}
+    if backend is BackendKind.ONNXRUNTIME:
         from .backends.onnxruntime import OnnxRunner
 
         return {name: OnnxRunner(path, device, threads) for name, path in files.items()}
-    if backend == "tensorrt":
+    if backend is BackendKind.TENSORRT:
         from .backends.tensorrt import TrtRunner
 
         return {name: TrtRunner(path, device, manifest.builder) for name, path in files.items()}
@@ -166,7 +154,7 @@ def _open_runners(
 
 def open_build_folder(
     directory: str | PathLike,
-    backend: str = "onnxruntime",
+    backend: str | BackendKind | None = None,
     cfg: StreamConfig | None = None,
     *,
     device: torch.device | str | None = None,
@@ -176,18 +164,26 @@ def open_build_folder(
     runtime: dict | None = None,
 ) -> OpenedBuild:
     """Check the folder against `cfg` (default: its own spec with the `runtime` settings) and open it with
-    `backend` on `device` (default: CPU for onnxruntime, CUDA for tensorrt, the packages' device for aoti).
+    `backend` (default: what the folder was built for, `flavours.folder_backend`) on `device` (default: the
+    backend's, `flavours.BACKENDS`: CPU for onnxruntime, CUDA for tensorrt, the packages' device for aoti).
 
     verify_hashes=False skips hashing files and weights (faster opens of large folders; files must still exist).
     loras: the LoRA files the folder was built with. threads: ONNX Runtime intra-op threads.
     """
-    if backend not in ENGINE_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r} for a build folder: expected one of {ENGINE_BACKENDS}")
+    if backend is not None and backend_of(backend) not in ENGINE_BACKENDS:
+        raise ValueError(
+            f"the {backend} backend runs the PyTorch weights, not a build folder: open a folder with one of "
+            f"{', '.join(k.value for k in ENGINE_BACKENDS)}"
+        )
     from .models.loader import find_weights, load_text, unet_skeleton
     from .models.lora import fuse_loras
 
     directory = Path(directory)
     manifest = load_manifest(directory)
+    if backend is None:
+        here = torch.device(device).type if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
+        backend = folder_backend(manifest.builder, here)
+    backend = backend_of(backend)
     if cfg is not None and runtime:
         raise TypeError(f"pass runtime settings {sorted(runtime)} inside cfg, or drop cfg")
     cfg = cfg or StreamConfig.from_spec(_asked_spec(manifest, loras), **(runtime or {}))
@@ -200,18 +196,18 @@ def open_build_folder(
     if missing_loras:
         raise EngineMismatch(f"LoRA file(s) {missing_loras} not found.{_lora_hint(manifest)}")
 
-    rebuild = rebuild_command(spec, directory, backend, manifest)  # after the LoRA checks: it hashes their files
+    rebuild = folder_rebuild(spec, directory, backend, manifest)  # after the LoRA checks: it hashes their files
     weights = find_weights(spec)
     problems = manifest.differences(spec, weights.hash(spec.vae) if verify_hashes else None)
     problems += target_problems(manifest, backend, device)
     if not problems:  # files only matter once the build is the right one
-        problems = manifest.file_problems(directory, BACKEND_FILES[backend], verify_hashes=verify_hashes)
+        problems = manifest.file_problems(directory, backend.info.files, verify_hashes=verify_hashes)
     if problems:
         lora_diff = any(p.startswith("loras:") for p in problems)
         error = mismatch(directory, problems, rebuild)
         raise EngineMismatch(f"{error}{_lora_hint(manifest) if lora_diff else ''}")
 
-    if backend == "tensorrt":
+    if backend is BackendKind.TENSORRT:
         from .backends.tensorrt import check_device
 
         device = check_device(device, manifest.builder)  # a GPU, and one its flavour runs on
@@ -224,8 +220,7 @@ def open_build_folder(
     expected = layout.network_specs(spec, text_shape(tokenizer, text_encoder))
     runners = _open_runners(backend, directory, manifest, device, threads)
     check_io(expected, manifest, runners, directory, rebuild)
-    networks = NamedIOBackend(backend, runners, layout, device)
-    log.info(
-        "opened %s (%s, %s) with the %s backend on %s", directory, spec.model, spec.precision.value, backend, device
-    )
+    networks = NamedIOBackend(backend, runners, layout, device, builder=_built(manifest))
+    log.info("opened %s (%s, %s) with the %s backend on %s", directory, spec.model, spec.precision.value,
+             backend.value, device)  # fmt: skip
     return OpenedBuild(networks, manifest, cfg, PromptEncoder(tokenizer, text_encoder), scheduler)

@@ -1,6 +1,7 @@
 """Frozen configs of a stream: the `EngineSpec` it runs (build-time) plus what may change at runtime.
 
-A `StreamConfig` holds the spec and never restates it: `cfg.height`, `cfg.steps`, `cfg.unet_batch` read the spec.
+A `StreamConfig` holds the spec and never restates it: `cfg.height`, `cfg.steps`, `cfg.stream_batch` read the spec.
+Fields a command line sets carry their flag and help (`flags.flag`), so the CLIs read their defaults from here.
 What is not in the spec is chosen per stream without a rebuild: the timesteps (only their count is compiled),
 the noise seed, the guidance scale, how often the bank is updated and DyMe's random split.
 """
@@ -10,7 +11,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .flags import flag
 from .spec import CfgType, EngineSpec
+
+SIMILAR_S, MAX_SKIP = ("--similar-threshold",), ("--max-skip",)  # the similar-frame filter's flags
+GUIDED_SCALE = 1.2  # StreamDiffusion's guidance scale, what the CLIs use when a --cfg-type guides (g <= 1: off)
 
 
 @dataclass(frozen=True)
@@ -30,9 +35,19 @@ class BankConfig:
 class SimilarFilterConfig:
     """Similar-frame skip (streamv2v_trt/similar_filter.py): off by default, on for live sources."""
 
-    enabled: bool = False
-    threshold: float = 0.98  # cosine similarity of consecutive input frames from which a frame may be skipped
-    max_skip: int = 10  # at most this many skipped frames in a row
+    enabled: bool = field(
+        default=False,
+        metadata=flag(
+            "skip (repeat the last output for) input frames nearly equal to the last processed one",
+            names=("--similar-filter",),
+            switch=True,
+        ),
+    )
+    # Cosine similarity of consecutive input frames from which a frame may be skipped.
+    threshold: float = field(
+        default=0.98, metadata=flag("cosine similarity in [0, 1] from which frames may be skipped", names=SIMILAR_S)
+    )
+    max_skip: int = field(default=10, metadata=flag("most frames skipped in a row (0 never skips)", names=MAX_SKIP))
     seed: int = 0  # the skip decisions are random (probability grows with similarity) and reproducible
 
     def __post_init__(self) -> None:
@@ -47,15 +62,31 @@ class StreamConfig:
     spec: EngineSpec
     t_index_list: tuple[int, ...] = ()  # indices into the 50-step LCM schedule, one per step; () = spec's default
     num_inference_steps: int = 50
-    seed: int = 2  # the per-slot noise
-    guidance_scale: float = 1.0
-    delta: float = 1.0  # RCFG: scale of the stock noise used as the negative
+    # The per-slot noise.
+    seed: int = field(default=2, metadata=flag("noise seed (and DyMe's merge seed, and the similar-frame filter's)"))
+    guidance_scale: float = field(
+        default=1.0,
+        metadata=flag(
+            "guidance scale g (> 1 to guide)",
+            metavar="G",
+            default_text=f"{GUIDED_SCALE:g} when --cfg-type guides, else 1",
+        ),
+    )
+    # RCFG: scale of the stock noise used as the negative.
+    delta: float = field(default=1.0, metadata=flag("RCFG (self, initialize): scale of the stock noise", metavar="D"))
     resize: bool = False  # resize frames of another size instead of refusing them
     bank: BankConfig = field(default_factory=BankConfig)
     similar_filter: SimilarFilterConfig = field(default_factory=SimilarFilterConfig)
     # Fill the stream batch from the first frame after a reset (steps - 1 extra UNet calls on that frame),
     # so the first output is a full translation instead of a decode of zero latents. docs/FEATURES.md.
-    prime: bool = False
+    prime: bool = field(
+        default=False,
+        metadata=flag(
+            "fill the stream batch from the first frame (--steps > 1): the first outputs are translations of it, not "
+            "decodes of empty latents",
+            switch=True,
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.spec, EngineSpec):
@@ -99,8 +130,9 @@ class StreamConfig:
         return self.spec.steps
 
     @property
-    def unet_batch(self) -> int:
-        """This stream's part of the UNet batch (the whole batch of a single-stream build)."""
+    def stream_batch(self) -> int:
+        """This stream's part of the UNet batch (`EngineSpec.stream_batch`; the UNet's batch is
+        `EngineSpec.unet_batch`, max_streams streams side by side)."""
         return self.spec.stream_batch
 
     @property

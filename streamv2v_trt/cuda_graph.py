@@ -21,11 +21,10 @@ import torch
 
 from .blending import PromptBlend, SeedBlend
 from .config import StreamConfig
+from .flavours import CAPTURABLE_BACKENDS
 from .frames import image_to_uint8, uint8_to_image
 from .graph_cache import GraphCache, cuda_capture
 from .pipeline import FramePlan, StreamV2V
-
-CAPTURABLE_BACKENDS = ("eager", "tensorrt", "aoti")
 
 
 class CudaGraphStream:
@@ -39,10 +38,10 @@ class CudaGraphStream:
     def __init__(self, stream: StreamV2V, *, capture_after: int = 1) -> None:
         if stream.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a stream on a CUDA device, this one runs on {stream.device}")
-        if stream.backend.name not in CAPTURABLE_BACKENDS:
+        if not stream.backend.name.info.capturable:
             raise ValueError(
-                f"the {stream.backend.name} backend cannot be captured into a CUDA graph (its calls synchronise); "
-                f"use one of {CAPTURABLE_BACKENDS}, or call the stream directly"
+                f"the {stream.backend.name.value} backend cannot be captured into a CUDA graph (its calls "
+                f"synchronise); use one of {', '.join(CAPTURABLE_BACKENDS)}, or call the stream directly"
             )
         if stream.similar_filter is not None:
             raise ValueError(
@@ -62,6 +61,10 @@ class CudaGraphStream:
     @property
     def prompt(self) -> PromptBlend:
         return self.stream.prompt
+
+    @property
+    def device(self) -> torch.device:
+        return self.stream.device
 
     def update_prompt(self, prompt: PromptBlend, negative_prompt: str | None = None) -> None:
         self.stream.update_prompt(prompt, negative_prompt=negative_prompt)

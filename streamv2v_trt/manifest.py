@@ -25,7 +25,6 @@ from .spec import EngineSpec
 
 FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
-BUILDERS = ("tensorrt", "tensorrt-rtx", "aoti")  # None: an --onnx-only build
 # The file kinds a network can have: ONNX (+ external weights), a TensorRT engine, an AOTInductor package.
 FILE_KINDS = ("onnx", "onnx_data", "engine", "package")
 
@@ -86,7 +85,7 @@ class Manifest:
     weights_hash: str
     random_weights: bool
     ff_layers: tuple[str, ...]  # qualified attn1 names with feature fusion
-    builder: str | None  # "tensorrt", "tensorrt-rtx", "aoti"; None for an --onnx-only build
+    builder: str | None  # a `flavours.BUILDERS` value; None for an --onnx-only build
     builder_version: str | None  # TensorRT's version, or torch's for AOTInductor
     # What the compiled files only run on: {"device": "cuda" | "cpu", "capability": "9.0", "torch": "2.11.0"}
     # for AOTInductor packages (compiled for one device, capability and torch); {} for ONNX / TensorRT builds.

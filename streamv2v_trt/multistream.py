@@ -48,11 +48,12 @@ import torch
 
 from .bank import NO_UPDATE, BankOp
 from .config import StreamConfig
-from .cuda_graph import CAPTURABLE_BACKENDS
 from .edge import FrameEdge
+from .flavours import CAPTURABLE_BACKENDS
 from .graph_cache import GraphCache, cuda_capture
 from .pipeline import FramePlan, StreamV2V
-from .spec import EngineSpec
+from .source import Source, open_networks, pretrained
+from .spec import EngineSpec, LoraSpec
 
 
 class MultiStream:
@@ -67,23 +68,23 @@ class MultiStream:
         cuda_graphs: bool = False,
     ) -> None:  # fmt: skip
         K = streams or cfg.spec.max_streams
-        if backend.name != "eager" and K != cfg.spec.max_streams:
+        kind = backend.name.info
+        if kind.runs_folders and K != cfg.spec.max_streams:
             asked = dataclasses.replace(cfg.spec, max_streams=K)
-            builder = "aoti" if backend.name == "aoti" else None
-            rebuild = asked.build_command(builder=builder, onnx_only=backend.name == "onnxruntime")
+            rebuild = asked.rebuild_command(backend.name, built=backend.builder)
             raise ValueError(
-                f"the {backend.name} networks were built for {cfg.spec.max_streams} stream(s), asked {K}; "
-                f"rebuild: {rebuild} (writes engines/{asked.folder_name(builder)}; open that folder)"
+                f"the {backend.name.value} networks were built for {cfg.spec.max_streams} stream(s), asked {K}; "
+                f"rebuild: {rebuild}"
             )
-        if cuda_graphs and backend.name not in CAPTURABLE_BACKENDS:
+        if cuda_graphs and not kind.capturable:
             raise ValueError(
-                f"the {backend.name} backend cannot be captured into a CUDA graph (its calls synchronise); "
-                f"use one of {CAPTURABLE_BACKENDS}, or cuda_graphs=False"
+                f"the {backend.name.value} backend cannot be captured into a CUDA graph (its calls synchronise); "
+                f"use one of {', '.join(CAPTURABLE_BACKENDS)}, or cuda_graphs=False"
             )
         self.backend, self.cfg, self.streams = backend, cfg, K
         device, dtype = backend.device, backend.dtype
         self.device, self.dtype = device, dtype
-        Bu, (h, w) = cfg.unet_batch, cfg.spec.latent_hw
+        Bu, (h, w) = cfg.stream_batch, cfg.spec.latent_hw
         L, D = prompt_encoder.length, prompt_encoder.dim
         layout = backend.layout
         # The networks' inputs, all K streams side by side; slot i owns rows [i*Bu, (i+1)*Bu).
@@ -107,43 +108,49 @@ class MultiStream:
         self.graphs: GraphCache | None = GraphCache(cuda_capture(device)) if cuda_graphs else None  # phase -> graph
 
     @classmethod
+    def from_source(
+        cls, source: Source, cfg: StreamConfig | None = None, streams: int | None = None, *, prompt: str = "",
+        negative_prompt: str = "", **runtime,
+    ) -> MultiStream:  # fmt: skip
+        """`streams` slots (default: `cfg.spec.max_streams`, a folder's K) of `source`'s networks running `cfg`,
+        each with this prompt (`opening.open_multistream` is this). A build folder runs exactly the K it was built
+        for; another K is refused with the command that builds it. Eager runs any K."""
+        if streams is not None and streams < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
+        multi = cls(*open_networks(source, cfg, runtime), streams=streams, cuda_graphs=source.cuda_graphs)
+        for slot in multi.slots:
+            slot.update_prompt(prompt, negative_prompt=negative_prompt)
+        return multi
+
+    @classmethod
     def from_pretrained(
         cls,
         model: str | EngineSpec | StreamConfig = "tiny",
         streams: int = 4,
         *,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = "cpu",
         prompt: str = "",
         cuda_graphs: bool = False,
         compile: bool | str = False,
     ) -> MultiStream:
-        """`streams` slots on the eager (PyTorch) networks: any number works without a build."""
-        from .backends.eager import open_eager
-
-        multi = cls(*open_eager(model, torch.device(device), compile=compile), streams=streams, cuda_graphs=cuda_graphs)
-        for slot in multi.slots:
-            slot.update_prompt(prompt)
-        return multi
+        """`streams` slots on the eager (PyTorch) networks, any number without a build:
+        `from_source(Source(model, ...), cfg, streams)`."""
+        source, cfg = pretrained(model, device=device, compile=compile, cuda_graphs=cuda_graphs)
+        return cls.from_source(source, cfg, streams, prompt=prompt)
 
     @classmethod
     def from_engines(
-        cls, directory: str | PathLike, backend: str = "onnxruntime", cfg: StreamConfig | None = None, *,
+        cls, directory: str | PathLike, backend: str | None = None, cfg: StreamConfig | None = None, *,
         prompt: str = "", device: torch.device | str | None = None, streams: int | None = None,
-        cuda_graphs: bool = False, **options,
+        cuda_graphs: bool = False, loras: tuple[LoraSpec, ...] | None = None, verify_hashes: bool = True,
+        threads: int | None = None, **runtime,
     ) -> MultiStream:  # fmt: skip
-        """The slots of a build folder made with `--max-streams K` (options as `StreamV2V.from_engines`).
-        `streams` (default: the folder's K) other than K is refused with the command that builds it."""
-        from .build_folder import open_build_folder
-
-        runtime = {k: options.pop(k) for k in list(options) if k not in ("loras", "verify_hashes", "threads")}
-        opened = open_build_folder(directory, backend, cfg, device=device, runtime=runtime, **options)
-        multi = cls(
-            opened.backend, opened.prompt_encoder, opened.scheduler, opened.cfg, streams=streams,
-            cuda_graphs=cuda_graphs,
-        )  # fmt: skip
-        for slot in multi.slots:
-            slot.update_prompt(prompt)
-        return multi
+        """The slots of a build folder made with `--max-streams K`: `from_source(Source(engines=directory, ...),
+        cfg, streams)`. `streams` (default: the folder's K) other than K is refused with the command that builds
+        it."""
+        source = Source(engines=directory, backend=backend, device=device, threads=threads, loras=loras,
+                        verify_hashes=verify_hashes, cuda_graphs=cuda_graphs)  # fmt: skip
+        return cls.from_source(source, cfg, streams, prompt=prompt, **runtime)
 
     # -- one tick ---------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -26,6 +26,7 @@ from .config import StreamConfig
 from .edge import FrameEdge
 from .prompt import PromptEncoder
 from .schedule import StreamSchedule
+from .source import Source, open_networks, pretrained
 from .spec import CfgType, EngineSpec
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ class StreamV2V:
         B, (h, w) = cfg.steps, cfg.spec.latent_hw
         # UNet batch Bu = [uncond elements ; B stream slots]: 0 uncond (none/self), 1 (initialize: slot 0's
         # negative), B (full CFG). Every element has its own bank, so the bank batch follows the UNet batch.
-        Bu = cfg.unet_batch
+        Bu = cfg.stream_batch
         self._n_uncond = Bu - B
         self.schedule = StreamSchedule(scheduler, cfg.t_index_list, cfg.num_inference_steps, device, dtype)
         D, L = prompt_encoder.dim, prompt_encoder.length
@@ -115,17 +116,28 @@ class StreamV2V:
         self.update_prompt("", negative_prompt="")
 
     @classmethod
+    def from_source(
+        cls, source: Source, cfg: StreamConfig | None = None, *, prompt: PromptBlend = "", negative_prompt: str = "",
+        **runtime,
+    ) -> StreamV2V:  # fmt: skip
+        """The stream of `source`'s networks running `cfg` (`opening.open_stream` is this, CUDA-graphed when the
+        source asks; `source.open_networks` says what `cfg` defaults to)."""
+        stream = cls(*open_networks(source, cfg, runtime))
+        stream.update_prompt(prompt, negative_prompt=negative_prompt)
+        return stream
+
+    @classmethod
     def from_pretrained(
         cls,
         model: str | EngineSpec | StreamConfig = "tiny",
         *,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = "cpu",
         prompt: PromptBlend = "",
         negative_prompt: str = "",
         compile: bool | str = False,
         channels_last: bool | None = None,
     ) -> StreamV2V:
-        """The eager (PyTorch) pipeline.
+        """The eager (PyTorch) pipeline: `from_source(Source(model, device, ...), cfg)`.
 
         `model`: a preset name, a local diffusers folder or a hub id (the preset's size and steps, fp16 on a GPU
         and fp32 on the CPU), an `EngineSpec`, or a whole `StreamConfig`. The spec's LoRAs are fused into the
@@ -134,18 +146,14 @@ class StreamV2V:
         frames compile them: a minute or more); a string picks another torch.compile backend. `channels_last`
         (default: on for CUDA) lays the convolution networks out NHWC.
         """
-        from .backends.eager import open_eager
-
-        opened = open_eager(model, torch.device(device), compile=compile, channels_last=channels_last)
-        stream = cls(*opened)
-        stream.update_prompt(prompt, negative_prompt=negative_prompt)
-        return stream
+        source, cfg = pretrained(model, device=device, compile=compile, channels_last=channels_last)
+        return cls.from_source(source, cfg, prompt=prompt, negative_prompt=negative_prompt)
 
     @classmethod
     def from_engines(
         cls,
         directory: str | PathLike,
-        backend: str = "onnxruntime",
+        backend: str | None = None,
         cfg: StreamConfig | None = None,
         *,
         prompt: PromptBlend = "",
@@ -156,25 +164,19 @@ class StreamV2V:
         threads: int | None = None,
         **runtime,
     ) -> StreamV2V:
-        """The pipeline on a `python -m build_engines` folder with `backend`: "onnxruntime" (its ONNX; CPU, or
-        CUDA with onnxruntime-gpu), "tensorrt" (TensorRT or TensorRT-RTX engines, GPU) or "aoti" (AOTInductor
-        packages, for the device they were built for).
+        """The pipeline on a `python -m build_engines` folder: `from_source(Source(engines=directory, ...), cfg)`.
 
-        The folder's manifest says what it was built for (`EngineSpec`); `cfg` (default: that spec with the
-        `runtime` settings, e.g. `seed=3, t_index_list=(30,)`) must ask the same, else `EngineMismatch` names
-        every difference and the command that rebuilds it. `loras`: the LoRA files the folder was built with
-        (their text-encoder layers run here). Only open folders you built: engines and packages are native
-        code that runs when loaded (docs/RUNTIME.md).
+        `backend`: "onnxruntime" (its ONNX; CPU, or CUDA with onnxruntime-gpu), "tensorrt" (TensorRT or
+        TensorRT-RTX engines, GPU) or "aoti" (AOTInductor packages, for the device they were built for); default:
+        what the folder was built for. The folder's manifest says what it was built for (`EngineSpec`); `cfg`
+        (default: that spec with the `runtime` settings, e.g. `seed=3, t_index_list=(30,)`) must ask the same,
+        else `EngineMismatch` names every difference and the command that rebuilds it. `loras`: the LoRA files
+        the folder was built with (their text-encoder layers run here). Only open folders you built: engines and
+        packages are native code that runs when loaded (docs/RUNTIME.md).
         """
-        from .build_folder import open_build_folder
-
-        opened = open_build_folder(
-            directory, backend, cfg, device=device, loras=loras, verify_hashes=verify_hashes, threads=threads,
-            runtime=runtime,
-        )  # fmt: skip
-        stream = cls(opened.backend, opened.prompt_encoder, opened.scheduler, opened.cfg)
-        stream.update_prompt(prompt, negative_prompt=negative_prompt)
-        return stream
+        source = Source(engines=directory, backend=backend, device=device, threads=threads, loras=loras,
+                        verify_hashes=verify_hashes)  # fmt: skip
+        return cls.from_source(source, cfg, prompt=prompt, negative_prompt=negative_prompt, **runtime)
 
     def sibling(self) -> StreamV2V:
         """A new stream on the same loaded networks: its own bank, noise and counters; this one's config, prompt

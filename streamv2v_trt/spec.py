@@ -19,10 +19,14 @@ from pathlib import Path
 
 import torch
 
-from .models.presets import PRESETS
+from .flags import argv, flag
+from .flavours import Builder, build_for
+from .presets import PRESETS
 
 # Layers whose attention output is fused with the bank: the low-resolution ones (docs/DESIGN.md, "Feature fusion").
 FF_LAYER_PREFIXES = ("mid_block.", "up_blocks.0.", "up_blocks.1.")
+PRESET = "the preset's"  # --help's default of the fields `EngineSpec.resolve` fills from the model preset
+ALWAYS_FLAGS = ("model", "precision")  # in every build command: build_engines' precision depends on the builder
 
 
 class BankKind(str, enum.Enum):
@@ -108,21 +112,79 @@ class LoraSpec:
 class EngineSpec:
     """What the networks are built for. Two specs that differ in any field need different builds."""
 
-    model: str  # preset (tiny, sd-turbo, sd15), local diffusers folder or hub id
-    height: int = 512
-    width: int = 512
-    steps: int = 1  # denoising steps: the stream batch (the timestep values are runtime inputs)
-    cfg_type: CfgType = CfgType.NONE  # guidance sizes the UNet batch: steps, + 1 (initialize), x 2 (full)
-    bank: BankKind = BankKind.DYME
-    bank_frames: int = 1  # frames held by the bank: DyMe always 1, FIFO k
-    ff_threshold: float = 0.98  # feature fusion: cosine similarity from which a token is fused (compiled in)
-    ff_strength: float = 0.8  # feature fusion: blend weight of the banked token (compiled in)
-    ff_layer_prefixes: tuple[str, ...] = FF_LAYER_PREFIXES
-    vae: VaeKind = VaeKind.TAESD
-    precision: Precision = Precision.FP16  # fp32 for CPU runs (from_pretrained and the CLIs pick it there)
-    loras: tuple[LoraSpec, ...] = ()  # fused into the UNet (and text encoder) before anything runs, in order
-    weights_seed: int = 0  # seed of a preset's random weights (used only when no real weights are on disk)
-    max_streams: int = 1  # streams batched into one network call (MultiStream slots); 1 for a single stream
+    model: str = field(
+        metadata=flag(
+            f"preset ({', '.join(PRESETS)}; random weights unless real ones are in the "
+            "Hugging Face cache), a local diffusers folder or a hub id"
+        )
+    )
+    height: int = field(default=512, metadata=flag("frame height in pixels, a multiple of 8", default_text=PRESET))
+    width: int = field(default=512, metadata=flag("frame width in pixels, a multiple of 8", default_text=PRESET))
+    # Denoising steps: the stream batch. Only the count is compiled; the timestep values are runtime inputs.
+    steps: int = field(
+        default=1,
+        metadata=flag(
+            "denoising steps per frame (only the count is compiled; the timesteps are chosen at runtime)",
+            default_text=PRESET,
+        ),
+    )
+    cfg_type: CfgType = field(
+        default=CfgType.NONE,
+        metadata=flag(
+            "guidance the UNet batch is sized for: none and self (RCFG, free) = steps, initialize (RCFG) = steps + 1, "
+            "full (classic CFG) = 2 x steps"
+        ),
+    )
+    bank: BankKind = field(default=BankKind.DYME, metadata=flag("feature bank kind"))
+    bank_frames: int = field(default=1, metadata=flag("frames held by a fifo bank (dyme always holds 1)"))
+    ff_threshold: float = field(  # from this cosine similarity on a token is fused (compiled in)
+        default=0.98, metadata=flag("feature-fusion cosine threshold (compiled in)")
+    )
+    ff_strength: float = field(  # blend weight of the banked token (compiled in)
+        default=0.8, metadata=flag("feature-fusion blend strength (compiled in)")
+    )
+    ff_layer_prefixes: tuple[str, ...] = field(
+        default=FF_LAYER_PREFIXES,
+        metadata=flag(
+            "comma-separated prefixes of the layers with feature fusion",
+            names=("--ff-layers",),
+            metavar="P1,P2,..",
+            parse=lambda text: tuple(p for p in text.split(",") if p),
+            show=",".join,
+        ),
+    )
+    vae: VaeKind = field(default=VaeKind.TAESD, metadata=flag("taesd (fast) or the model's full KL autoencoder"))
+    precision: Precision = field(
+        default=Precision.FP16,
+        metadata=flag(  # fp32 for CPU runs (the CLIs pick it)
+            "fp16 for GPUs (the exported graph itself is fp16); fp32 for CPU parity"
+        ),
+    )
+    # Fused into the UNet (and text encoder) before anything runs, in order.
+    loras: tuple[LoraSpec, ...] = field(
+        default=(),
+        metadata=flag(
+            "LoRA .safetensors fused into the UNet and text encoder with SCALE (default 1); repeatable. A build folder "
+            "runs only the LoRAs it was built with",
+            names=("--lora",),
+            metavar="FILE[:SCALE]",
+            parse=LoraSpec.parse,
+            show=LoraSpec.cli_arg,
+            repeat=True,
+        ),
+    )
+    # Seed of a preset's random weights (used only when no real weights are on disk).
+    weights_seed: int = field(
+        default=0,
+        metadata=flag(
+            "seed of a preset's random weights (used only without real weights)", names=("--weights-seed", "--seed")
+        ),
+    )
+    # Streams batched into one network call (MultiStream slots); 1 for a single stream.
+    max_streams: int = field(
+        default=1,
+        metadata=flag("streams batched into one network call (python -m streamv2v_trt serve --streams K runs them)"),
+    )
 
     def __post_init__(self) -> None:
         for name, kind in (("cfg_type", CfgType), ("bank", BankKind), ("vae", VaeKind), ("precision", Precision)):
@@ -219,41 +281,34 @@ class EngineSpec:
         another size, batch or bank never overwrite each other. AOTInductor packages get their own folder."""
         name = Path(self.model).name or "model"
         streams = f"-s{self.max_streams}" if self.max_streams > 1 else ""
-        suffix = "-aoti" if builder == "aoti" else ""
+        suffix = "-aoti" if builder == Builder.AOTI else ""
         return (
             f"{name}-{self.width}x{self.height}-b{self.stream_batch}{streams}-{self.bank.value}{self.bank_frames}"
             f"-{self.vae.value}-{self.precision.value}{suffix}"
         )
 
     def build_command(self, out: Path | str | None = None, builder: str | None = None, onnx_only: bool = False) -> str:
-        """The exact `python -m build_engines` command that builds this spec (into `out`)."""
-        args = ["python", "-m", "build_engines", "--model", self.model, "--height", str(self.height)]
-        args += ["--width", str(self.width), "--steps", str(self.steps)]
-        if self.cfg_type is not CfgType.NONE:
-            args += ["--cfg-type", self.cfg_type.value]
-        args += ["--bank", self.bank.value]
-        if self.bank is BankKind.FIFO:
-            args += ["--bank-frames", str(self.bank_frames)]
-        args += ["--vae", self.vae.value, "--precision", self.precision.value]
-        if self.ff_threshold != 0.98:
-            args += ["--ff-threshold", repr(self.ff_threshold)]
-        if self.ff_strength != 0.8:
-            args += ["--ff-strength", repr(self.ff_strength)]
-        if self.ff_layer_prefixes != FF_LAYER_PREFIXES:
-            args += ["--ff-layers", ",".join(self.ff_layer_prefixes)]
-        if self.weights_seed:
-            args += ["--seed", str(self.weights_seed)]
-        if self.max_streams > 1:
-            args += ["--max-streams", str(self.max_streams)]
-        for lora in self.loras:
-            args += ["--lora", lora.cli_arg()]
+        """The exact `python -m build_engines` command that builds this spec (into `out`): the flags of the fields
+        that differ from the command's defaults (the preset's size and steps), the model and precision always."""
+        args = ["python", "-m", "build_engines", *argv(self, EngineSpec.resolve(self.model), always=ALWAYS_FLAGS)]
         if builder:
-            args += ["--builder", builder]
+            args += ["--builder", Builder(builder).value]
         if onnx_only:
             args.append("--onnx-only")
         if out is not None:
             args += ["--out", str(out)]
         return shlex.join(args)
+
+    def rebuild_command(self, backend: str, directory: Path | str | None = None, built: str | None = None) -> str:
+        """The one rebuild text: the command that builds this spec for `backend` (`flavours.build_for`). Into
+        `directory` when given (the same spec: files damaged, another GPU or torch); else into the spec's own
+        folder (the naming rule), which the text names. `built`: the builder of the folder at hand, whose TensorRT
+        flavour a rebuild keeps."""
+        builder, onnx_only = build_for(backend, built)
+        if directory is not None:
+            return self.build_command(directory, builder=builder, onnx_only=onnx_only)
+        folder = Path("engines") / self.folder_name(builder)
+        return f"{self.build_command(builder=builder, onnx_only=onnx_only)} (writes {folder}; open that folder)"
 
     # -- JSON (the manifest) --------------------------------------------------------------------------------
     def to_json(self) -> dict:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 class Stream(Protocol):
     cfg: StreamConfig  # the spec it runs (size, steps, bank) and its runtime settings
     prompt: PromptBlend  # the prompt the next frame uses
+    device: torch.device  # where its networks run
 
     def __call__(self, frame: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """One frame in, one frame out (the stream batch delays output by `cfg.steps - 1` frames)."""

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from streamv2v_trt import CfgType, EngineSpec, SimilarFilterConfig, StreamConfig
 from streamv2v_trt.cli.main import build_parser, main
-from streamv2v_trt.cli.stream_args import CliError, open_stream, resolve_spec, stream_config
+from streamv2v_trt.cli.stream_args import CliError, opening, resolve_spec, stream_config, stream_request
 from streamv2v_trt.config import BankConfig
 from streamv2v_trt.models.loader import load_models
 from streamv2v_trt.spec import t_index_list_from_strength
@@ -69,6 +69,15 @@ def config(args) -> StreamConfig:
     return stream_config(args, resolve_spec(args, CPU))
 
 
+def open_stream(args):
+    """What `video` opens for the flags: their Source and StreamConfig through the library (CliError)."""
+    from streamv2v_trt.opening import open_stream as open_source
+
+    source, cfg = stream_request(args)
+    with opening(source.engines, cfg.spec.model):
+        return open_source(source, cfg, negative_prompt=args.negative_prompt or "")
+
+
 def test_video_defaults_keep_features_off_and_serve_turns_live_ones_on():
     cfg = config(video_args())
     assert cfg.cfg_type is CfgType.NONE and cfg.guidance_scale == 1.0 and cfg.delta == 1.0
@@ -106,7 +115,7 @@ def test_flags_map_into_the_stream_config():
     assert cfg.steps == 2
     # Guidance without --guidance-scale uses StreamDiffusion's default, so --cfg-type alone is not a no-op.
     assert config(video_args("--cfg-type", "full")).guidance_scale == 1.2
-    assert config(video_args("--cfg-type", "initialize", "--negative-prompt", "blurry")).unet_batch == 2
+    assert config(video_args("--cfg-type", "initialize", "--negative-prompt", "blurry")).stream_batch == 2
     assert config(video_args("--strength", "0.5", "--steps", "2")).t_index_list == t_index_list_from_strength(0.5, 2)
 
 
@@ -121,7 +130,7 @@ def test_flags_map_into_the_stream_config():
         (["--cfg-type", "self", "--negative-prompt", "ugly"], "--negative-prompt has no effect"),
         (["--similar-threshold", "0.9"], "--similar-threshold has no effect: the similar-frame filter is off"),
         (["--similar-filter", "--similar-threshold", "1.5"], "--similar-threshold must be a cosine similarity"),
-        (["--similar-filter", "--max-skip", "0"], "--max-skip must be >= 1"),
+        (["--similar-filter", "--max-skip", "-1"], "--max-skip must be a number of frames >= 0"),
     ],
 )
 def test_bad_values_are_refused_with_the_flag_named(flags, message):

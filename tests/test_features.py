@@ -13,7 +13,7 @@ from streamv2v_trt.blending import blend_prompts, blend_seeds, seed_noise
 from streamv2v_trt.config import SimilarFilterConfig
 from streamv2v_trt.frames import frame_to_tensor, tensor_to_frame
 from streamv2v_trt.models.loader import load_models
-from streamv2v_trt.models.presets import PRESETS
+from streamv2v_trt.presets import PRESETS
 from streamv2v_trt.prompt import PromptEncoder
 from streamv2v_trt.similar_filter import SimilarFrameFilter, skip_probability
 
@@ -262,7 +262,7 @@ def test_rcfg_equals_streamdiffusion_reference(parts, cfg_type, t_index_list):
     kw = dict(t_index_list=t_index_list, cfg_type=cfg_type, guidance_scale=1.8, delta=0.6)
     stream = make(parts, negative_prompt=neg, **kw)
     unet_batch = {"self": B, "initialize": B + 1, "full": 2 * B}[cfg_type]
-    assert stream.cfg.unet_batch == unet_batch == stream.sample.shape[0]
+    assert stream.cfg.stream_batch == unet_batch == stream.sample.shape[0]
     assert all(t.shape[0] == unet_batch for t in stream.bank.tensors.values())  # a bank per UNet batch element
     reference = StreamDiffusionReference(stream, stream.prompt_encoder(neg), seed=stream.cfg.seed)
     # From the second frame on the stock noise and the bank are not trivial; B + 2 frames fill every slot.

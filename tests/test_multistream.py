@@ -278,7 +278,7 @@ def test_spec_max_streams():
     assert one.differences(two) == ["max_streams: engines have 1, asked 2"]
     three = tiny_spec(steps=2, cfg_type="initialize", max_streams=3)
     assert (three.stream_batch, three.unet_batch) == (3, 9)
-    assert StreamConfig(three).unet_batch == 3  # a stream's part of the batch
+    assert StreamConfig(three).stream_batch == 3  # a stream's part of the batch
     assert "-b3-s3-" in three.folder_name() and "-s" not in one.folder_name().removeprefix("tiny")
     with pytest.raises(ValueError, match="max_streams must be >= 1"):
         tiny_spec(max_streams=0)

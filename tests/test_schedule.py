@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 
-from streamv2v_trt.models.presets import PRESETS
+from streamv2v_trt.presets import PRESETS
 from streamv2v_trt.schedule import StreamSchedule
 
 TOL = dict(rtol=1e-12, atol=1e-12)

@@ -1,8 +1,8 @@
 """Backends run the three networks; the pipeline, bank and schedule are shared by all of them.
 
-A backend provides: `name`, `device`, `dtype`, `layout` (the bank layout its UNet was built with),
-`unet(inputs: dict[str, Tensor]) -> dict[str, Tensor]` keyed by the engine tensor names (docs/DESIGN.md,
-"Engine I/O"), `encode(images) -> latents` and `decode(latents) -> images`.
+A backend provides: `name` (a `flavours.BackendKind`), `builder`, `device`, `dtype`, `layout` (the bank layout
+its UNet was built with), `unet(inputs: dict[str, Tensor]) -> dict[str, Tensor]` keyed by the engine tensor names
+(docs/DESIGN.md, "Engine I/O"), `encode(images) -> latents` and `decode(latents) -> images`.
 
 Backends: `eager` (PyTorch, eager.py), and on a build folder (`build_folder.py` opens it) `onnxruntime` (its
 ONNX, onnxruntime.py), `tensorrt` (its TensorRT / TensorRT-RTX engines, tensorrt.py) and `aoti` (its
@@ -15,13 +15,13 @@ from typing import Protocol
 
 import torch
 
+from ..flavours import BackendKind, Builder
 from ..layout import BankLayout
-
-ENGINE_BACKENDS = ("onnxruntime", "tensorrt", "aoti")  # what a build folder can be opened with
 
 
 class Backend(Protocol):
-    name: str
+    name: BackendKind  # its row in the backend table (flavours.py): files, CUDA-graph capture, default device
+    builder: Builder | None  # what built the files it runs (None: eager, or an --onnx-only folder)
     device: torch.device
     dtype: torch.dtype
     layout: BankLayout

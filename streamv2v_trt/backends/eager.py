@@ -6,27 +6,19 @@ import torch
 
 from ..bank_unet import BankUNet
 from ..config import StreamConfig
+from ..flavours import BackendKind
 from ..models.loader import Models, load_models
 from ..models.lora import fuse_loras
 from ..prompt import PromptEncoder
-from ..spec import EngineSpec, Precision
+from ..spec import EngineSpec
 from ..vae import VaeDecoder, VaeEncoder
 
 
 def open_eager(
-    model: str | EngineSpec | StreamConfig,
-    device: torch.device,
-    *,
-    compile: bool | str = False,
-    channels_last: bool | None = None,
+    cfg: StreamConfig, device: torch.device, *, compile: bool | str = False, channels_last: bool | None = None
 ) -> tuple[EagerBackend, PromptEncoder, object, StreamConfig]:
-    """The eager networks of `model` (a preset, folder or hub id with its preset's size and steps, fp16 on a GPU
-    and fp32 on the CPU; or a spec; or a whole config), the spec's LoRAs fused: (backend, prompt encoder,
-    scheduler, config) for `StreamV2V` and `MultiStream`. channels_last: default on for CUDA."""
-    if isinstance(model, str):
-        precision = Precision.FP16 if device.type == "cuda" else Precision.FP32
-        model = EngineSpec.resolve(model, precision=precision)
-    cfg = model if isinstance(model, StreamConfig) else StreamConfig(spec=model)
+    """The eager networks of `cfg.spec`, its LoRAs fused: (backend, prompt encoder, scheduler, config) for
+    `StreamV2V` and `MultiStream` (`source.open_networks` calls it). channels_last: default on for CUDA."""
     models = load_models(cfg.spec, device=device)
     if cfg.spec.loras:
         fuse_loras(models.unet, cfg.spec.loras, text_encoder=models.text_encoder)
@@ -36,7 +28,8 @@ def open_eager(
 
 
 class EagerBackend:
-    name = "eager"
+    name = BackendKind.EAGER
+    builder = None  # runs the PyTorch weights, no build
 
     def __init__(
         self, models: Models, spec: EngineSpec, *, channels_last: bool = False, compile: bool | str = False

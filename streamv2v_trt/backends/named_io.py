@@ -72,8 +72,12 @@ class NamedIOBackend:
     call, valid until the next call of that network), so the pipeline consumes a result before calling again.
     """
 
-    def __init__(self, name: str, networks: dict[str, NetworkRunner], layout: BankLayout, device: torch.device) -> None:
+    def __init__(
+        self, name: str, networks: dict[str, NetworkRunner], layout: BankLayout, device: torch.device,
+        builder: str | None = None,
+    ) -> None:  # fmt: skip
         self.name, self.networks, self.layout, self.device = name, networks, layout, device
+        self.builder = builder  # what built its files (None: --onnx-only): a rebuild keeps the TensorRT flavour
         self._unet, self._encoder, self._decoder = networks["unet"], networks["vae_encoder"], networks["vae_decoder"]
         self.dtype = self._unet.input_specs["sample"][1]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..flavours import Builder
 from ..layout import DTYPES
 from .named_io import InputBinder, Spec
 from .tensorrt_import import import_tensorrt, rtx_refusal, rtx_runs_on, trt_logger
@@ -44,7 +45,7 @@ def check_device(device: torch.device, flavour: str) -> torch.device:
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     capability = torch.cuda.get_device_capability(device)
-    if flavour == "tensorrt-rtx" and not rtx_runs_on(capability):
+    if flavour == Builder.TENSORRT_RTX and not rtx_runs_on(capability):
         raise RuntimeError(rtx_refusal(capability, torch.cuda.get_device_name(device)))
     return device
 

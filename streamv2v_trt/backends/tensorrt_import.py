@@ -15,10 +15,12 @@ import importlib
 import logging
 from types import ModuleType
 
-FLAVOURS = ("tensorrt", "tensorrt-rtx")
+from ..flavours import Builder
+
+FLAVOURS = (Builder.TENSORRT, Builder.TENSORRT_RTX)  # full TensorRT first: preferred where both import
 log = logging.getLogger(__name__)
-_MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
-_EXTRAS = {"tensorrt": 'pip install -e ".[trt]"', "tensorrt-rtx": 'pip install -e ".[trt-rtx]"'}
+_MODULES = {Builder.TENSORRT: "tensorrt", Builder.TENSORRT_RTX: "tensorrt_rtx"}
+_EXTRAS = {Builder.TENSORRT: 'pip install -e ".[trt]"', Builder.TENSORRT_RTX: 'pip install -e ".[trt-rtx]"'}
 
 
 class TensorRTUnavailable(ImportError):
@@ -32,14 +34,14 @@ def _try_import(flavour: str) -> tuple[ModuleType | None, str | None]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def import_tensorrt(prefer: str = "auto") -> tuple[ModuleType, str]:
-    """Return `(module, flavour)` with flavour "tensorrt" or "tensorrt-rtx".
+def import_tensorrt(prefer: str = Builder.AUTO) -> tuple[ModuleType, Builder]:
+    """Return `(module, flavour)` with flavour `Builder.TENSORRT` or `Builder.TENSORRT_RTX`.
 
-    prefer: "auto" (tensorrt if installed, else tensorrt-rtx), "tensorrt" or "tensorrt-rtx" (that one or an error).
+    prefer: auto (tensorrt if installed, else tensorrt-rtx), tensorrt or tensorrt-rtx (that one or an error).
     """
-    if prefer not in ("auto", *FLAVOURS):
+    if prefer not in (Builder.AUTO, *FLAVOURS):
         raise ValueError(f"unknown TensorRT flavour {prefer!r}: expected auto, tensorrt or tensorrt-rtx")
-    order = FLAVOURS if prefer == "auto" else (prefer,)
+    order = FLAVOURS if prefer == Builder.AUTO else (Builder(prefer),)
     errors = []
     for flavour in order:
         module, err = _try_import(flavour)

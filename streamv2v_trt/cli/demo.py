@@ -12,9 +12,14 @@ import numpy as np
 import torch
 
 from ..clips import pan_clip
+from ..config import StreamConfig
 from ..console import HelpFormatter, device_and_threads
-from ..pipeline import StreamV2V
+from ..flags import add_flags
+from ..flavours import folder_backend
+from ..opening import open_stream
+from ..source import DEFAULT_MODEL, Source
 from ..spec import EngineSpec, Precision
+from ..stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "writes input | eager | engine side by side, labelled. Runs on the CPU with the tiny random-weight model.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", default="tiny", help="preset (tiny, sd-turbo, sd15), diffusers folder or hub id")
+    add_flags(p, EngineSpec, ["model"], defaults={"model": DEFAULT_MODEL})
     p.add_argument("--frames", type=int, default=48, help="frames in the generated clip")
     p.add_argument("--size", type=int, default=128, help="frame height and width in pixels, multiple of 8")
     p.add_argument("--prompt", default="a watercolor painting of an astronaut", help="text prompt")
     p.add_argument("--engines", type=Path, help="parent folder for the builds (default: build_engines' folders)")
     p.add_argument("--eager-only", action="store_true", help="skip building and running the engines")
-    p.add_argument(
-        "--threads", type=int, default=1, help="CPU intra-op threads for every path (torch and ONNX Runtime alike)"
-    )
+    add_flags(p, Source, ["threads"], defaults={"threads": 1})  # for every path: the ratio means nothing otherwise
     p.add_argument("--out", type=Path, default=Path("demo.mp4"), help="output video")
     p.add_argument("--fps", type=int, default=24, help="frame rate of the written video")
     p.set_defaults(func=run, quiet=True)
@@ -68,7 +71,7 @@ def write_side_by_side(path: Path, columns: list[list[np.ndarray]], names: list[
         container.mux(stream.encode())
 
 
-def timed_stream(stream: StreamV2V, frames: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
+def timed_stream(stream: Stream, frames: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
     """Outputs and FPS; one warm-up frame (then reset) is excluded from the timing."""
     stream(frames[0])
     stream.reset()
@@ -92,9 +95,9 @@ def _engine_build(args: argparse.Namespace, spec: EngineSpec, device: torch.devi
     if device.type == "cuda":
         cfg = BuildConfig(replace(spec, precision=Precision.FP16))
         builder, _ = choose_builder(cfg)
-        backend = "aoti" if builder == "aoti" else "tensorrt"
     else:
-        cfg, builder, backend = BuildConfig(spec, onnx_only=True), None, "onnxruntime"
+        cfg, builder = BuildConfig(spec, onnx_only=True), None
+    backend = folder_backend(builder, device.type)
     return (replace(cfg, out=args.engines / cfg.spec.folder_name(builder)) if args.engines else cfg), backend
 
 
@@ -110,10 +113,9 @@ def run(args: argparse.Namespace) -> int:
     precision = Precision.FP16 if device.type == "cuda" else Precision.FP32
     spec = EngineSpec.resolve(args.model, height=args.size, width=args.size, steps=1, precision=precision)
     frames = pan_clip(args.frames, args.size, args.size)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)  # the same policy for every path, or the ratio means nothing
+    threads = torch.get_num_threads()  # restored after: both sources set args.threads, the same for every path
     try:
-        eager = StreamV2V.from_pretrained(spec, device=device, prompt=args.prompt)
+        eager = open_stream(Source(device=str(device), threads=args.threads), StreamConfig(spec), prompt=args.prompt)
         eager_out, eager_fps = timed_stream(eager, frames)
         columns, names = [frames, eager_out], ["input", "eager"]
         lines = [f"eager ({device.type}, {precision.value}): {eager_fps:.1f} FPS"]
@@ -121,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
             cfg, backend = _engine_build(args, spec, device)
             result = build(cfg)
             print(f"{'reused' if result.reused else 'built'} {result.out}:\n{result.summary()}")
-            engine = StreamV2V.from_engines(result.out, backend, prompt=args.prompt, threads=args.threads)
+            source = Source(engines=result.out, backend=backend, threads=args.threads)
+            engine = open_stream(source, prompt=args.prompt)
             engine_out, engine_fps = timed_stream(engine, frames)
             diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(eager_out, engine_out))
             columns.append(engine_out)

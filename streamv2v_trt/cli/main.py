@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from ..console import configure_logging
-from ..models.presets import ModelUnavailable
+from ..presets import ModelUnavailable
 
 SUBCOMMANDS = ("demo", "video", "serve")
 

@@ -19,11 +19,11 @@ import signal
 import sys
 import time
 from dataclasses import fields
-from functools import partial
 
 from ..client_limits import Limits
 from ..console import HelpFormatter
-from .stream_args import CliError, add_stream_args, device_of, open_multistream, resolve_config
+from ..opening import open_multistream
+from .stream_args import CliError, add_stream_args, device_of, opening, stream_request
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,9 @@ def open_slots(args: argparse.Namespace):
     streams = args.streams
     if streams is None and args.engines is None:
         streams = DEFAULT_STREAMS.get(device_of(args.device).type, 1)
-    return open_multistream(args, streams, prompt=args.prompt)
+    source, cfg = stream_request(args, streams)
+    with opening(source.engines, cfg.spec.model):
+        return open_multistream(source, cfg, streams, prompt=args.prompt, negative_prompt=args.negative_prompt or "")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,7 +238,7 @@ def run_ray(args: argparse.Namespace, limits, access) -> int:
         except RuntimeError as e:  # a replica failed to start: Serve's message ends with its traceback
             raise CliError(f"the application did not start (see the replica's log above): {str(e)[-2000:]}") from e
         log.info("%d stream replica(s) x %d slots on Ray Serve; open %s://%s:%d in a browser; Ctrl-C stops",
-                 config.replicas, config.streams, "https" if args.ssl_certfile else "http", args.host,
+                 config.replicas, config.slots.streams, "https" if args.ssl_certfile else "http", args.host,
                  args.port)  # fmt: skip
         while True:
             time.sleep(3600)
@@ -323,12 +325,11 @@ def ray_config(args: argparse.Namespace, limits, access, replicas: int | None, r
     streams = args.streams_per_replica or (None if args.engines else DEFAULT_STREAMS[device])
     check = ray.remote(num_cpus=per_replica, num_gpus=1 if use_gpu else 0)(check_replica)
     try:
-        streams = ray.get(check.remote(replica_args, streams))
+        slots = ray.get(check.remote(replica_args, streams))
     except ray.exceptions.RayTaskError as e:
         raise (e.cause if isinstance(e.cause, CliError) else e) from None
     return RayServeConfig(
-        load=partial(open_multistream, replica_args, streams, args.prompt),
-        streams=streams,
+        slots=slots,
         replicas=replicas,
         gpus_per_replica=1.0 if use_gpu else 0.0,
         cpus_per_replica=per_replica,
@@ -338,10 +339,11 @@ def ray_config(args: argparse.Namespace, limits, access, replicas: int | None, r
     )
 
 
-def check_replica(args: argparse.Namespace, streams: int | None) -> int:
-    """Runs where a replica would: the flags, the spec and the build folder checked as `open_multistream` will
-    (without loading a network); the slots per replica (a build folder's own count when `streams` is None)."""
-    if args.cuda_graphs and device_of(args.device).type != "cuda":
-        raise CliError(f"--cuda-graphs needs a CUDA GPU, the streams run on {device_of(args.device)}")
-    cfg = resolve_config(args)  # the config, nothing loaded
-    return streams or cfg.spec.max_streams
+def check_replica(args: argparse.Namespace, streams: int | None):
+    """Runs where a replica would: the flags, the spec and the build folder checked (nothing loaded) into what
+    every replica opens, `ReplicaStreams` (Source + StreamConfig; a build folder's own count when `streams` is
+    None)."""
+    from ..web.ray_replica import ReplicaStreams
+
+    source, cfg = stream_request(args, streams)
+    return ReplicaStreams(source, cfg, streams or cfg.spec.max_streams, args.prompt, args.negative_prompt or "")

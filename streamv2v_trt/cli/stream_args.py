@@ -1,4 +1,5 @@
-"""Flags shared by every subcommand that runs a stream (`video`, `serve`), and the stream they open.
+"""Flags shared by every subcommand that runs a stream (`video`, `serve`): parsed into a `Source` and a
+`StreamConfig` (`stream_request`), which the subcommand opens with `source.open_stream` / `open_multistream`.
 
 Without `--engines` the eager PyTorch pipeline is built from `--model` (optionally `--compile`d); with
 `--engines DIR` the build folder runs on `--backend` (default: what the folder was built for). What the
@@ -13,110 +14,52 @@ import argparse
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ..config import BankConfig, SimilarFilterConfig, StreamConfig
+from ..config import GUIDED_SCALE, BankConfig, SimilarFilterConfig, StreamConfig
+from ..flags import add_flags, field_default, option, values
+from ..flavours import ENGINE_BACKENDS, BackendKind, folder_backend
 from ..manifest import Manifest
-from ..models.presets import PRESETS, ModelUnavailable
-from ..multistream import MultiStream
-from ..pipeline import StreamV2V
-from ..spec import BankKind, CfgType, EngineSpec, LoraSpec, Precision, t_index_list_from_strength
-from ..stream import Stream
+from ..presets import ModelUnavailable
+from ..source import DEFAULT_MODEL, Source
+from ..spec import CfgType, EngineSpec, LoraSpec, Precision, t_index_list_from_strength
 
 log = logging.getLogger(__name__)
 
-GUIDED_DEFAULT_SCALE = 1.2  # StreamDiffusion's default guidance scale; g <= 1 turns guidance off
-BACKENDS = ("eager", "onnxruntime", "tensorrt", "aoti")
+FILTER_FLAGS = ("enabled", "threshold", "max_skip")  # SimilarFilterConfig's: --similar-filter, --similar-threshold, ..
 
 
 class CliError(RuntimeError):
     """A user mistake or an unusable input: printed as one line, exit code 1."""
 
 
+# Flags that come from config fields (help and defaults there): what a build fixes (compared with a folder's spec),
+# where the networks come from, and the runtime settings.
+FIXED_FLAGS = ("model", "height", "width", "steps", "bank", "bank_frames", "vae")
+SOURCE_FLAGS = ("engines", "backend", "device", "threads", "compile", "cuda_graphs")
+FOLDER_S = ", or the build folder's"
+
+
 def add_stream_args(parser: argparse.ArgumentParser, *, live: bool = False) -> None:
     """The stream's flags. live=True (the camera demo) turns priming and the similar-frame filter on by default."""
     g = parser.add_argument_group("model and stream")
-    g.add_argument("--model", help=f"preset ({', '.join(PRESETS)}), diffusers folder or hub id (default: tiny)")
-    g.add_argument("--engines", metavar="DIR", type=Path, help="a build folder (python -m build_engines)")
-    g.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        help="eager (PyTorch; the default without --engines); with --engines: onnxruntime (its ONNX), tensorrt "
-        "(its TensorRT engines) or aoti (its AOTInductor packages); default: what the folder was built for "
-        "(onnxruntime on a CPU)",
-    )
-    g.add_argument("--compile", action="store_true", help="eager: torch.compile the UNet and VAE (slow first frames)")
-    g.add_argument(
-        "--cuda-graphs",
-        action="store_true",
-        help="replay whole frames from CUDA graphs (GPU; eager, tensorrt and aoti backends; no similar-frame filter)",
-    )
-    g.add_argument("--vae", choices=("taesd", "full"), help="VAE (default: taesd)")
+    add_flags(g, EngineSpec, ["model"], unset=["model"], unset_text=FOLDER_S, defaults={"model": DEFAULT_MODEL})
+    add_flags(g, Source, SOURCE_FLAGS, defaults={"device": "auto"})
+    add_flags(g, EngineSpec, [*FIXED_FLAGS[1:], "loras"], unset=FIXED_FLAGS, unset_text=FOLDER_S)
+    add_flags(g, StreamConfig, ["seed"])
     g.add_argument("--strength", type=float, help="noise strength in (0, 1] (default: the model's schedule)")
-    g.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's, or the engines')")
-    g.add_argument("--bank", choices=[k.value for k in BankKind], help="feature bank kind (default: dyme)")
-    g.add_argument("--bank-frames", type=int, help="frames kept by a fifo bank (default: 1)")
-    g.add_argument("--seed", type=int, default=2, help="noise seed (and DyMe's merge seed) (default: 2)")
-    g.add_argument("--height", type=int, help="stream height, a multiple of 8 (default: the model's)")
-    g.add_argument("--width", type=int, help="stream width, a multiple of 8 (default: the model's)")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (default: auto)")
-    g.add_argument(
-        "--threads",
-        type=int,
-        help="CPU intra-op threads of torch and ONNX Runtime alike (default: 1 when the stream runs on the CPU: "
-        "two thread pools on a small CPU stall each other; torch's default on a GPU)",
-    )
-    g.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar="FILE[:SCALE]",
-        help="LoRA .safetensors fused into the weights with SCALE (default 1); repeatable. With --engines: the "
-        "LoRAs the engines were built with (python -m build_engines --lora), else they are refused",
-    )
 
     f = parser.add_argument_group("guidance and live features (docs/FEATURES.md)")
-    f.add_argument(
-        "--cfg-type",
-        choices=[c.value for c in CfgType],
-        help="guidance: none, self (RCFG, free), initialize (RCFG, +1 UNet batch element), full (classic CFG, "
-        "2x UNet batch). Default: none, or with --engines what they were built for (initialize and full need "
-        "their own engines)",
-    )
-    f.add_argument(
-        "--guidance-scale",
-        type=float,
-        metavar="G",
-        help=f"guidance scale g (> 1 to guide; default {GUIDED_DEFAULT_SCALE} when --cfg-type guides)",
-    )
-    f.add_argument(
-        "--delta", type=float, metavar="D", help="RCFG (self, initialize): scale of the stock noise (default 1)"
-    )
+    add_flags(f, EngineSpec, ["cfg_type"], unset=["cfg_type"], unset_text=FOLDER_S)
+    add_flags(f, StreamConfig, ["guidance_scale", "delta"], unset=["guidance_scale", "delta"])
     f.add_argument("--negative-prompt", metavar="TEXT", help="what to steer away from (--cfg-type initialize or full)")
-    f.add_argument(
-        "--prime",
-        action=argparse.BooleanOptionalAction,
-        default=live,
-        help="fill the stream batch from the first frame (--steps > 1): the first outputs are translations of it, "
-        f"not decodes of empty latents (default: {'on' if live else 'off'})",
-    )
-    f.add_argument(
-        "--similar-filter",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="skip (repeat the last output for) input frames nearly equal to the last processed one "
-        f"(default: {'on, off with --cuda-graphs' if live else 'off'})",
-    )
-    f.add_argument(
-        "--similar-threshold",
-        type=float,
-        metavar="S",
-        help="cosine similarity in [0, 1] above which frames may be skipped (default 0.98)",
-    )
-    f.add_argument("--max-skip", type=int, metavar="N", help="most frames skipped in a row (default 10)")
+    add_flags(f, StreamConfig, ["prime"], defaults={"prime": live})
+    filter_on = "on, off with --cuda-graphs" if live else "off"
+    add_flags(f, SimilarFilterConfig, FILTER_FLAGS, unset=FILTER_FLAGS, defaults={"enabled": filter_on})
     parser.set_defaults(live=live)
 
 
@@ -134,9 +77,8 @@ def device_of(name: str) -> torch.device:
 
 def lora_specs(args: argparse.Namespace) -> tuple[LoraSpec, ...]:
     """The `--lora FILE[:SCALE]` values, each checked to be an existing .safetensors file with a finite scale."""
-    specs = []
-    for text in args.lora:
-        spec = LoraSpec.parse(text)
+    for spec in args.lora:
+        text = spec.cli_arg()
         if not spec.path.is_file():
             raise CliError(
                 f"--lora {text}: no such file {str(spec.path)!r} (expected FILE.safetensors or FILE.safetensors:SCALE)"
@@ -145,49 +87,34 @@ def lora_specs(args: argparse.Namespace) -> tuple[LoraSpec, ...]:
             raise CliError(f"--lora {text}: only .safetensors files are loaded (pickled .bin/.ckpt files can run code)")
         if not math.isfinite(spec.scale):
             raise CliError(f"--lora {text}: the scale must be a finite number, got {spec.scale}")
-        specs.append(spec)
-    return tuple(specs)
-
-
-def _spec_flags(args: argparse.Namespace) -> dict:
-    """The spec fields the flags set explicitly (None = not given)."""
-    return {
-        "model": args.model,
-        "height": args.height,
-        "width": args.width,
-        "steps": args.steps,
-        "bank": args.bank,
-        "bank_frames": args.bank_frames,
-        "vae": args.vae,
-    }
+    return tuple(args.lora)
 
 
 def resolve_spec(args: argparse.Namespace, device: torch.device, manifest: Manifest | None = None) -> EngineSpec:
     """The one place the stream CLIs fill defaults: the preset's (eager) or the build folder's (`manifest`).
 
     Flags that a build fixes are compared with it: a different value is refused, never dropped."""
-    flags = _spec_flags(args)
-    cfg_type = CfgType(args.cfg_type) if args.cfg_type else None
-    loras = lora_specs(args)
+    asked = {name: value for name, value in values(args, EngineSpec, FIXED_FLAGS).items() if value is not None}
+    cfg_type, loras = args.cfg_type, lora_specs(args)
     if manifest is None:
         precision = Precision.FP16 if device.type == "cuda" else Precision.FP32
+        model = asked.pop("model", DEFAULT_MODEL)
         try:
-            return EngineSpec.resolve(
-                flags.pop("model") or "tiny", **flags, cfg_type=cfg_type, loras=loras, precision=precision
-            )
+            return EngineSpec.resolve(model, **asked, cfg_type=cfg_type, loras=loras, precision=precision)
         except ValueError as e:
             raise CliError(str(e)) from e
     built = manifest.spec
     wrong = [
-        f"--{name.replace('_', '-')} {value} (engines: {_plain(getattr(built, name))})"
-        for name, value in flags.items()
-        if value is not None and _plain(value) != _plain(getattr(built, name))
+        f"{option(EngineSpec, name)} {_plain(value)} (engines: {_plain(getattr(built, name))})"
+        for name, value in asked.items()
+        if _plain(value) != _plain(getattr(built, name))
     ]
     if wrong:
-        from ..build_folder import rebuild_command
+        from ..build_folder import folder_rebuild
 
-        asked = dataclasses.replace(built, **{k: v for k, v in flags.items() if v is not None})
-        rebuild = rebuild_command(asked, args.engines, engine_backend(args, manifest.builder, device), manifest)
+        rebuild = folder_rebuild(
+            dataclasses.replace(built, **asked), args.engines, engine_backend(args, manifest.builder, device), manifest
+        )
         raise CliError(
             f"the engines in {args.engines} were built for other settings: {', '.join(wrong)}; drop those flags or "
             f"rebuild: {rebuild}"
@@ -201,16 +128,44 @@ def _plain(value) -> str:
 
 
 def stream_config(args: argparse.Namespace, spec: EngineSpec) -> StreamConfig:
-    """`spec` with the runtime flags: seed, strength (timesteps), guidance, priming, similar-frame filter.
-    Flags that would do nothing are refused."""
+    """`spec` with the runtime flags: seed, strength (timesteps), guidance, priming, similar-frame filter; what is
+    not given is the config classes' default. Flags that would do nothing are refused."""
     t_index: tuple[int, ...] = ()
     if args.strength is not None:
         if not 0.0 < args.strength <= 1.0:
             raise CliError(f"--strength must be in (0, 1], got {args.strength}")
         t_index = t_index_list_from_strength(args.strength, spec.steps)
+    similar = args.similar_filter if args.similar_filter is not None else args.live and not args.cuda_graphs
+    _refuse_unused(args, spec, similar)
+    runtime = values(args, StreamConfig, ["seed", "guidance_scale", "delta", "prime"])
+    if runtime["guidance_scale"] is None and spec.cfg_type is not CfgType.NONE:
+        runtime["guidance_scale"] = GUIDED_SCALE
+    runtime = {k: field_default(StreamConfig, k) if v is None else v for k, v in runtime.items()}
+    given = values(args, SimilarFilterConfig, FILTER_FLAGS)
+    similar_filter = {k: field_default(SimilarFilterConfig, k) if v is None else v for k, v in given.items()}
+    checks = (  # the values a flag must have, beyond what its config class checks
+        (StreamConfig, runtime, "guidance_scale", lambda g: g >= 1.0, "a number >= 1 (1 turns guidance off)"),
+        (StreamConfig, runtime, "delta", lambda d: d >= 0.0, "a number >= 0 (1 is StreamDiffusion's)"),
+        (SimilarFilterConfig, similar_filter, "threshold", lambda s: 0.0 <= s <= 1.0, "a cosine similarity in [0, 1]"),
+        (SimilarFilterConfig, similar_filter, "max_skip", lambda n: n >= 0, "a number of frames >= 0 (0 never skips)"),
+    )
+    for cls, chosen, name, ok, must in checks:
+        if not (math.isfinite(chosen[name]) and ok(chosen[name])):  # nan fails every comparison
+            raise CliError(f"{option(cls, name)} must be {must}, got {chosen[name]}")
+    similar_filter.update(enabled=similar, seed=runtime["seed"])
+    try:
+        return StreamConfig(
+            spec, t_index_list=t_index, **runtime, bank=BankConfig(seed=runtime["seed"]),
+            similar_filter=SimilarFilterConfig(**similar_filter),
+        )  # fmt: skip
+    except ValueError as e:
+        raise CliError(str(e)) from e
+
+
+def _refuse_unused(args: argparse.Namespace, spec: EngineSpec, similar: bool) -> None:
+    """Flags that would do nothing with this spec and filter setting raise CliError, naming what they need."""
     guided = spec.cfg_type is not CfgType.NONE
     rcfg = spec.cfg_type in (CfgType.SELF, CfgType.INITIALIZE)
-    similar = args.similar_filter if args.similar_filter is not None else args.live and not args.cuda_graphs
     guidance = f"guidance is {spec.cfg_type.value}"
     ignored = [
         ("--guidance-scale", args.guidance_scale is not None and not guided, guidance, "a --cfg-type other than none"),
@@ -222,8 +177,6 @@ def stream_config(args: argparse.Namespace, spec: EngineSpec) -> StreamConfig:
          "the similar-frame filter is off", "--similar-filter"),
         ("--max-skip", args.max_skip is not None and not similar, "the similar-frame filter is off",
          "--similar-filter"),
-        ("--compile", args.compile and args.engines is not None, "--engines runs compiled networks already",
-         "the eager backend (drop --engines)"),
     ]  # fmt: skip
     for flag, unused, why, needs in ignored:
         if unused:
@@ -233,142 +186,75 @@ def stream_config(args: argparse.Namespace, spec: EngineSpec) -> StreamConfig:
             "--cuda-graphs cannot replay the similar-frame filter (it decides on the host per frame): "
             "add --no-similar-filter or drop --cuda-graphs"
         )
-    scale = args.guidance_scale if args.guidance_scale is not None else (GUIDED_DEFAULT_SCALE if guided else 1.0)
-    if not math.isfinite(scale) or scale < 1.0:
-        raise CliError(f"--guidance-scale must be a number >= 1 (1 turns guidance off), got {scale}")
-    delta = 1.0 if args.delta is None else args.delta
-    if not math.isfinite(delta) or delta < 0.0:
-        raise CliError(f"--delta must be a number >= 0 (1 is StreamDiffusion's), got {delta}")
-    threshold = 0.98 if args.similar_threshold is None else args.similar_threshold
-    if not 0.0 <= threshold <= 1.0:  # also refuses nan
-        raise CliError(f"--similar-threshold must be a cosine similarity in [0, 1], got {threshold}")
-    max_skip = 10 if args.max_skip is None else args.max_skip
-    if max_skip < 1:
-        raise CliError(f"--max-skip must be >= 1 (to never skip, use --no-similar-filter), got {max_skip}")
-    try:
-        return StreamConfig(
-            spec,
-            t_index_list=t_index,
-            seed=args.seed,
-            guidance_scale=scale,
-            delta=delta,
-            prime=args.prime,
-            bank=BankConfig(seed=args.seed),
-            similar_filter=SimilarFilterConfig(enabled=similar, threshold=threshold, max_skip=max_skip, seed=args.seed),
-        )
-    except ValueError as e:
-        raise CliError(str(e)) from e
 
 
-def engine_backend(args: argparse.Namespace, builder: str | None, device: torch.device) -> str:
+def engine_backend(args: argparse.Namespace, builder: str | None, device: torch.device) -> BackendKind:
     """The backend for a build folder: `--backend`, else what the folder was built for (onnxruntime on a CPU)."""
-    if args.backend is not None:
-        if args.backend == "eager":
-            raise CliError(
-                "--backend eager runs the PyTorch weights, not a build folder: drop --engines, or pick "
-                "--backend onnxruntime, tensorrt or aoti"
-            )
-        return args.backend
-    if builder == "aoti":
-        return "aoti"
-    return "tensorrt" if builder in ("tensorrt", "tensorrt-rtx") and device.type == "cuda" else "onnxruntime"
+    if args.backend is None:
+        return folder_backend(builder, device.type)
+    if args.backend == BackendKind.EAGER:
+        raise CliError(
+            "--backend eager runs the PyTorch weights, not a build folder: drop --engines, or pick "
+            f"--backend {' or '.join(ENGINE_BACKENDS)}"
+        )
+    return BackendKind(args.backend)
 
 
-def _device_and_threads(args: argparse.Namespace) -> tuple[torch.device, int | None]:
-    """The device, and the thread policy applied: one intra-op thread on a CPU unless --threads says."""
+def stream_source(args: argparse.Namespace, backend: BackendKind | None = None) -> Source:
+    """Where the flags' stream comes from and how it runs. The thread policy: one intra-op thread on a CPU unless
+    --threads says (two thread pools on a small CPU stall each other)."""
     device = device_of(args.device)
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
-    if threads is not None:
-        if threads < 1:
-            raise CliError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    return device, threads
+    if threads is not None and threads < 1:
+        raise CliError(f"--threads must be >= 1, got {threads}")
+    if args.cuda_graphs and device.type != "cuda":  # before minutes of loading
+        raise CliError(f"--cuda-graphs needs a CUDA GPU, the streams run on {device}")
+    return Source(
+        engines=args.engines,
+        backend=backend,
+        device=None if args.device == "auto" else str(device),
+        threads=threads,
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
+    )  # fmt: skip  (the LoRAs are the config's: resolve_spec puts them in the spec)
 
 
-def _open(args: argparse.Namespace, eager: Callable, engines: Callable):
-    """Load what the flags ask for: `eager(cfg, device)` without --engines, else `engines(dir, backend, cfg,
-    device, threads)`; every failure becomes one CliError line."""
-    device, threads = _device_and_threads(args)
+def stream_request(args: argparse.Namespace, streams: int | None = None) -> tuple[Source, StreamConfig]:
+    """The `Source` and `StreamConfig` the flags ask for, every flag checked; nothing loaded (a build folder's
+    manifest is read). `streams`: the slots of a MultiStream (a folder must be built for that many). CliError."""
+    if streams is not None and streams < 1:
+        raise CliError(f"--streams must be >= 1, got {streams}")
+    if args.compile and args.engines is not None:
+        raise CliError("--compile has no effect: --engines runs compiled networks already; add the eager backend "
+                       "(drop --engines) or drop the flag")  # fmt: skip
+    device = device_of(args.device)
     if args.engines is None:
-        if args.backend not in (None, "eager"):
+        if args.backend not in (None, BackendKind.EAGER):
             raise CliError(
                 f"--backend {args.backend} runs a build folder: add --engines DIR (build one with python -m "
                 f"build_engines --model {args.model or 'tiny'}), or use --backend eager"
             )
-        cfg = stream_config(args, resolve_spec(args, device))
-        try:
-            return eager(cfg, device)
-        except ModelUnavailable as e:  # names the model and says what to do already
-            raise CliError(str(e)) from e
-        except (FileNotFoundError, OSError, ValueError) as e:  # LoraError is a ValueError: the message names it
-            raise CliError(f"cannot load model {cfg.spec.model!r}: {' '.join(str(e).split())}") from e
+        return stream_source(args), stream_config(args, resolve_spec(args, device))
     from ..manifest import load_manifest
 
-    try:
+    with opening(args.engines):
         manifest = load_manifest(args.engines)
         backend = engine_backend(args, manifest.builder, device)
         cfg = stream_config(args, resolve_spec(args, device, manifest))
-        return engines(args.engines, backend, cfg, None if args.device == "auto" else device, threads)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # EngineMismatch, LoRA, backend, device
-        if isinstance(e, CliError):
-            raise
-        raise CliError(f"cannot open {args.engines}: {' '.join(str(e).split())}") from e
+    if streams is not None:  # a folder built for another count is refused when it opens, with its rebuild command
+        cfg = cfg.with_spec(max_streams=streams)
+    return stream_source(args, backend), cfg
 
 
-def resolve_config(args: argparse.Namespace) -> StreamConfig:
-    """The stream config the flags ask for, with every check `open_stream` makes, nothing loaded (a build folder's
-    manifest is read). Raises CliError."""
-    return _open(args, lambda cfg, _device: cfg, lambda _folder, _backend, cfg, _device, _threads: cfg)
-
-
-def open_stream(args: argparse.Namespace, prompt: str = "") -> StreamV2V:
-    """The stream the flags ask for (not yet wrapped in CUDA graphs: see `wrap_stream`). Raises CliError."""
-    negative = args.negative_prompt or ""
-    return _open(
-        args,
-        lambda cfg, device: StreamV2V.from_pretrained(
-            cfg, device=device, prompt=prompt, negative_prompt=negative, compile=args.compile
-        ),
-        lambda folder, backend, cfg, device, threads: StreamV2V.from_engines(
-            folder, backend, cfg, prompt=prompt, negative_prompt=negative, device=device, threads=threads
-        ),
-    )
-
-
-def open_multistream(args: argparse.Namespace, streams: int | None, prompt: str = "") -> MultiStream:
-    """`streams` slots (None: a build folder's count) of the stream the flags ask for, batched (`MultiStream`);
-    with `--cuda-graphs` every phase is replayed from CUDA graphs. Raises CliError."""
-    if streams is not None and streams < 1:
-        raise CliError(f"--streams must be >= 1, got {streams}")
-
-    def eager(cfg: StreamConfig, device: torch.device) -> MultiStream:
-        return MultiStream.from_pretrained(
-            cfg, streams or 1, device=device, prompt=prompt, cuda_graphs=args.cuda_graphs, compile=args.compile
-        )
-
-    def engines(folder, backend: str, cfg: StreamConfig, device, threads) -> MultiStream:
-        if streams is not None:  # a folder built for another count is refused, with its rebuild command
-            cfg = cfg.with_spec(max_streams=streams)
-        return MultiStream.from_engines(
-            folder, backend, cfg, prompt=prompt, device=device, threads=threads, cuda_graphs=args.cuda_graphs
-        )
-
-    if args.cuda_graphs and device_of(args.device).type != "cuda":  # before minutes of loading
-        raise CliError(f"--cuda-graphs needs a CUDA GPU, the streams run on {device_of(args.device)}")
-    multi = _open(args, eager, engines)
-    if args.negative_prompt:  # stream_config allows it only where guidance uses it
-        for stream in multi.slots:
-            stream.update_prompt(stream.prompt, negative_prompt=args.negative_prompt)
-    return multi
-
-
-def wrap_stream(stream: StreamV2V, args: argparse.Namespace) -> Stream:
-    """`stream`, replayed from CUDA graphs when `--cuda-graphs` asks."""
-    if not args.cuda_graphs:
-        return stream
-    from ..cuda_graph import CudaGraphStream
-
+@contextmanager
+def opening(engines: Path | None, model: str | None = None) -> Iterator[None]:
+    """Library errors while opening a stream as one CliError line (a CliError passes through)."""
     try:
-        return CudaGraphStream(stream)
-    except ValueError as e:
-        raise CliError(f"--cuda-graphs: {e}") from e
+        yield
+    except CliError:
+        raise
+    except ModelUnavailable as e:  # names the model and says what to do already
+        raise CliError(str(e)) from e
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:  # EngineMismatch, LoRA, backend, device
+        what = f"open {engines}" if engines is not None else f"load model {model!r}"
+        raise CliError(f"cannot {what}: {' '.join(str(e).split())}") from e

@@ -23,9 +23,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..console import HelpFormatter, device_and_threads
 from ..images import fit_to_size
+from ..opening import open_stream
 from ..stream import Stream
 from ..video_io import VideoError, VideoReader, VideoWriter, check_output_path
-from .stream_args import CliError, add_stream_args, open_stream, wrap_stream
+from .stream_args import CliError, add_stream_args, opening, stream_request
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e))
     with reader:
         try:
-            pipeline = open_stream(args, prompt=args.prompt)
-            stream = wrap_stream(pipeline, args)
+            source, cfg = stream_request(args)
+            with opening(source.engines, cfg.spec.model):
+                stream = open_stream(source, cfg, prompt=args.prompt, negative_prompt=args.negative_prompt or "")
             info = reader.info
             writer = VideoWriter(
                 args.output,
@@ -178,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 bar.close()
     # The thread count torch runs with: the --threads policy open_stream applied (1 on a CPU by default).
-    return _summarise(report, args.output, writer, device_and_threads(pipeline.device))
+    return _summarise(report, args.output, writer, device_and_threads(stream.device))
 
 
 def _summarise(report: TranslateReport, output: Path, writer: VideoWriter, ran_on: str) -> int:

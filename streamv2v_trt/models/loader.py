@@ -18,8 +18,8 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..presets import PRESETS, ModelPreset, ModelUnavailable
 from ..spec import EngineSpec, VaeKind
-from .presets import PRESETS, ModelPreset, ModelUnavailable
 from .tokenizer import clip_tokenizer
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from .presets import CONFIG_DIR
+from ..presets import CONFIG_DIR
 
 BPE_FILE = CONFIG_DIR / "bpe_simple_vocab_16e6.txt.gz"
 

@@ -24,17 +24,15 @@ Frames cross to the replicas as the uint8 arrays the app decoded, not JPEG (meas
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from ray import serve
 
 from ..client_limits import Limits
-from ..multistream import MultiStream
 from .access import Access
 from .app import MAX_IN_WORK, create_app
 from .ray_hub import RayHub
-from .ray_replica import LEASE_S, StreamReplica
+from .ray_replica import LEASE_S, ReplicaStreams, StreamReplica
 
 APP_NAME = "streamv2v"
 BURST = 32  # connections the ingress takes beyond the slots (page loads, busy answers) before Serve refuses more
@@ -44,8 +42,7 @@ BURST = 32  # connections the ingress takes beyond the slots (page loads, busy a
 class RayServeConfig:
     """Everything `build_application` needs; plain and picklable (Ray ships it to the replicas)."""
 
-    load: Callable[[], MultiStream]  # called in each stream replica's process: its K slots (the model loads there)
-    streams: int  # K, what `load` gives
+    slots: ReplicaStreams  # what each stream replica opens in its process: Source + StreamConfig, K slots
     replicas: int = 1  # N
     gpus_per_replica: float = 0.0  # 1: a GPU each; 0: CPU replicas
     cpus_per_replica: float = 1.0
@@ -58,7 +55,7 @@ class RayServeConfig:
 
 def build_application(config: RayServeConfig) -> serve.Application:
     """The ingress and N stream deployments, ready for `serve.run(app, name=APP_NAME, route_prefix="/")`."""
-    K, names = config.streams, [f"streams-{i}" for i in range(config.replicas)]
+    K, names = config.slots.streams, [f"streams-{i}" for i in range(config.replicas)]
     stream = serve.deployment(
         StreamReplica,
         num_replicas=1,  # one per deployment: the hub picks the deployment, so it picks the replica
@@ -70,7 +67,7 @@ def build_application(config: RayServeConfig) -> serve.Application:
         logging_config={"enable_access_log": False},  # a line per frame otherwise
         ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
     )
-    replicas = [stream.options(name=name).bind(config.load, config.lease_s) for name in names]
+    replicas = [stream.options(name=name).bind(config.slots, config.lease_s) for name in names]
     limits, access = config.limits, config.access
 
     def asgi_app():  # runs in the ingress replica's process; the app stops the hub when Serve stops the ingress

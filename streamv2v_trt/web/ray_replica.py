@@ -21,17 +21,18 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import ray
 
+from ..config import StreamConfig
 from ..frames import FrameError
 from ..hub import Result, SlotLost
-from ..multistream import MultiStream
+from ..opening import open_multistream
 from ..serving import StreamServer
+from ..source import Source
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +54,33 @@ class ReplicaStatus:
 
 
 @dataclass(frozen=True)
+class ReplicaStreams:
+    """What each stream replica opens in its own process: `streams` slots of `source` running `cfg`
+    (`source.open_multistream`). Plain data: Ray pickles it to the replicas."""
+
+    source: Source
+    cfg: StreamConfig
+    streams: int  # K slots
+    prompt: str = ""  # what a fresh session starts with
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
 class _Session:
     slot: int
     owner: str  # the ingress that opened it
 
 
 class StreamReplica:
-    """Serve replica class: `load()` (called here, in the replica's process) gives the MultiStream of K slots.
+    """Serve replica class: opens `slots` (its MultiStream of K slots, the model loading in this process).
 
     Every method is `async`, so the session table is touched only by the replica's event loop thread; the
     StreamServer's loop thread runs the model and answers through `call_soon_threadsafe`."""
 
-    def __init__(self, load: Callable[[], MultiStream], lease_s: float = LEASE_S) -> None:
-        self.server = StreamServer(load(), name="streamv2v-replica")
+    def __init__(self, slots: ReplicaStreams, lease_s: float = LEASE_S) -> None:
+        multi = open_multistream(slots.source, slots.cfg, slots.streams, prompt=slots.prompt,
+                                 negative_prompt=slots.negative_prompt)  # fmt: skip
+        self.server = StreamServer(multi, name="streamv2v-replica")
         self.lease_s = lease_s
         self.sessions: dict[str, _Session] = {}
         self.leases: dict[str, float] = {}  # ingress id -> when it last called

@@ -1,11 +1,14 @@
-"""Named model presets: which architecture configs ship in the package and where real weights live."""
+"""Named model presets: which architecture configs ship in the package and where real weights live.
+
+Plain data in the spec layer: `EngineSpec.resolve` fills a preset's size and steps, the CLIs name the presets,
+and `models/loader.py` builds them from `CONFIG_DIR` (the JSON configs under `models/configs/`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parent / "models" / "configs"
 
 
 class ModelUnavailable(FileNotFoundError):
