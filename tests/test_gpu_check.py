@@ -80,7 +80,7 @@ def test_a_failed_path_is_reported_and_the_later_steps_run(dry_run):
     out, report, proc, _ = dry_run
     steps = steps_of(report)
     failed = steps["fps eager+graphs"]
-    assert failed["status"] == "failed" and "CUDA graphs need a stream on a CUDA device" in failed["reason"]
+    assert failed["status"] == "failed" and "CUDA graphs need a CUDA GPU, the streams run on cpu" in failed["reason"]
     assert proc.returncode == 1  # a failed step fails the check; targets not met would not
     assert "- eager+graphs: failed, exit code 1: ValueError: CUDA graphs need" in (out / "summary.md").read_text()
     best = gpu_report.best_path(report)[0]["backend"]
