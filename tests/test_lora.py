@@ -164,6 +164,66 @@ def save(path, tensors):
     return LoraSpec(path)
 
 
+# kohya/A1111 names in the original SD (LDM) UNet layout -> the tiny UNet's modules (layers_per_block=1: input
+# blocks 1-2 are down block 0, 3-4 down block 1, 5 down block 2; output blocks 0-1 up block 0, 2-3 up block 1, ...).
+SD_BLOCK_NAMES = {
+    "input_blocks_0_0": "conv_in",
+    "time_embed_0": "time_embedding.linear_1",
+    "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+    "input_blocks_1_1_transformer_blocks_0_attn1_to_q": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "input_blocks_2_0_op": "down_blocks.0.downsamplers.0.conv",
+    "input_blocks_3_1_proj_in": "down_blocks.1.attentions.0.proj_in",
+    "input_blocks_5_0_emb_layers_1": "down_blocks.2.resnets.0.time_emb_proj",
+    "middle_block_1_transformer_blocks_0_attn2_to_k": "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+    "middle_block_2_out_layers_3": "mid_block.resnets.1.conv2",
+    "output_blocks_3_1_transformer_blocks_0_attn1_to_out_0": (
+        "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_out.0"
+    ),
+    "output_blocks_3_1_transformer_blocks_0_ff_net_2": "up_blocks.1.attentions.1.transformer_blocks.0.ff.net.2",
+    "output_blocks_3_2_conv": "up_blocks.1.upsamplers.0.conv",
+    "output_blocks_4_0_skip_connection": "up_blocks.2.resnets.0.conv_shortcut",
+    "out_2": "conv_out",
+}
+TE_NAMES = {
+    "text_model_encoder_layers_0_self_attn_q_proj": "encoder.layers.0.self_attn.q_proj",
+    "text_model_encoder_layers_0_self_attn_out_proj": "encoder.layers.0.self_attn.out_proj",
+    "text_model_encoder_layers_1_mlp_fc1": "encoder.layers.1.mlp.fc1",
+}
+
+
+def test_kohya_file_with_original_sd_block_names_fuses_into_the_right_modules(base, tmp_path):
+    unet, te = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
+    gen = torch.Generator().manual_seed(7)
+    tensors, expected = {}, {}
+    for prefix, names, model, key in [("lora_unet_", SD_BLOCK_NAMES, unet, "unet"), ("lora_te_", TE_NAMES, te, "te")]:
+        for j, (kohya, module) in enumerate(names.items()):
+            w = model.get_submodule(module).weight
+            down, up = factors(model.get_submodule(module), 2, gen)
+            alpha = 1.0 + j % 3  # 1, 2 or 3 over rank 2
+            tensors |= {f"{prefix}{kohya}.lora_down.weight": down, f"{prefix}{kohya}.lora_up.weight": up}
+            tensors[f"{prefix}{kohya}.alpha"] = torch.tensor(alpha)
+            delta = 0.6 * alpha / 2 * (up.flatten(1) @ down.flatten(1)).view(w.shape)  # W += s * a/r * up @ down
+            expected[f"{key}.{module}.weight"] = w.detach().clone() + delta
+    before = {f"unet.{k}": v.clone() for k, v in unet.state_dict().items()}
+    before |= {f"te.{k}": v.clone() for k, v in te.state_dict().items()}
+    save(tmp_path / "ldm.safetensors", tensors)
+    n = fuse_loras(unet, [LoraSpec(tmp_path / "ldm.safetensors", 0.6)], text_encoder=te)
+    assert n == len(SD_BLOCK_NAMES) + len(TE_NAMES)
+    after = {f"unet.{k}": v for k, v in unet.state_dict().items()} | {f"te.{k}": v for k, v in te.state_dict().items()}
+    for name, value in after.items():
+        if name in expected:
+            torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+        else:
+            assert torch.equal(value, before[name]), f"{name} changed"
+    # The engine path (no UNet, so no layers_per_block to place SD blocks with): the text encoder alone is fused.
+    te = copy.deepcopy(base.text_encoder)
+    assert fuse_loras(None, [LoraSpec(tmp_path / "ldm.safetensors", 0.6)], text_encoder=te) == len(TE_NAMES)
+    for module in TE_NAMES.values():
+        torch.testing.assert_close(
+            te.get_submodule(module).weight, expected[f"te.{module}.weight"], atol=1e-6, rtol=1e-5
+        )
+
+
 def test_bad_files_raise_clear_errors_and_change_nothing(base, tmp_path):
     unet = copy.deepcopy(base.unet)
     target = unet.get_submodule(TARGETS[0])
@@ -178,13 +238,31 @@ def test_bad_files_raise_clear_errors_and_change_nothing(base, tmp_path):
             "lora_unet_no_such_layer.lora_down.weight": down,
             "lora_unet_no_such_layer.lora_up.weight": up,
         },
-        "original SD block names": {
-            "lora_unet_input_blocks_1_1_proj_in.lora_down.weight": down,
-            "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": up,
+        "original SD block names": {  # block 3 of a UNet with 3 down blocks
+            "lora_unet_input_blocks_7_1_proj_in.lora_down.weight": down,
+            "lora_unet_input_blocks_7_1_proj_in.lora_up.weight": up,
         },
         "do not fit its weight": {**good, k_up: up[:, :2]},
         "has no up factor": {k_down: down},
         "LyCORIS": {"lora_unet_x.hada_w1_a": down},
+        "has no down factor": {"unet.mid_block.attentions.0.proj_in.lora_B.weight": up},
+        "lora_up.weight without its": {k_up.replace("to_q", "to_k"): up, **good},
+        "mixes original SD block names": {
+            **good,
+            "lora_unet_input_blocks_1_1_proj_in.lora_down.weight": down,
+            "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": up,
+        },
+        "one file cannot mix formats": {**good, "unet.mid_block.attentions.0.proj_in.lora_A.weight": down},
+        "one text encoder": {
+            **good,
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": down,
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": up,
+        },
+        "two down tensors": {
+            "unet.mid_block.attentions.0.proj_in.lora_A.weight": down,
+            "unet.mid_block.attentions.0.proj_in.lora.down.weight": down,
+            "unet.mid_block.attentions.0.proj_in.lora_B.weight": up,
+        },
     }
     for i, (message, tensors) in enumerate(cases.items()):
         # the good LoRA first: a failing second file must not leave the first one half-fused

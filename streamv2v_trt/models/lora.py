@@ -1,4 +1,4 @@
-"""LoRA: read diffusers/PEFT or kohya safetensors files and fuse them into the weights before export.
+"""LoRA: read LoRA safetensors files with diffusers' reader and fuse them into the weights before export.
 
 A LoRA adds, to a Linear or Conv2d weight W of the UNet (or the text encoder),
 
@@ -9,12 +9,9 @@ with `down` [rank, in(, kh, kw)], `up` [out, rank(, 1, 1)], `alpha` from the fil
 engine carries its LoRAs; the spec (`streamv2v_trt.spec.LoraSpec`: file hash and scale) goes into the engine
 manifest, so a changed file or scale is refused instead of running stale weights.
 
-Key formats understood (one file may mix them):
-  PEFT / diffusers   `unet.<module>.lora_A.weight`, `unet.<module>.lora_B.weight`, optional `<module>.alpha`
-  diffusers (old)    `unet.<module>.lora.down.weight` / `.lora.up.weight`,
-                     `unet.<attn>.processor.to_q_lora.down.weight` (attention-processor LoRAs)
-  kohya              `lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`
-Text-encoder keys (`text_encoder.` / `lora_te_`) are fused into the text encoder when one is given.
+Files are parsed by diffusers (`StableDiffusionLoraLoaderMixin.lora_state_dict`, then its renames to PEFT names):
+PEFT, diffusers old and new, and kohya/A1111 files, original SD block names included. What is ours: every key is
+matched to a module and shape-checked before the first weight changes, errors name the file and key, and the fuse.
 """
 
 from __future__ import annotations
@@ -25,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_PEFT, UNET_TO_DIFFUSERS, convert_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
@@ -34,30 +33,19 @@ log = logging.getLogger(__name__)
 
 UNET, TEXT_ENCODER = "unet", "text_encoder"
 
-# (suffix, role): how a key names the two factors and the alpha of one layer's LoRA.
-_ROLE_SUFFIXES = (
-    (".lora_A.weight", "down"),
-    (".lora_B.weight", "up"),
-    (".lora.down.weight", "down"),
-    (".lora.up.weight", "up"),
-    (".lora_linear_layer.down.weight", "down"),
-    (".lora_linear_layer.up.weight", "up"),
-    ("_lora.down.weight", "down"),  # attention-processor format: `processor.to_q_lora.down.weight`
-    ("_lora.up.weight", "up"),
-    (".lora_down.weight", "down"),
-    (".lora_up.weight", "up"),
-    (".alpha", "alpha"),
+_UNSUPPORTED = ("hada_", "lokr_", "dora_scale", "lora_magnitude_vector", ".diff", "oft_", "boft_")
+# diffusers' renames to PEFT names, per target: an attention processor's `to_q_lora` is the UNet's `to_q` and the
+# text encoder's `q_proj`. The two extra spellings are ones diffusers' own loader accepts by other paths.
+_TO_PEFT = {
+    UNET: {**UNET_TO_DIFFUSERS, ".lora_linear_layer.down": ".lora_A", ".lora_linear_layer.up": ".lora_B"},
+    TEXT_ENCODER: {**DIFFUSERS_OLD_TO_PEFT, ".lora.down": ".lora_A", ".lora.up": ".lora_B"},
+}
+_PREFIXES = (("unet.", UNET), ("text_encoder.", TEXT_ENCODER), ("base_model.model.", UNET))  # else: a bare UNet
+_SD_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+_LDM_HINT = (  # diffusers places SD block names by the UNet's layers_per_block, and misplaces one kind of layer
+    " It uses original SD block names: if the base model is right, convert the file to diffusers names (diffusers "
+    "cannot place the upsampler of an output block without attention)."
 )
-# (prefix, target, dotted): dotted names are module paths; kohya names replace every "." with "_".
-_PREFIXES = (
-    ("lora_unet_", UNET, False),
-    ("lora_te_", TEXT_ENCODER, False),
-    ("lora_te1_", TEXT_ENCODER, False),
-    ("unet.", UNET, True),
-    ("text_encoder.", TEXT_ENCODER, True),
-    ("base_model.model.", UNET, True),  # a PEFT model saved on its own
-)
-_UNSUPPORTED = ("hada_", "lokr_", "dora_scale", ".diff", "oft_", "boft_")
 
 
 class LoraError(ValueError):
@@ -69,103 +57,105 @@ class LoraLayer:
     """The LoRA of one layer: W += scale * alpha / rank * up @ down."""
 
     target: str  # UNET or TEXT_ENCODER
-    module: str  # module name inside the target: dotted ("mid_block.attentions.0.proj_in") or kohya's "_" form
-    kohya: bool  # `module` has every "." replaced by "_" (resolved against the model's module names)
+    module: str  # module name inside the target, e.g. "mid_block.attentions.0.proj_in"
+    key: str  # one of its keys as written in the file, for messages
     down: torch.Tensor  # [r, in] or [r, in, kh, kw]
     up: torch.Tensor  # [out, r] or [out, r, 1, 1]
     alpha: float | None
 
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
     def delta(self, scale: float, weight_shape: torch.Size) -> torch.Tensor:
         """scale * alpha / rank * up @ down, shaped like the weight (float32)."""
-        alpha = self.rank if self.alpha is None else self.alpha
+        rank = self.down.shape[0]
         up, down = self.up.float().flatten(1), self.down.float().flatten(1)  # [out, r], [r, in*kh*kw]
-        return (scale * alpha / self.rank) * (up @ down).view(weight_shape)
+        return (scale * (rank if self.alpha is None else self.alpha) / rank) * (up @ down).view(weight_shape)
 
 
-def _split_key(key: str) -> tuple[str, str, bool, str]:
-    """key -> (target, module name as written, dotted?, role)."""
-    if any(u in key for u in _UNSUPPORTED):
+def _diffusers_form(raw: dict[str, torch.Tensor], path: Path, unet_config) -> dict[str, torch.Tensor | float]:
+    """diffusers' reading of the file: `unet.` / `text_encoder.` keys, kohya alphas (floats) beside them."""
+    for key in raw:
+        if any(u in key for u in _UNSUPPORTED):
+            raise LoraError(f"LoRA file {path}: key {key!r} is LyCORIS/DoRA/OFT; merge or convert it to a plain LoRA")
+    try:
+        state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(raw), unet_config=unet_config)
+    except KeyError as e:  # kohya: a lora_down.weight without its lora_up.weight
+        raise LoraError(f"LoRA file {path}: a kohya layer has no up factor ({e.args[0]!r} is missing)") from e
+    except (ValueError, IndexError) as e:  # keys its kohya conversion left, or SD blocks it cannot place
         raise LoraError(
-            f"LoRA key {key!r} is a LyCORIS/DoRA/OFT variant; only plain low-rank LoRA (down/up or lora_A/lora_B) "
-            "is supported. Convert or merge it to a plain LoRA first."
+            f"LoRA file {path}: diffusers cannot read it as kohya/A1111 ({' '.join(str(e).split())}): a key that is "
+            "not a LoRA factor (.lora_down/.lora_up.weight, .alpha), a .lora_up.weight without its .lora_down.weight "
+            "or an original SD block this UNet does not have"
+        ) from e
+    if sum(not k.endswith(".alpha") for k in state) != sum(not k.endswith(".alpha") for k in raw):
+        raise LoraError(  # diffusers drops the SD block names of a file that has both namings
+            f"LoRA file {path} mixes original SD block names (input_blocks/middle_block/output_blocks) with "
+            "diffusers names (down_blocks/mid_block/up_blocks); save it with one naming"
         )
-    role = next(((s, r) for s, r in _ROLE_SUFFIXES if key.endswith(s)), None)
-    if role is None:
-        raise LoraError(
-            f"LoRA key {key!r} is not a LoRA factor: expected names ending in .lora_A.weight/.lora_B.weight (PEFT), "
-            ".lora.down.weight/.lora.up.weight (diffusers), .lora_down.weight/.lora_up.weight (kohya) or .alpha."
-        )
-    suffix, role_name = role
-    stem = key[: -len(suffix)]
-    match = next(((p, t, d) for p, t, d in _PREFIXES if stem.startswith(p)), None)
-    if match is not None:
-        prefix, target, dotted = match
-        stem = stem[len(prefix) :]
-    elif stem.startswith("lora_"):
-        raise LoraError(f"LoRA key {key!r}: unknown kohya prefix; expected lora_unet_ or lora_te_ (SD1.x/2.x)")
-    else:
-        target, dotted = UNET, True  # an un-prefixed PEFT save of a UNet
-    if dotted:
-        stem = stem.replace(".processor.", ".")
-        if suffix.startswith("_lora."):  # attention-processor format names the projection `to_out_lora`
-            stem = stem + (".0" if stem.endswith("to_out") else "")
-    return target, stem, dotted, role_name
+    return {**state, **(alphas or {})}
 
 
-def _lora_modules(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """Linear/Conv2d modules by name, and kohya's underscore names -> module names."""
-    modules = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    if not hasattr(model, "text_model") and any(n.startswith("encoder.layers.") for n in modules):
-        # Recent transformers' CLIPTextModel has no `text_model.` level; LoRA files still name it.
-        modules.update({f"text_model.{n}": m for n, m in list(modules.items())})
-    return modules, {n.replace(".", "_"): n for n in modules}
+def read_lora(path: str | Path, unet_config=None) -> list[LoraLayer]:
+    """Parse one safetensors LoRA into per-layer factors (module names not yet checked against a model).
 
-
-def read_lora(path: str | Path) -> list[LoraLayer]:
-    """Parse one safetensors LoRA into per-layer factors (module names not yet checked against a model)."""
+    unet_config: the UNet's config, needed to map original SD block names (`input_blocks_4_1_...`).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
     if path.suffix != ".safetensors":
         raise LoraError(f"LoRA file {path}: only .safetensors is loaded (pickled .bin/.ckpt files can run code)")
-    parts: dict[tuple[str, str, bool], dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(path)).items():
-        target, stem, dotted, role = _split_key(key)
-        group = parts.setdefault((target, stem, dotted), {})
+    raw = load_file(str(path))
+    written = {id(t): k for k, t in raw.items()}  # diffusers renames keys, keeping the tensors
+    parts: dict[tuple[str, str], dict[str, object]] = {}
+    for key, value in _diffusers_form(raw, path, unet_config).items():
+        target, name = next(((t, key[len(p) :]) for p, t in _PREFIXES if key.startswith(p)), (UNET, key))
+        written_key = written.get(id(value), key)  # as written (kohya alphas: diffusers' name)
+        if name.startswith(("lora_", "text_encoder_2.")):
+            raise LoraError(
+                f"LoRA file {path}: key {written_key!r} not read: kohya keys start with lora_unet_ or lora_te_ "
+                "(SD1.x/2.x: one text encoder) and one file cannot mix formats"
+            )
+        # one key at a time: two spellings of one factor would otherwise overwrite each other unseen
+        name = convert_state_dict({name: value}, _TO_PEFT[target]).popitem()[0]  # <module>.lora_A.weight
+        if name.endswith(".alpha"):
+            module, role = name[: -len(".alpha")].split(".lora_")[0], "alpha"
+        elif name.endswith((".lora_A.weight", ".lora_B.weight")):
+            module, role = name[: -len(".lora_A.weight")], "down" if name.endswith("A.weight") else "up"
+        else:
+            raise LoraError(
+                f"LoRA file {path}: key {written_key!r} is not a LoRA factor: expected .lora_A/.lora_B.weight "
+                "(PEFT), .lora.down/.lora.up.weight (diffusers), .lora_down/.lora_up.weight (kohya) or .alpha"
+            )
+        group = parts.setdefault((target, module), {})
         if role in group:
-            raise LoraError(f"LoRA file {path}: two {role} tensors for layer {stem!r} (second one: {key!r})")
-        group[role] = tensor
+            raise LoraError(f"LoRA file {path}: two {role} tensors for layer {module!r} (one is {written_key!r})")
+        group[role] = value
+        group.setdefault("key", written_key)
     layers = []
-    for (target, stem, dotted), group in parts.items():
+    for (target, module), group in parts.items():
         missing = [r for r in ("down", "up") if r not in group]
         if missing:
-            raise LoraError(f"LoRA file {path}: layer {stem!r} ({target}) has no {' and no '.join(missing)} factor")
+            raise LoraError(f"LoRA file {path}: layer {module!r} ({target}) has no {' and no '.join(missing)} factor")
         alpha = float(group["alpha"]) if "alpha" in group else None
-        layers.append(LoraLayer(target, stem, not dotted, group["down"], group["up"], alpha))
+        layers.append(LoraLayer(target, module, group["key"], group["down"], group["up"], alpha))
     return layers
 
 
-def _resolve(layer: LoraLayer, index: tuple[dict, dict], path: Path) -> tuple[str, nn.Module]:
-    modules, kohya = index
-    name = layer.module
-    if layer.kohya:
-        name = kohya.get(layer.module)
-        if name is None:
-            ldm = layer.module.startswith(("input_blocks", "middle_block", "output_blocks"))
-            hint = " (it uses the original SD block names: convert it to diffusers names)" if ldm else ""
-            raise LoraError(
-                f"LoRA file {path}: kohya layer {layer.module!r} matches no Linear/Conv2d of the {layer.target}{hint}. "
-                "Is this LoRA for another base model (SD1.5 vs SD2.1)?"
-            )
-    module = modules.get(name)
+def _lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear/Conv2d modules by name."""
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    if not hasattr(model, "text_model") and any(n.startswith("encoder.layers.") for n in modules):
+        # Recent transformers' CLIPTextModel has no `text_model.` level; LoRA files still name it.
+        modules.update({f"text_model.{n}": m for n, m in list(modules.items())})
+    return modules
+
+
+def _resolve(layer: LoraLayer, modules: dict[str, nn.Module], path: Path) -> nn.Module:
+    module = modules.get(layer.module)
     if module is None:
+        ldm = layer.target == UNET and any(b in layer.key for b in _SD_BLOCKS)
         raise LoraError(
-            f"LoRA file {path}: layer {name!r} is not a Linear/Conv2d of the {layer.target}. "
-            "Is this LoRA for another base model (SD1.5 vs SD2.1)?"
+            f"LoRA file {path}: layer {layer.module!r} (key {layer.key!r}) matches no Linear/Conv2d of the "
+            f"{layer.target}. Is this LoRA for another base model (SD1.5 vs SD2.1)?{_LDM_HINT if ldm else ''}"
         )
     w = module.weight
     out_f, in_f = w.shape[0], w[0].numel()
@@ -182,11 +172,11 @@ def _resolve(layer: LoraLayer, index: tuple[dict, dict], path: Path) -> tuple[st
     if not ok:
         want_down = ", ".join(map(str, w.shape[1:]))
         raise LoraError(
-            f"LoRA file {path}: layer {name!r} has up {tuple(up.shape)} and down {tuple(down.shape)}, which do not "
-            f"fit its weight {tuple(w.shape)} (expected up [{out_f}, r] and down [r, {want_down}]). "
-            "Is this LoRA for another base model?"
+            f"LoRA file {path}: layer {layer.module!r} (key {layer.key!r}) has up {tuple(up.shape)} and down "
+            f"{tuple(down.shape)}, which do not fit its weight {tuple(w.shape)} (expected up [{out_f}, r] and down "
+            f"[r, {want_down}]). Is this LoRA for another base model?"
         )
-    return name, module
+    return module
 
 
 def fuse_loras(unet: nn.Module | None, loras: Sequence[LoraSpec], text_encoder: nn.Module | None = None) -> int:
@@ -199,10 +189,11 @@ def fuse_loras(unet: nn.Module | None, loras: Sequence[LoraSpec], text_encoder: 
     manifest check compares fingerprints), the text-encoder layers still run in PyTorch and must be fused.
     """
     targets = {UNET: unet, TEXT_ENCODER: text_encoder}
-    indexes: dict[str, tuple[dict, dict]] = {}
+    unet_config = unet.config if unet is not None else None  # a diffusers UNet2DConditionModel
+    indexes: dict[str, dict[str, nn.Module]] = {}
     plan: list[tuple[nn.Module, LoraLayer, float]] = []
     for spec in loras:
-        for layer in read_lora(spec.path):
+        for layer in read_lora(spec.path, unet_config):
             model = targets[layer.target]
             if model is None and layer.target == UNET:
                 continue  # compiled into the engine
@@ -213,8 +204,7 @@ def fuse_loras(unet: nn.Module | None, loras: Sequence[LoraSpec], text_encoder: 
                 )
             if layer.target not in indexes:
                 indexes[layer.target] = _lora_modules(model)
-            _, module = _resolve(layer, indexes[layer.target], spec.path)
-            plan.append((module, layer, spec.scale))
+            plan.append((_resolve(layer, indexes[layer.target], spec.path), layer, spec.scale))
     with torch.no_grad():
         for module, layer, scale in plan:
             w = module.weight
