@@ -47,8 +47,8 @@ def swap_loras(backend: Backend, cfg: StreamConfig, loras: tuple[LoraSpec, ...])
         built = ", ".join(lora.cli_arg() for lora in cfg.spec.loras) or "no LoRA"
         raise EngineMismatch(
             f"the {backend.name.value} backend runs a build folder whose UNet weights are compiled into its files "
-            f"(built with {built}): another LoRA set needs a rebuild: {rebuild}; open it with "
-            "Source(engines=..., loras=[LoraSpec(path, scale), ...]), or run the eager backend, which swaps LoRAs "
+            f"(built with {built}): another LoRA set needs a rebuild: {rebuild}; name the LoRAs when opening it "
+            "(Source(engines=..., loras=[LoraSpec(path, scale), ...])), or run the eager backend, which swaps LoRAs "
             "at runtime"
         )
     backend.lora_weights.set(loras)
