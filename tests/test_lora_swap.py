@@ -158,6 +158,26 @@ def test_a_malformed_file_changes_nothing_and_the_stream_continues(files, tmp_pa
         assert np.array_equal(s(frame), twin(frame)), f"frame {i}"
 
 
+def test_a_failure_while_computing_the_new_weights_changes_nothing(files, monkeypatch):
+    """The new weights are prepared beside the running ones: an error half-way (say, out of memory) writes none."""
+    from streamv2v_trt.models import lora_weights
+
+    s = stream([(files["a"], 1.0)])
+    before, calls, add_deltas = weights(s), [], lora_weights.add_deltas
+
+    def failing(weight, fuses):  # the third layer fails
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        add_deltas(weight, fuses)
+
+    monkeypatch.setattr(lora_weights, "add_deltas", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        s.set_loras([(files["b"], 1.0)])
+    assert_same_weights(weights(s), before)
+    assert s.backend.lora_weights.loras == s.cfg.spec.loras == lora_specs([(files["a"], 1.0)])
+
+
 def test_multistream_sets_one_lora_set_for_every_slot(files):
     asked = [(files["a"], 0.7)]
     multi = MultiStream.from_pretrained(tiny_spec(), streams=2, prompt=PROMPT)

@@ -3,7 +3,8 @@
 The base value of every weight a LoRA has touched is kept once (a copy taken the first time it is touched, on the
 weights' device); a set writes base + the LoRAs' deltas (`lora.add_deltas`, the arithmetic of a fuse at load, so
 a swap gives the very weights a stream opened with those LoRAs has), and a weight no LoRA of the set touches gets
-its base back, bit for bit.
+its base back, bit for bit. The files are read and checked, then the new weights computed beside the running
+ones, then written: an error at any of those steps leaves the weights as they were.
 
 Weights are written in place (`param.copy_`), never rebound: a CUDA graph captured over the networks and a
 torch.compile'd forward read the parameters' storage at the addresses they had at capture / compile time, so
@@ -54,14 +55,14 @@ class LoraWeights:
             for module in by_module:
                 if module not in self._base:  # first touch: keep the base (contiguous, on the weights' device)
                     self._base[module] = module.weight.detach().clone(memory_format=torch.contiguous_format)
-            for module, base in self._base.items():
-                fuses = by_module.get(module)
-                if fuses is None:
-                    module.weight.copy_(base)  # no LoRA of this set touches it: the base, bit for bit
-                    continue
-                weight = base.clone()
-                add_deltas(weight, fuses)
-                module.weight.copy_(weight)  # in place: graphs and compiled forwards keep this storage
+            # Prepared beside the running weights, then written: a failure while computing (out of memory) leaves
+            # them as they were. Costs, during the swap, one more copy of the weights the set touches.
+            new = {}
+            for module, fuses in by_module.items():
+                new[module] = self._base[module].clone()
+                add_deltas(new[module], fuses)
+            for module, base in self._base.items():  # a weight no LoRA of this set touches: its base, bit for bit
+                module.weight.copy_(new.get(module, base))  # in place: graphs and compiled forwards keep this storage
         self.loras = loras
         log.info("LoRA set: %s (%d layers)", ", ".join(s.cli_arg() for s in loras) or "none", len(plan))
         return len(plan)
