@@ -7,7 +7,8 @@ A LoRA adds, to a Linear or Conv2d weight W of the UNet (or the text encoder),
 with `down` [rank, in(, kh, kw)], `up` [out, rank(, 1, 1)], `alpha` from the file (rank when absent) and
 `scale` chosen by the user. Fused weights cost nothing per frame and export like any other weights, so an
 engine carries its LoRAs; the spec (`streamv2v_trt.spec.LoraSpec`: file hash and scale) goes into the engine
-manifest, so a changed file or scale is refused instead of running stale weights.
+manifest, so a changed file or scale is refused instead of running stale weights. On the eager backend the set
+can also change while a stream runs (`lora_weights.py`: the same plan and arithmetic, `plan_loras`/`add_deltas`).
 
 Files are parsed by diffusers (`StableDiffusionLoraLoaderMixin.lora_state_dict`, then its renames to PEFT names):
 PEFT, diffusers old and new, and kohya/A1111 files, original SD block names included. What is ours: every key is
