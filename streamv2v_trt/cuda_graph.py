@@ -9,9 +9,10 @@ eager and doubles as the warm-up capture needs); every frame, replayed or not, e
 two graphs: steady and merge (plus the first frame after a reset).
 
 Everything a graph reads lives in fixed buffers written in place: the input frame (`edge.frame_in`), the
-stream's latents, noise and prompt embeddings, the bank, the DyMe permutation index. So `update_prompt`,
-`update_seed` and `reset` take effect on the next replay without recapture. Backends whose calls cannot be
-captured (onnxruntime synchronises inside `run`) are refused.
+stream's latents, noise and prompt embeddings, the bank, the DyMe permutation index, the eager weights
+(`set_loras` writes them in place, models/lora_weights.py). So `update_prompt`, `update_seed`, `reset` and
+`set_loras` take effect on the next replay without recapture. Backends whose calls cannot be captured
+(onnxruntime synchronises inside `run`) are refused.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .config import StreamConfig
 from .flavours import CAPTURABLE_BACKENDS
 from .frames import image_to_uint8, uint8_to_image
 from .graph_cache import GraphCache, cuda_capture
+from .lora_set import LoraSet
 from .pipeline import FramePlan, StreamV2V
 
 
@@ -71,6 +73,11 @@ class CudaGraphStream:
 
     def update_seed(self, seed: SeedBlend) -> None:
         self.stream.update_seed(seed)
+
+    def set_loras(self, loras: LoraSet, *, reset: bool = False) -> None:
+        # In place into the weights the graphs read (queued on the caller's stream, which the next frame waits
+        # for, after the last frame's work): the next replay runs the new set, no recapture.
+        self.stream.set_loras(loras, reset=reset)
 
     def reset(self) -> None:
         self.stream.reset()

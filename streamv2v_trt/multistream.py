@@ -51,6 +51,7 @@ from .config import StreamConfig
 from .edge import FrameEdge
 from .flavours import CAPTURABLE_BACKENDS
 from .graph_cache import GraphCache, cuda_capture
+from .lora_set import LoraSet, lora_specs, swap_loras
 from .pipeline import FramePlan, StreamV2V
 from .source import Source, open_networks, pretrained
 from .spec import EngineSpec, LoraSpec
@@ -59,7 +60,8 @@ from .spec import EngineSpec, LoraSpec
 class MultiStream:
     """`K` stream slots sharing the networks: `submit(slot, frame)` for each stream with a frame, then `tick()`.
 
-    `slots[i]` is slot i's stream (prompt, seed, reset: `slots[i].update_prompt(...)`, `slots[i].reset()`).
+    `slots[i]` is slot i's stream (prompt, seed, reset: `slots[i].update_prompt(...)`, `slots[i].reset()`); the
+    LoRA set is the networks', so the MultiStream's (`set_loras`).
     Not thread-safe: one thread runs submit, tick and the updates (the serving loop, `serving.py`, does).
     """
 
@@ -151,6 +153,21 @@ class MultiStream:
         source = Source(engines=directory, backend=backend, device=device, threads=threads, loras=loras,
                         verify_hashes=verify_hashes, cuda_graphs=cuda_graphs)  # fmt: skip
         return cls.from_source(source, cfg, streams, prompt=prompt, **runtime)
+
+    def set_loras(self, loras: LoraSet, *, reset: bool = False) -> None:
+        """Run every slot with this LoRA set from the next tick on: [(file or LoraSpec, scale), ...], [] for none.
+
+        The slots share one set of networks, so a LoRA set is the MultiStream's (per model), never per slot:
+        it is set here, not on `slots[i]`. Eager: swapped in place (no recapture), each slot's prompt re-encoded
+        with the new text-encoder weights, the banks kept (`reset=True` resets every slot). A bad file raises
+        `LoraError` and changes nothing; a build folder raises `EngineMismatch` with the rebuild command.
+        """
+        self.cfg = swap_loras(self.backend, self.cfg, lora_specs(loras))
+        for slot in self.slots:
+            slot.cfg = self.cfg
+            slot.update_prompt(slot.prompt, negative_prompt=slot.negative_prompt)
+            if reset:
+                slot.reset()
 
     # -- one tick ---------------------------------------------------------------------------------------------
     @torch.inference_mode()

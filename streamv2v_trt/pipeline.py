@@ -8,7 +8,7 @@ A frame is three steps: `plan()` decides on the host what the frame runs (primin
 `render(plan, image)` is the device work and touches no host state, `advance(plan)` moves the host counters.
 `__call__` runs the three; `CudaGraphStream` captures `render` once per plan and replays it.
 Features (docs/FEATURES.md): RCFG none/self/initialize and full CFG, prompt and seed blending, similar-frame
-skip, priming of the stream batch, LoRAs fused at load.
+skip, priming of the stream batch, LoRAs (fused at load; swapped at runtime on eager: `set_loras`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .bank import NO_UPDATE, BankOp, FeatureBank
 from .blending import PromptBlend, SeedBlend, blend_prompts, blend_seeds
 from .config import StreamConfig
 from .edge import FrameEdge
+from .lora_set import LoraSet, lora_specs, swap_loras
 from .prompt import PromptEncoder
 from .schedule import StreamSchedule
 from .source import Source, open_networks, pretrained
@@ -214,6 +215,21 @@ class StreamV2V:
         self.noise.copy_(blend_seeds(seed, tuple(self.noise.shape)))
         self._noise_next.copy_(torch.roll(self.noise, -1, dims=0))  # RCFG's rolled copy of the noise
         self.seed = seed
+
+    def set_loras(self, loras: LoraSet, *, reset: bool = False) -> None:
+        """Run with this LoRA set from the next frame on: [(file or LoraSpec, scale), ...] in order, [] for none.
+
+        Eager: the weights become base + the LoRAs' deltas, written in place (no recapture; the same weights as a
+        stream opened with these LoRAs), and the prompt is re-encoded with the new text-encoder weights; `cfg`
+        then names the set. Every file is read and checked first: a bad one raises `LoraError` and changes
+        nothing. The bank is kept (the style changes smoothly); `reset=True` forgets the stream too. The weights
+        belong to the networks, so streams sharing them (`sibling()`) share the set: call it on a `MultiStream`
+        for its slots. A build folder raises `EngineMismatch` with the rebuild command (weights compiled in).
+        """
+        self.cfg = swap_loras(self.backend, self.cfg, lora_specs(loras))
+        self.update_prompt(self.prompt, negative_prompt=self.negative_prompt)  # the text encoder changed too
+        if reset:
+            self.reset()
 
     def reset(self) -> None:
         """Forget the stream: empty bank, empty stream batch, fresh noise state. The prompt stays."""

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
     from .blending import PromptBlend, SeedBlend
     from .config import StreamConfig
+    from .lora_set import LoraSet
 
 
 @runtime_checkable
@@ -32,6 +33,11 @@ class Stream(Protocol):
 
     def update_seed(self, seed: SeedBlend) -> None:
         """New per-slot noise from the next frame on."""
+        ...
+
+    def set_loras(self, loras: LoraSet, *, reset: bool = False) -> None:
+        """From the next frame on, this LoRA set [(file, scale), ...] (eager: swapped in place; a build folder
+        raises `EngineMismatch` with the rebuild command)."""
         ...
 
     def reset(self) -> None:

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from build_engines.__main__ import build_parser, config_from_args
 from streamv2v_trt import CfgType, LoraSpec, StreamV2V
+from streamv2v_trt.lora_set import lora_specs
 from streamv2v_trt.manifest import EngineMismatch
 from streamv2v_trt.models.loader import load_models
 
@@ -112,6 +113,21 @@ def test_lora_engine_matches_eager_with_the_same_lora(ort_stream, lora):
         assert max_diff(a, b) <= 1, f"frame {i}"
         worst_plain = max(worst_plain, max_diff(c, b))
     assert worst_plain > 1  # the LoRA really changes the output: the engine is not the plain model
+
+
+def test_set_loras_on_a_build_folder_is_refused_with_the_rebuild_command(ort_stream, lora, tmp_path):
+    """The UNet's weights are compiled into the folder's files: set_loras names the build of the asked set."""
+    s = ort_stream
+    other = write_lora(tmp_path / "other.safetensors", seed=9)
+    cfg, embeds = s.cfg, s.prompt_embeds.clone()
+    for asked in ([], [(other.path, 0.5)], [(lora, 1.0), (other.path, 0.5)]):
+        with pytest.raises(EngineMismatch, match="compiled into its files") as e:
+            s.set_loras(asked, reset=True)
+        command = str(e.value).split("needs a rebuild: ", 1)[1].split("; name the LoRAs", 1)[0]
+        assert "--onnx-only" in command and command.endswith("open that folder)")
+        spec = config_from_args(build_parser().parse_args(shlex.split(re.sub(r" \(writes .*$", "", command))[3:])).spec
+        assert [(x.digest(), x.scale) for x in spec.loras] == [(x.digest(), x.scale) for x in lora_specs(asked)]
+        assert s.cfg == cfg and torch.equal(s.prompt_embeds, embeds)  # nothing changed
 
 
 def test_changed_or_missing_lora_is_refused_with_the_rebuild_command(engines, lora, tmp_path):

@@ -36,6 +36,7 @@ LAYERS = {
     "streamv2v_trt.graph_cache": 3,
     "streamv2v_trt.edge": 3,
     "streamv2v_trt.multistream": 3,
+    "streamv2v_trt.lora_set": 3,
     "streamv2v_trt.source": 3,
     "streamv2v_trt.opening": 3,
     "streamv2v_trt.manifest": 3,

@@ -2,7 +2,8 @@
 
 A backend provides: `name` (a `flavours.BackendKind`), `builder`, `device`, `dtype`, `layout` (the bank layout
 its UNet was built with), `unet(inputs: dict[str, Tensor]) -> dict[str, Tensor]` keyed by the engine tensor names
-(docs/DESIGN.md, "Engine I/O"), `encode(images) -> latents` and `decode(latents) -> images`.
+(docs/DESIGN.md, "Engine I/O"), `encode(images) -> latents`, `decode(latents) -> images` and `lora_weights`
+(eager: the LoRA set, swappable at runtime; None where the weights are compiled into the files).
 
 Backends: `eager` (PyTorch, eager.py), and on a build folder (`build_folder.py` opens it) `onnxruntime` (its
 ONNX, onnxruntime.py), `tensorrt` (its TensorRT / TensorRT-RTX engines, tensorrt.py) and `aoti` (its
@@ -11,12 +12,15 @@ AOTInductor packages, aoti.py), all three as a `named_io.NamedIOBackend` over on
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ..flavours import BackendKind, Builder
 from ..layout import BankLayout
+
+if TYPE_CHECKING:
+    from ..models.lora_weights import LoraWeights
 
 
 class Backend(Protocol):
@@ -25,6 +29,7 @@ class Backend(Protocol):
     device: torch.device
     dtype: torch.dtype
     layout: BankLayout
+    lora_weights: LoraWeights | None  # the swappable LoRA set (eager); None: weights compiled into the files
 
     def unet(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 

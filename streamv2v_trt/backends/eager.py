@@ -8,7 +8,7 @@ from ..bank_unet import BankUNet
 from ..config import StreamConfig
 from ..flavours import BackendKind
 from ..models.loader import Models, load_models
-from ..models.lora import fuse_loras
+from ..models.lora_weights import LoraWeights
 from ..prompt import PromptEncoder
 from ..spec import EngineSpec
 from ..vae import VaeDecoder, VaeEncoder
@@ -18,12 +18,14 @@ def open_eager(
     cfg: StreamConfig, device: torch.device, *, compile: bool | str = False, channels_last: bool | None = None
 ) -> tuple[EagerBackend, PromptEncoder, object, StreamConfig]:
     """The eager networks of `cfg.spec`, its LoRAs fused: (backend, prompt encoder, scheduler, config) for
-    `StreamV2V` and `MultiStream` (`source.open_networks` calls it). channels_last: default on for CUDA."""
+    `StreamV2V` and `MultiStream` (`source.open_networks` calls it). channels_last: default on for CUDA.
+    The LoRAs go in through `backend.lora_weights`, so `set_loras` can swap them later (it keeps a copy of the
+    base of each weight they touch)."""
     models = load_models(cfg.spec, device=device)
-    if cfg.spec.loras:
-        fuse_loras(models.unet, cfg.spec.loras, text_encoder=models.text_encoder)
     channels_last = device.type == "cuda" if channels_last is None else channels_last
     backend = EagerBackend(models, cfg.spec, channels_last=channels_last, compile=compile)
+    if cfg.spec.loras:
+        backend.lora_weights.set(cfg.spec.loras)
     return backend, PromptEncoder(models.tokenizer, models.text_encoder), models.scheduler, cfg
 
 
@@ -52,6 +54,8 @@ class EagerBackend:
         self._names_in, self._names_out = self.layout.input_names(), self.layout.output_names()
         p = next(models.unet.parameters())
         self.device, self.dtype = p.device, p.dtype
+        # The LoRA set is runtime state of the weights (StreamV2V.set_loras): written in place, graphs stay valid.
+        self.lora_weights = LoraWeights(models.unet, models.text_encoder)
 
     @torch.inference_mode()
     def unet(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,7 +7,8 @@ A LoRA adds, to a Linear or Conv2d weight W of the UNet (or the text encoder),
 with `down` [rank, in(, kh, kw)], `up` [out, rank(, 1, 1)], `alpha` from the file (rank when absent) and
 `scale` chosen by the user. Fused weights cost nothing per frame and export like any other weights, so an
 engine carries its LoRAs; the spec (`streamv2v_trt.spec.LoraSpec`: file hash and scale) goes into the engine
-manifest, so a changed file or scale is refused instead of running stale weights.
+manifest, so a changed file or scale is refused instead of running stale weights. On the eager backend the set
+can also change while a stream runs (`lora_weights.py`: the same plan and arithmetic, `plan_loras`/`add_deltas`).
 
 Files are parsed by diffusers (`StableDiffusionLoraLoaderMixin.lora_state_dict`, then its renames to PEFT names):
 PEFT, diffusers old and new, and kohya/A1111 files, original SD block names included. What is ours: every key is
@@ -20,6 +21,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
@@ -63,10 +65,11 @@ class LoraLayer:
     up: torch.Tensor  # [out, r] or [out, r, 1, 1]
     alpha: float | None
 
-    def delta(self, scale: float, weight_shape: torch.Size) -> torch.Tensor:
-        """scale * alpha / rank * up @ down, shaped like the weight (float32)."""
+    def delta(self, scale: float, weight_shape: torch.Size, device: torch.device | None = None) -> torch.Tensor:
+        """scale * alpha / rank * up @ down, shaped like the weight (float32, computed on `device`)."""
         rank = self.down.shape[0]
-        up, down = self.up.float().flatten(1), self.down.float().flatten(1)  # [out, r], [r, in*kh*kw]
+        up = self.up.to(device=device, dtype=torch.float32).flatten(1)  # [out, r]
+        down = self.down.to(device=device, dtype=torch.float32).flatten(1)  # [r, in*kh*kw]
         return (scale * (rank if self.alpha is None else self.alpha) / rank) * (up @ down).view(weight_shape)
 
 
@@ -179,19 +182,24 @@ def _resolve(layer: LoraLayer, modules: dict[str, nn.Module], path: Path) -> nn.
     return module
 
 
-def fuse_loras(unet: nn.Module | None, loras: Sequence[LoraSpec], text_encoder: nn.Module | None = None) -> int:
-    """Fuse every LoRA into the weights in place; returns the number of layers changed.
+class LoraFuse(NamedTuple):
+    """One layer of one LoRA, matched and shape-checked: `module.weight += scale * layer's delta`."""
 
-    Everything is read and checked before the first weight changes, so an error leaves the model untouched.
-    Fuse after hashing the base weights (the manifest records that hash and the LoRA specs separately)
-    and before `BankUNet` is built and exported: the engine then carries the LoRA. On the engine path the
-    runtime calls `fuse_loras(None, loras, text_encoder)`: the UNet layers are already in the engine (the
-    manifest check compares fingerprints), the text-encoder layers still run in PyTorch and must be fused.
-    """
+    target: str  # UNET or TEXT_ENCODER
+    module: nn.Module
+    layer: LoraLayer
+    scale: float
+
+
+def plan_loras(
+    unet: nn.Module | None, loras: Sequence[LoraSpec], text_encoder: nn.Module | None = None
+) -> list[LoraFuse]:
+    """Read every file and match and check every key against the models, changing nothing: what `fuse_loras`
+    (and `LoraWeights.set`) then apply, in order. unet=None: its layers are compiled into an engine, skipped."""
     targets = {UNET: unet, TEXT_ENCODER: text_encoder}
     unet_config = unet.config if unet is not None else None  # a diffusers UNet2DConditionModel
     indexes: dict[str, dict[str, nn.Module]] = {}
-    plan: list[tuple[nn.Module, LoraLayer, float]] = []
+    plan: list[LoraFuse] = []
     for spec in loras:
         for layer in read_lora(spec.path, unet_config):
             model = targets[layer.target]
@@ -204,11 +212,30 @@ def fuse_loras(unet: nn.Module | None, loras: Sequence[LoraSpec], text_encoder: 
                 )
             if layer.target not in indexes:
                 indexes[layer.target] = _lora_modules(model)
-            plan.append((_resolve(layer, indexes[layer.target], spec.path), layer, spec.scale))
+            plan.append(LoraFuse(layer.target, _resolve(layer, indexes[layer.target], spec.path), layer, spec.scale))
+    return plan
+
+
+def add_deltas(weight: torch.Tensor, fuses: Sequence[LoraFuse]) -> None:
+    """weight += each LoRA's delta, in order, in the weight's dtype, computed on its device: the one fuse
+    arithmetic, so a runtime swap (`lora_weights.py`) writes the very weights a fuse at load does."""
+    for fuse in fuses:
+        weight.add_(fuse.layer.delta(fuse.scale, weight.shape, weight.device).to(weight.dtype))
+
+
+def fuse_loras(unet: nn.Module | None, loras: Sequence[LoraSpec], text_encoder: nn.Module | None = None) -> int:
+    """Fuse every LoRA into the weights in place; returns the number of layers changed.
+
+    Everything is read and checked before the first weight changes (`plan_loras`), so an error leaves the model
+    untouched. Fuse after hashing the base weights (the manifest records that hash and the LoRA specs separately)
+    and before `BankUNet` is built and exported: the engine then carries the LoRA. On the engine path the
+    runtime calls `fuse_loras(None, loras, text_encoder)`: the UNet layers are already in the engine (the
+    manifest check compares fingerprints), the text-encoder layers still run in PyTorch and must be fused.
+    """
+    plan = plan_loras(unet, loras, text_encoder)
     with torch.no_grad():
-        for module, layer, scale in plan:
-            w = module.weight
-            w.add_(layer.delta(scale, w.shape).to(device=w.device, dtype=w.dtype))
+        for fuse in plan:
+            add_deltas(fuse.module.weight, [fuse])
     for spec in loras:
         log.info("fused LoRA %s (scale %g)", spec.path, spec.scale)
     return len(plan)
