@@ -53,6 +53,15 @@ log = logging.getLogger(__name__)
 # - layout_optimization is already on (see the module docstring); keep_output_stride keeps outputs NCHW.
 DEFAULT_OPTIONS: dict[str, dict[str, object]] = {"cuda": {"freezing": True, "conv_1x1_as_mm": True}, "cpu": {}}
 
+# Swappable weights (docs/BUILD.md, "Swappable weights"): without `freezing` every parameter stays a package
+# constant under its module name (`unet.down_blocks.0...weight`, the exported `BankUNet`'s names), so the runtime
+# can write new values into it (`AotiRunner.load_weights`); with `freezing` they become `_frozen_param<N>`, folded
+# and re-laid at build time, and no parameter name is left to write to (measured, torch 2.13 CPU). The default:
+# swappable on the CPU, where freezing is off anyway; frozen on CUDA, where freezing's speed-up was chosen and
+# the cost of unfrozen weights has not been measured here (no GPU in that session).
+DEFAULT_WEIGHTS = {"cuda": "frozen", "cpu": "swappable"}
+WEIGHTS = ("swappable", "frozen")
+
 
 @dataclass(frozen=True)
 class AotiResult:
@@ -67,15 +76,37 @@ class AotiResult:
     tensors: tuple[AotiTensor, ...]  # inputs in call order, then outputs
 
 
+def aoti_weights(device: torch.device | str, weights: str | None = None) -> str:
+    """ "swappable" or "frozen": `weights`, or the device's default (DEFAULT_WEIGHTS)."""
+    device = torch.device(device)
+    if device.type not in DEFAULT_WEIGHTS:
+        raise ValueError(f"AOTInductor packages are built for {sorted(DEFAULT_WEIGHTS)}, not {device}")
+    weights = weights or DEFAULT_WEIGHTS[device.type]
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights is one of {WEIGHTS}, not {weights!r}")
+    return weights
+
+
 def aoti_options(
-    device: torch.device | str, options: dict[str, object] | None = None, *, max_autotune: bool = False
+    device: torch.device | str,
+    options: dict[str, object] | None = None,
+    *,
+    max_autotune: bool = False,
+    weights: str | None = None,
 ) -> dict[str, object]:
-    """The device's DEFAULT_OPTIONS, max_autotune if asked, then `options` on top: what compile_aoti uses and the
-    manifest records. Plain JSON only."""
+    """The device's DEFAULT_OPTIONS, freezing on for frozen `weights` and off for swappable ones (default: what
+    `options` say, else the device's, `aoti_weights`), max_autotune if asked, then `options` on top: what
+    compile_aoti uses and the manifest records. Plain JSON only."""
     device = torch.device(device)
     if device.type not in DEFAULT_OPTIONS:
         raise ValueError(f"AOTInductor packages are built for {sorted(DEFAULT_OPTIONS)}, not {device}")
-    merged = {**DEFAULT_OPTIONS[device.type], **({"max_autotune": True} if max_autotune else {}), **(options or {})}
+    if weights is None and "freezing" in (options or {}):  # options name it: the weights follow
+        weights = "frozen" if options["freezing"] else "swappable"
+    frozen = aoti_weights(device, weights) == "frozen"
+    extra = {"max_autotune": True} if max_autotune else {}
+    merged = {**DEFAULT_OPTIONS[device.type], "freezing": frozen, **extra, **(options or {})}
+    if merged["freezing"] != frozen:
+        raise ValueError(f"{weights} weights need freezing {'on' if frozen else 'off'}, options ask the opposite")
     try:
         json.dumps(merged)
     except TypeError as e:

@@ -117,7 +117,7 @@ def _facts(builder: str | None, cfg: BuildConfig) -> tuple[str | None, dict, dic
         if device.type == "cuda":
             target["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
             target["gpu"] = torch.cuda.get_device_name(device)
-        return torch.__version__, target, aoti_options(device, max_autotune=cfg.max_autotune)
+        return torch.__version__, target, aoti_options(device, max_autotune=cfg.max_autotune, weights=cfg.weights)
     return None, {}, {}
 
 
@@ -175,6 +175,14 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
     step = progress or (lambda _desc: None)
     builder, why = choose_builder(cfg)
     log.info("builder: %s (%s)", builder or "none", why)
+    swappable = cfg.swappable(builder)
+    if swappable and cfg.spec.loras:
+        flags = " ".join(f"--lora {lora.cli_arg()}" for lora in cfg.spec.loras)
+        raise ValueError(
+            "a build with swappable weights compiles no LoRA in: drop the --lora flags and open the folder with "
+            f"them ({flags}; in Python Source(engines=..., loras=[...]) or stream.set_loras), or build with "
+            "--weights frozen to compile them in"
+        )
     out = cfg.folder(builder)
     out.mkdir(parents=True, exist_ok=True)
     version, target, options = facts = _facts(builder, cfg)
@@ -221,6 +229,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
         networks=run.entries,
         # this run's stage times over the previous build's for what was reused
         timings_s={**(old.timings_s if old else {}), **{k: round(v, 3) for k, v in run.timings.items()}},
+        weights="swappable" if swappable else "frozen",
     )
     manifest.save(out)
     return BuildResult(out, manifest, tuple(run.artifacts), time.perf_counter() - t_start, why)

@@ -45,6 +45,15 @@ class BuildConfig:
         metadata=flag("aoti: the device to compile for", choices=("cuda", "cpu"), default_text="cuda if any"),
     )
     max_autotune: bool = field(default=False, metadata=flag("aoti: autotune kernels (much slower build)"))
+    weights: str | None = field(  # AOTInductor only
+        default=None,
+        metadata=flag(
+            "aoti: swappable (the UNet's weights stay replaceable: LoRAs are applied when the folder is opened and "
+            "swapped at runtime, none compiled in) or frozen (folded into the code; a LoRA set is a rebuild)",
+            choices=("swappable", "frozen"),
+            default_text="swappable on the CPU, frozen on CUDA",
+        ),
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "builder", Builder(self.builder))
@@ -56,10 +65,21 @@ class BuildConfig:
             raise ValueError(
                 f"--device picks the device AOTInductor compiles for; builder {self.builder.value} has none"
             )
+        if self.weights is not None and (self.onnx_only or self.builder.is_tensorrt):
+            raise ValueError("--weights applies to --builder aoti; other builders compile the weights in")
 
     @property
     def aoti_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def swappable(self, builder: Builder | None) -> bool:
+        """Whether `builder` (the resolved one) builds swappable weights: AOTInductor, by `weights` or its device's
+        default (build_engines/aoti.py, DEFAULT_WEIGHTS)."""
+        if builder is not Builder.AOTI:
+            return False
+        from .aoti import aoti_weights
+
+        return aoti_weights(self.aoti_device, self.weights) == "swappable"
 
     def folder(self, builder: Builder | None) -> Path:
         return self.out or Path("engines") / self.spec.folder_name(builder)

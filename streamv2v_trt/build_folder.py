@@ -25,6 +25,7 @@ from .backends.named_io import NamedIOBackend, NetworkRunner
 from .config import StreamConfig
 from .flavours import ENGINE_BACKENDS, BackendKind, Builder, backend_of, folder_backend
 from .layout import NETWORKS, TensorSpec, bank_layout
+from .lora_set import AOTI_HINT
 from .manifest import EngineMismatch, Manifest, load_manifest, mismatch
 from .prompt import PromptEncoder, text_shape
 from .spec import EngineSpec, LoraSpec
@@ -152,6 +153,18 @@ def _open_runners(
     return {name: AotiRunner(path, device) for name, path in files.items()}
 
 
+def _package_loras(spec: EngineSpec, weights, text_encoder: torch.nn.Module, runner: NetworkRunner):
+    """The swappable weights of an AOTInductor folder, holding `spec.loras`: the UNet loaded on the CPU (its base
+    weights; kept for the folder's lifetime) and the package's constants written from it."""
+    from .backends.aoti_loras import PackageLoraWeights
+    from .models.loader import load_unet
+
+    lora_weights = PackageLoraWeights(load_unet(spec, weights, "cpu"), text_encoder, runner)
+    if spec.loras:
+        lora_weights.set(spec.loras)
+    return lora_weights
+
+
 def open_build_folder(
     directory: str | PathLike,
     backend: str | BackendKind | None = None,
@@ -205,7 +218,8 @@ def open_build_folder(
     if problems:
         lora_diff = any(p.startswith("loras:") for p in problems)
         error = mismatch(directory, problems, rebuild)
-        raise EngineMismatch(f"{error}{_lora_hint(manifest) if lora_diff else ''}")
+        aoti = AOTI_HINT if lora_diff and backend is BackendKind.AOTI else ""
+        raise EngineMismatch(f"{error}{_lora_hint(manifest) if lora_diff else ''}{aoti}")
 
     if backend is BackendKind.TENSORRT:
         from .backends.tensorrt import check_device
@@ -214,13 +228,15 @@ def open_build_folder(
     # The text encoder runs in PyTorch; on a CPU in fp32 (fp16 matmuls there are slow or missing).
     text_dtype = torch.float32 if device.type == "cpu" else spec.precision.torch_dtype
     tokenizer, text_encoder, scheduler = load_text(spec, weights, device, text_dtype)
-    if spec.loras:  # the UNet's LoRA layers are compiled in; the text encoder's still run in PyTorch
+    if spec.loras and not manifest.swappable:  # the UNet's LoRA layers are compiled in; the text encoder's not
         fuse_loras(None, spec.loras, text_encoder=text_encoder)
     layout = bank_layout(unet_skeleton(spec, weights), spec)
     expected = layout.network_specs(spec, text_shape(tokenizer, text_encoder))
     runners = _open_runners(backend, directory, manifest, device, threads)
     check_io(expected, manifest, runners, directory, rebuild)
     networks = NamedIOBackend(backend, runners, layout, device, builder=_built(manifest))
+    if manifest.swappable:  # LoRAs are runtime state: applied here and by set_loras
+        networks.lora_weights = _package_loras(spec, weights, text_encoder, runners["unet"])
     log.info("opened %s (%s, %s) with the %s backend on %s", directory, spec.model, spec.precision.value,
              backend.value, device)  # fmt: skip
     return OpenedBuild(networks, manifest, cfg, PromptEncoder(tokenizer, text_encoder), scheduler)

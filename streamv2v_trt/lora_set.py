@@ -1,8 +1,9 @@
 """`set_loras`: a stream's LoRA set as runtime state (docs/FEATURES.md, "LoRA"), shared by `StreamV2V` and
 `MultiStream`.
 
-On the eager backend the weights are swapped in place (`models/lora_weights.py`); on a build folder the UNet's
-weights are compiled into its files, so another set is refused with the command that builds it.
+On the eager backend the weights are swapped in place (`models/lora_weights.py`); on an AOTInductor folder built
+with swappable weights the package's constants are rewritten (`backends/aoti_loras.py`); on any other build folder
+the UNet's weights are compiled into its files, so another set is refused with the command that builds it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ if TYPE_CHECKING:
     from .backends import Backend
     from .config import StreamConfig
 
+# An AOTInductor folder with frozen weights: the two builds that serve another LoRA set (docs/BUILD.md).
+AOTI_HINT = (
+    ". AOTInductor: add --weights frozen to that command to compile the LoRAs in, or build with --weights swappable "
+    "and no --lora: that folder swaps LoRAs at runtime"
+)
 LoraSet = Iterable[LoraSpec | tuple[str | PathLike | LoraSpec, float]]
 
 
@@ -49,7 +55,7 @@ def swap_loras(backend: Backend, cfg: StreamConfig, loras: tuple[LoraSpec, ...])
             f"the {backend.name.value} backend runs a build folder whose UNet weights are compiled into its files "
             f"(built with {built}): another LoRA set needs a rebuild: {rebuild}; name the LoRAs when opening it "
             "(Source(engines=..., loras=[LoraSpec(path, scale), ...])), or run the eager backend, which swaps LoRAs "
-            "at runtime"
+            f"at runtime{AOTI_HINT if backend.name == 'aoti' else ''}"
         )
     backend.lora_weights.set(loras)
     return cfg.with_spec(loras=loras)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .layout import NETWORKS, TensorSpec
@@ -96,6 +96,10 @@ class Manifest:
     build_command: str
     networks: dict[str, NetworkEntry]
     timings_s: dict[str, float] = field(default_factory=dict)  # informational, never compared
+    # "swappable": the UNet's weights can be replaced at runtime (AOTInductor without freezing): the spec names no
+    # LoRA, any LoRA set is applied when the folder is opened and by `set_loras`. "frozen": compiled into the
+    # files; the spec names the LoRAs fused in, and another set is a rebuild. Older manifests: frozen.
+    weights: str = "frozen"
     format_version: int = FORMAT_VERSION
 
     def network(self, name: str) -> NetworkEntry:
@@ -133,9 +137,14 @@ class Manifest:
         tmp.replace(path)
         return path
 
+    @property
+    def swappable(self) -> bool:
+        return self.weights == "swappable"
+
     def differences(self, asked: EngineSpec, weights_hash: str | None = None) -> list[str]:
-        """Every difference between what was built and `asked` (spec field by field, then the weights)."""
-        diffs = self.spec.differences(asked)
+        """Every difference between what was built and `asked` (spec field by field, then the weights). The LoRAs
+        of a swappable build are runtime state, not compared."""
+        diffs = self.spec.differences(replace(asked, loras=self.spec.loras) if self.swappable else asked)
         if self.random_weights and self.spec.weights_seed != asked.weights_seed:  # also without hashing
             diffs.append(f"weights_seed: engines have {self.spec.weights_seed}, asked {asked.weights_seed}")
         if weights_hash is not None and weights_hash != self.weights_hash:

@@ -150,7 +150,29 @@ class AotiRunner:
                 f"{self.path.name}: the compiled graph takes {n_in} inputs and returns {n_out} outputs, its metadata "
                 f"lists {len(self._inputs)} and {len(self._output_names)}; rebuild it with {REBUILD}"
             )
+        self._loader = model.loader
         self._run = model.loader.run
+
+    @property
+    def constant_names(self) -> frozenset[str]:
+        """The package's replaceable constants by module name (`unet.conv_in.weight`); a package compiled with
+        `freezing` lists `_frozen_param<N>` names instead (build_engines/aoti.py, DEFAULT_WEIGHTS)."""
+        return frozenset(self._loader.get_constant_fqns())
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy `tensors` (constant name -> new value) into the package's constants, between two runs.
+
+        Every name is checked before any constant is written (the loader raises "Constant not found" first). The
+        values are copied into the constants' own storage (`user_managed=False`), so the next run reads them all
+        and `tensors` may be freed. The package loader in torch 2.13 offers no `swap_constant_buffer` (only its
+        container runner does), so the active buffer is written; the runner is single-threaded, so no run is
+        under way while it is written. Not to be called while a CUDA graph that replays this package is in
+        flight (unmeasured on CUDA)."""
+        unknown = sorted(set(tensors) - self.constant_names)
+        if unknown:
+            raise KeyError(f"{self.path.name}: no constants {unknown[:4]} in the package; rebuild it with {REBUILD}")
+        values = {k: v.to(self.device) for k, v in tensors.items()}
+        self._loader.load_constants(values, False, False, False)  # use_inactive, check_full_update, user_managed
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Outputs by name; every input checked by name and shape, no host sync.

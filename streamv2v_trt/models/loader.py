@@ -285,6 +285,20 @@ def unet_skeleton(spec: EngineSpec, weights: Weights) -> UNet2DConditionModel:
         return UNet2DConditionModel.from_config(config)
 
 
+def load_unet(spec: EngineSpec, weights: Weights, device: torch.device | str | None = None) -> UNet2DConditionModel:
+    """The UNet alone (random weights seeded as `load_models` seeds them), in `spec.precision`; on `device` (eval,
+    no grad) when given. A swappable AOTInductor folder keeps it on the CPU as the base of its LoRA swaps."""
+    if weights.random:
+        _warn_random(spec)
+        config = _load_json(PRESETS[spec.model].config_dir / "unet.json")
+        unet = _random_init(lambda: UNet2DConditionModel.from_config(config), spec.weights_seed)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(weights.folder, subfolder="unet", use_safetensors=True)
+    if device is not None:
+        _prepare(unet, device, spec.precision.torch_dtype)
+    return unet
+
+
 def load_models(spec: EngineSpec, device: torch.device | str = "cpu") -> Models:
     """Load `spec.model` (a preset name, a local diffusers folder, or a hub id) in `spec.precision` with
     `spec.vae`; a preset without real weights on disk gets seeded random weights (`spec.weights_seed`).
@@ -292,15 +306,13 @@ def load_models(spec: EngineSpec, device: torch.device | str = "cpu") -> Models:
     weights = find_weights(spec)
     dtype = spec.precision.torch_dtype
     seed = spec.weights_seed
+    unet = load_unet(spec, weights)
     if weights.random:
-        _warn_random(spec)
         cfg = PRESETS[spec.model].config_dir
-        unet = _random_init(lambda: UNet2DConditionModel.from_config(_load_json(cfg / "unet.json")), seed)
         vae_cls = AutoencoderTiny if spec.vae is VaeKind.TAESD else AutoencoderKL
         vae = _random_init(lambda: vae_cls.from_config(_load_json(cfg / _VAE_CONFIGS[spec.vae])), seed + 1)
         _calibrate_random_vae(vae, seed)
     else:
-        unet = UNet2DConditionModel.from_pretrained(weights.folder, subfolder="unet", use_safetensors=True)
         if spec.vae is VaeKind.FULL:
             vae = AutoencoderKL.from_pretrained(weights.folder, subfolder="vae", use_safetensors=True)
         elif weights.taesd is None:

@@ -1,0 +1,52 @@
+"""LoRAs as runtime state of an AOTInductor build folder with swappable weights (docs/FEATURES.md, "LoRA").
+
+The package keeps the UNet's weights as constants named like the exported `BankUNet`'s parameters
+(`unet.<diffusers name>.weight`). The base weights come from the model on the CPU, in the folder's precision, as the
+eager loader reads them; `LoraWeights` (models/lora_weights.py) keeps the base of each touched layer and computes
+base + deltas in that CPU model, with the eager path's checks and arithmetic; then the touched UNet weights are
+written into the package in one call between two frames (`AotiRunner.load_weights`, every name checked first).
+The text encoder runs in PyTorch and is swapped in place, as on the eager backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from ..manifest import EngineMismatch
+from ..models.lora_weights import LoraWeights
+from ..spec import LoraSpec
+from .aoti import REBUILD, AotiRunner
+
+PREFIX = "unet."  # BankUNet.unet: the diffusers UNet inside the exported module
+
+
+class PackageLoraWeights(LoraWeights):
+    """`LoraWeights` over a CPU copy of the UNet whose touched weights are then written into the package."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, runner: AotiRunner) -> None:
+        super().__init__(unet, text_encoder)
+        self.runner = runner
+        names = runner.constant_names
+        self._names = {
+            m: f"{PREFIX}{n}.weight" for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+        }
+        missing = sorted(n for n in self._names.values() if n not in names)
+        if missing:
+            raise EngineMismatch(
+                f"{runner.path.name}: the UNet's weights are not replaceable in this package (no constants "
+                f"{missing[:3]}{' ...' if len(missing) > 3 else ''}: compiled with freezing?); rebuild it with "
+                f"{REBUILD} --weights swappable"
+            )
+
+    def set(self, loras: Sequence[LoraSpec]) -> int:
+        """Base + `loras` in the CPU UNet (checked and computed as on eager), then into the package at once."""
+        previous = self.loras
+        layers = super().set(loras)
+        try:
+            self.runner.load_weights({self._names[m]: m.weight for m in self._base if m in self._names})
+        except BaseException:
+            super().set(previous)  # the CPU copy back to what the package still holds
+            raise
+        return layers
