@@ -36,8 +36,8 @@ class Stream(Protocol):
         ...
 
     def set_loras(self, loras: LoraSet, *, reset: bool = False) -> None:
-        """From the next frame on, this LoRA set [(file, scale), ...] (eager: swapped in place; a build folder
-        raises `EngineMismatch` with the rebuild command)."""
+        """From the next frame on, this LoRA set [(file, scale), ...] (eager and AOTInductor folders with
+        swappable weights: swapped; another build folder raises `EngineMismatch` with the rebuild command)."""
         ...
 
     def reset(self) -> None:

@@ -238,3 +238,21 @@ def test_log_lines_print_above_the_progress_bar_not_into_it(tiny_build):
     assert any("reusing the build" in line for line in logged), proc.stderr
     assert all(line.startswith("INFO ") for line in logged), logged
     assert any(line.startswith("build_engines: 100%") for line in shown), shown  # the bar itself is still drawn
+
+
+def test_weights_flag_picks_swappable_or_frozen_aoti_builds(tmp_path):
+    assert parse("--builder", "aoti", "--device", "cpu").swappable(Builder.AOTI)  # the CPU default
+    assert not parse("--builder", "aoti", "--device", "cpu", "--weights", "frozen").swappable(Builder.AOTI)
+    assert parse("--builder", "aoti", "--device", "cuda", "--weights", "swappable").swappable(Builder.AOTI)
+    assert not parse("--builder", "aoti", "--device", "cuda").swappable(Builder.AOTI)  # CUDA stays frozen
+    for other in (("--onnx-only",), ("--builder", "tensorrt")):
+        with pytest.raises(ValueError, match="--weights applies to --builder aoti"):
+            parse(*other, "--weights", "swappable")
+    from build_engines import build
+
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    cfg = BuildConfig(tiny_spec(loras=(LoraSpec(lora, 0.5),)), builder="aoti", device="cpu", out=tmp_path / "out")
+    with pytest.raises(ValueError, match="swappable weights compiles no LoRA in") as e:
+        build(cfg)  # refused before any model is loaded
+    assert f"--lora {lora}:0.5" in str(e.value) and "--weights frozen" in str(e.value)

@@ -29,7 +29,7 @@ class Backend(Protocol):
     device: torch.device
     dtype: torch.dtype
     layout: BankLayout
-    lora_weights: LoraWeights | None  # the swappable LoRA set (eager); None: weights compiled into the files
+    lora_weights: LoraWeights | None  # the swappable LoRA set (eager, swappable AOTI); None: compiled in
 
     def unet(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
