@@ -55,8 +55,9 @@ DEFAULT_OPTIONS: dict[str, dict[str, object]] = {"cuda": {"freezing": True, "con
 
 # Swappable weights (docs/BUILD.md, "Swappable weights"): without `freezing` every parameter stays a package
 # constant under its module name (`unet.down_blocks.0...weight`, the exported `BankUNet`'s names), so the runtime
-# can write new values into it (`AotiRunner.load_weights`); with `freezing` they become `_frozen_param<N>`, folded
-# and re-laid at build time, and no parameter name is left to write to (measured, torch 2.13 CPU). The default:
+# can write new values into it (`AotiRunner.load_weights`); with `freezing` the Linear/Conv2d weights become
+# `_frozen_param<N>`, folded and re-laid at build time (only biases and norms keep their names), so the weights a
+# LoRA changes have no name left to write to (measured on the tiny UNet, torch 2.13 CPU). The default:
 # swappable on the CPU, where freezing is off anyway; frozen on CUDA, where freezing's speed-up was chosen and
 # the cost of unfrozen weights has not been measured here (no GPU in that session).
 DEFAULT_WEIGHTS = {"cuda": "frozen", "cpu": "swappable"}

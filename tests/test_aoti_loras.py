@@ -9,9 +9,6 @@ sums). Two AOTI streams holding the same weights are compared exactly.
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -112,12 +109,16 @@ def test_a_malformed_file_changes_nothing(folder, files, tmp_path):  # noqa: F81
         assert np.array_equal(s(frame), twin(frame)), f"frame {i}"
 
 
-def test_a_frozen_folder_refuses_another_lora_set_with_the_rebuild_command(folder, files, tmp_path):  # noqa: F811
-    frozen = tmp_path / "frozen"
-    shutil.copytree(folder, frozen)
-    manifest = json.loads((frozen / "manifest.json").read_text())
-    (frozen / "manifest.json").write_text(json.dumps({**manifest, "weights": "frozen"}))
+def test_a_frozen_folder_refuses_another_lora_set_with_the_rebuild_command(tiny_build, files):  # noqa: F811
+    """`--weights frozen` on the CPU: freezing on, the manifest says frozen, LoRAs are a rebuild (today's rule)."""
+    frozen = tiny_build(tiny_spec(), builder="aoti", weights="frozen")
+    manifest = load_manifest(frozen)
+    assert manifest.weights == "frozen" and manifest.build_options["freezing"] is True
+    names = AotiRunner(frozen / "unet.pt2", "cpu").constant_names
+    # The Linear/Conv2d weights a LoRA changes are folded (renamed _frozen_param<N>); biases and norms keep names.
+    assert "unet.conv_in.weight" not in names and "unet.conv_in.bias" in names
     s = aoti(frozen)
+    assert s.backend.lora_weights is None
     with pytest.raises(EngineMismatch, match="compiled into its files") as e:
         s.set_loras([(files["a"], 1.0)])
     assert "--builder aoti" in str(e.value) and "--weights frozen" in str(e.value)
@@ -147,7 +148,7 @@ def test_a_package_compiled_with_freezing_has_no_weights_to_replace(tmp_path, fr
     compile_aoti(module, {"x": x}, ["x"], ["y"], path, torch.device("cpu"), options={"freezing": freezing})
     runner = AotiRunner(path, "cpu")
     if freezing:
-        assert not any(n.startswith("unet.") for n in runner.constant_names)
+        assert not any(n.endswith(".weight") for n in runner.constant_names)
         with pytest.raises(EngineMismatch, match="--weights swappable"):
             PackageLoraWeights(module.unet, torch.nn.Linear(1, 1), runner)
         return

@@ -156,7 +156,7 @@ class AotiRunner:
     @property
     def constant_names(self) -> frozenset[str]:
         """The package's replaceable constants by module name (`unet.conv_in.weight`); a package compiled with
-        `freezing` lists `_frozen_param<N>` names instead (build_engines/aoti.py, DEFAULT_WEIGHTS)."""
+        `freezing` lists its Linear/Conv2d weights as `_frozen_param<N>` (build_engines/aoti.py, DEFAULT_WEIGHTS)."""
         return frozenset(self._loader.get_constant_fqns())
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
