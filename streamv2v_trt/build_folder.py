@@ -153,13 +153,15 @@ def _open_runners(
     return {name: AotiRunner(path, device) for name, path in files.items()}
 
 
-def _package_loras(spec: EngineSpec, weights, text_encoder: torch.nn.Module, runner: NetworkRunner):
-    """The swappable weights of an AOTInductor folder, holding `spec.loras`: the UNet loaded on the CPU (its base
-    weights; kept for the folder's lifetime) and the package's constants written from it."""
+def _package_loras(spec: EngineSpec, weights, skeleton, text_encoder: torch.nn.Module, runner: NetworkRunner):
+    """The swappable weights of an AOTInductor folder, holding `spec.loras`: the package's constants written from
+    the UNet loaded on the CPU (the base weights; loaded with the first LoRA set, then kept while the folder is
+    open). `skeleton`: the UNet's structure, which names the constants."""
     from .backends.aoti_loras import PackageLoraWeights
     from .models.loader import load_unet
 
-    lora_weights = PackageLoraWeights(load_unet(spec, weights, "cpu"), text_encoder, runner)
+    load = lambda: load_unet(spec, weights, "cpu")
+    lora_weights = PackageLoraWeights(skeleton, text_encoder, runner, load=load)
     if spec.loras:
         lora_weights.set(spec.loras)
     return lora_weights
@@ -230,13 +232,14 @@ def open_build_folder(
     tokenizer, text_encoder, scheduler = load_text(spec, weights, device, text_dtype)
     if spec.loras and not manifest.swappable:  # the UNet's LoRA layers are compiled in; the text encoder's not
         fuse_loras(None, spec.loras, text_encoder=text_encoder)
-    layout = bank_layout(unet_skeleton(spec, weights), spec)
+    skeleton = unet_skeleton(spec, weights)
+    layout = bank_layout(skeleton, spec)
     expected = layout.network_specs(spec, text_shape(tokenizer, text_encoder))
     runners = _open_runners(backend, directory, manifest, device, threads)
     check_io(expected, manifest, runners, directory, rebuild)
     networks = NamedIOBackend(backend, runners, layout, device, builder=_built(manifest))
     if manifest.swappable:  # LoRAs are runtime state: applied here and by set_loras
-        networks.lora_weights = _package_loras(spec, weights, text_encoder, runners["unet"])
+        networks.lora_weights = _package_loras(spec, weights, skeleton, text_encoder, runners["unet"])
     log.info("opened %s (%s, %s) with the %s backend on %s", directory, spec.model, spec.precision.value,
              backend.value, device)  # fmt: skip
     return OpenedBuild(networks, manifest, cfg, PromptEncoder(tokenizer, text_encoder), scheduler)

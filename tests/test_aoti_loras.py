@@ -57,6 +57,15 @@ def test_the_cpu_build_records_swappable_weights(folder):
     assert "unet.conv_in.weight" in names and not any(n.startswith("_frozen_param") for n in names)
 
 
+def test_the_cpu_copy_of_the_unet_is_loaded_with_the_first_lora_set(folder, files):  # noqa: F811
+    """A folder that never gets a LoRA holds no copy of the UNet: until the first set, only its structure."""
+    s = aoti(folder)
+    s(video(1)[0])
+    assert s.backend.lora_weights.unet.conv_in.weight.device.type == "meta"
+    s.set_loras([(files["a"], 0.8)])
+    assert s.backend.lora_weights.unet.conv_in.weight.device.type == "cpu"
+
+
 def test_hot_swap_equals_an_eager_stream_with_the_lora_fused(folder, files):  # noqa: F811
     s, plain = aoti(folder), aoti(folder)
     frames = video(10)

@@ -10,7 +10,7 @@ The text encoder runs in PyTorch and is swapped in place, as on the eager backen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -22,26 +22,39 @@ from .aoti import REBUILD, AotiRunner
 PREFIX = "unet."  # BankUNet.unet: the diffusers UNet inside the exported module
 
 
-class PackageLoraWeights(LoraWeights):
-    """`LoraWeights` over a CPU copy of the UNet whose touched weights are then written into the package."""
+def _weight_names(unet: nn.Module) -> dict[nn.Module, str]:
+    """Each Linear / Conv2d of the UNet -> the package constant that holds its weight."""
+    return {m: f"{PREFIX}{n}.weight" for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, runner: AotiRunner) -> None:
+
+class PackageLoraWeights(LoraWeights):
+    """`LoraWeights` over a CPU copy of the UNet whose touched weights are then written into the package.
+
+    `unet` names the weights (its structure is enough: the meta-device skeleton the folder's layout comes from);
+    `load` gives the UNet with its real weights, the base of every swap, and is called on the first `set`, so a
+    folder that never gets a LoRA never holds a CPU copy of the UNet. Without `load`, `unet` is that copy."""
+
+    def __init__(
+        self, unet: nn.Module, text_encoder: nn.Module, runner: AotiRunner,
+        load: Callable[[], nn.Module] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(unet, text_encoder)
-        self.runner = runner
+        self.runner, self._load = runner, load
         names = runner.constant_names
-        self._names = {
-            m: f"{PREFIX}{n}.weight" for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-        }
-        missing = sorted(n for n in self._names.values() if n not in names)
+        missing = sorted(n for n in _weight_names(unet).values() if n not in names)
         if missing:
             raise EngineMismatch(
                 f"{runner.path.name}: the UNet's weights are not replaceable in this package (no constants "
                 f"{missing[:3]}{' ...' if len(missing) > 3 else ''}: compiled with freezing?); rebuild it with "
                 f"{REBUILD} --weights swappable"
             )
+        self._names = _weight_names(unet) if load is None else {}
 
     def set(self, loras: Sequence[LoraSpec]) -> int:
         """Base + `loras` in the CPU UNet (checked and computed as on eager), then into the package at once."""
+        if self._load is not None:  # the first LoRA set: the base weights, on the CPU
+            self.unet, self._load = self._load(), None
+            self._names = _weight_names(self.unet)
         previous = self.loras
         layers = super().set(loras)
         try:
