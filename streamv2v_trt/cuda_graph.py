@@ -11,8 +11,9 @@ two graphs: steady and merge (plus the first frame after a reset).
 Everything a graph reads lives in fixed buffers written in place: the input frame (`edge.frame_in`), the
 stream's latents, noise and prompt embeddings, the bank, the DyMe permutation index, the eager weights
 (`set_loras` writes them in place, models/lora_weights.py). So `update_prompt`, `update_seed`, `reset` and
-`set_loras` take effect on the next replay without recapture. Backends whose calls cannot be captured
-(onnxruntime synchronises inside `run`) are refused.
+`set_loras` take effect on the next replay without recapture. `resize` switches to the graphs of the new size
+(each size has its own buffers and graphs; a size seen before replays its graphs). Backends whose calls cannot be
+captured (onnxruntime synchronises inside `run`) are refused.
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ class CudaGraphStream:
             )
         self.stream = stream
         self.cuda_stream = torch.cuda.Stream(stream.device)
-        # plan -> (graph, uint8 [H, W, 3] output); graphs replay one at a time on this stream: one memory pool.
+        # plan -> (graph, uint8 [H, W, 3] output) for the current size; graphs replay one at a time on this
+        # stream: one memory pool. One cache per size (`resize`): a size's graphs read that size's buffers.
         self.graphs = GraphCache(cuda_capture(stream.device, self.cuda_stream), capture_after=capture_after)
+        self.graphs_by_size = {(stream.cfg.height, stream.cfg.width): self.graphs}
 
     # The Stream interface: the wrapped stream's config and prompt, its updates (no recapture needed).
     @property
@@ -68,6 +71,10 @@ class CudaGraphStream:
     def device(self) -> torch.device:
         return self.stream.device
 
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...] | None:
+        return self.stream.sizes
+
     def update_prompt(self, prompt: PromptBlend, negative_prompt: str | None = None) -> None:
         self.stream.update_prompt(prompt, negative_prompt=negative_prompt)
 
@@ -81,6 +88,16 @@ class CudaGraphStream:
 
     def reset(self) -> None:
         self.stream.reset()
+
+    def resize(self, height: int, width: int) -> None:
+        # The stream keeps each size's buffers (`StreamV2V.resize`), so each size keeps its graphs: a size seen
+        # before replays the graphs captured on its buffers, a new one captures its own (same capture, one pool).
+        self.stream.resize(height, width)  # raises for a size the backend lacks: nothing changed
+        graphs = self.graphs_by_size.get((height, width))
+        if graphs is None:
+            graphs = GraphCache(self.graphs.capture, capture_after=self.graphs.capture_after)
+            self.graphs_by_size[(height, width)] = graphs
+        self.graphs = graphs
 
     def _frame(self, plan: FramePlan) -> torch.Tensor:
         """The device work of one frame, from the fixed input buffer to a uint8 [H, W, 3] device frame."""

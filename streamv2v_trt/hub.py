@@ -35,6 +35,11 @@ class SlotLost(RuntimeError):
     `Result` carrying this error and raises it from `update_prompt`/`reset`; the text is what the client is told."""
 
 
+class SizeUnavailable(RuntimeError):
+    """`Hub.resize` cannot give the slot that size: not one the hub serves, or every stream of that size is taken.
+    The slot keeps its size and stays usable; the text is what the client is told."""
+
+
 class NotReady(RuntimeError):
     """`Hub.open` before any of the hub's streams can take a client (replicas still loading the model, or all
     restarting): not busy, so the client is told to come back shortly, with this text."""
@@ -47,8 +52,9 @@ class Hub(Protocol):
     Blocking methods (`open`) must not be called from an event loop; futures resolve on another thread."""
 
     capacity: int  # slots in all
-    width: int  # frame size every slot takes
+    width: int  # the frame size a slot opens at
     height: int
+    sizes: tuple[tuple[int, int], ...]  # (height, width) of every size a slot may `resize` to, the opening one first
     prompt: str  # the prompt a freshly opened slot starts with
 
     def open(self) -> Any | None:
@@ -66,6 +72,12 @@ class Hub(Protocol):
     def update_prompt(self, slot: Any, prompt: str) -> Future: ...
 
     def reset(self, slot: Any) -> Future: ...
+
+    def resize(self, slot: Any, height: int, width: int) -> Future:
+        """The slot's stream at that size from its next frame on, a new scene (prompt kept, bank empty); frames of
+        the old size still waiting are delivered as dropped. The future fails with `SizeUnavailable` (the slot
+        keeps its size) for a size not in `sizes` or one whose streams are all taken."""
+        ...
 
 
 T = TypeVar("T")

@@ -84,16 +84,25 @@ class MultiStream:
                 f"use one of {', '.join(CAPTURABLE_BACKENDS)}, or cuda_graphs=False"
             )
         self.backend, self.cfg, self.streams = backend, cfg, K
-        device, dtype = backend.device, backend.dtype
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype = backend.device, backend.dtype
+        self._L, self._D = prompt_encoder.length, prompt_encoder.dim
+        views = self._allocate()
+        self.slots = [StreamV2V(backend, prompt_encoder, scheduler, cfg, views=v) for v in views]
+        self._pending: dict[int, tuple[np.ndarray | torch.Tensor, bool]] = {}  # slot -> (frame, skipped)
+        self._rows = cfg.stream_batch
+        # phase -> graph, for the current size; `resize` parks each size's buffers and graphs while at another
+        self.graphs: GraphCache | None = GraphCache(cuda_capture(self.device)) if cuda_graphs else None
+        self._parked: dict[tuple[int, int], tuple] = {}
+
+    def _allocate(self) -> list[dict[str, torch.Tensor]]:
+        """The batch buffers of the size of `self.cfg`; returns each slot's views of the networks' inputs."""
+        K, cfg, layout, device, dtype = self.streams, self.cfg, self.backend.layout, self.device, self.dtype
         Bu, (h, w) = cfg.stream_batch, cfg.spec.latent_hw
-        L, D = prompt_encoder.length, prompt_encoder.dim
-        layout = backend.layout
         # The networks' inputs, all K streams side by side; slot i owns rows [i*Bu, (i+1)*Bu).
         self.inputs = {
             "sample": torch.zeros(K * Bu, 4, h, w, device=device, dtype=dtype),
             "timestep": torch.zeros(K * Bu, device=device, dtype=torch.long),
-            "encoder_hidden_states": torch.zeros(K * Bu, L, D, device=device, dtype=dtype),
+            "encoder_hidden_states": torch.zeros(K * Bu, self._L, self._D, device=device, dtype=dtype),
             "bank_valid": torch.zeros(K * Bu, layout.slots, device=device, dtype=dtype),
             **{
                 name: torch.zeros(layout.bank_shape(layer, K * Bu), device=device, dtype=dtype)
@@ -101,13 +110,9 @@ class MultiStream:
                 for name in (f"bank_{p}.{layer.index}" for p in layout.parts(layer))
             },
         }
-        views = [{n: t[i * Bu : (i + 1) * Bu] for n, t in self.inputs.items()} for i in range(K)]
-        self.slots = [StreamV2V(backend, prompt_encoder, scheduler, cfg, views=v) for v in views]
         self.images = torch.zeros(K, 3, cfg.height, cfg.width, device=device, dtype=dtype)  # encode input
         self.decode_in = torch.zeros(K, 4, h, w, device=device, dtype=dtype)  # the latents leaving each stream
-        self._pending: dict[int, tuple[np.ndarray | torch.Tensor, bool]] = {}  # slot -> (frame, skipped)
-        self._rows = Bu
-        self.graphs: GraphCache | None = GraphCache(cuda_capture(device)) if cuda_graphs else None  # phase -> graph
+        return [{n: t[i * Bu : (i + 1) * Bu] for n, t in self.inputs.items()} for i in range(K)]
 
     @classmethod
     def from_source(
@@ -154,6 +159,11 @@ class MultiStream:
                         verify_hashes=verify_hashes, cuda_graphs=cuda_graphs)  # fmt: skip
         return cls.from_source(source, cfg, streams, prompt=prompt, **runtime)
 
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...] | None:
+        """The frame sizes `resize` takes, (height, width) each (None: any multiple of 8, eager)."""
+        return self.backend.sizes
+
     def set_loras(self, loras: LoraSet, *, reset: bool = False) -> None:
         """Run every slot with this LoRA set from the next tick on: [(file or LoraSpec, scale), ...], [] for none.
 
@@ -169,6 +179,32 @@ class MultiStream:
             slot.update_prompt(slot.prompt, negative_prompt=slot.negative_prompt)
             if reset:
                 slot.reset()
+
+    def resize(self, height: int, width: int) -> None:
+        """Every slot at `height` x `width` from the next tick on: one batch is one size, so all slots move together,
+        each as `StreamV2V.resize` moves a stream (a new scene: reset; prompts, seeds and the LoRA set stay).
+
+        The backend's networks at that size (a size it was not built for raises `ValueError` with the rebuild
+        command, nothing changed) and the batch buffers of that size; each size keeps its buffers and, with
+        `cuda_graphs`, its graphs, so resizing back replays them. Frames staged and not yet ticked are dropped
+        (they are of the old size). The current size changes nothing (no reset)."""
+        if (height, width) == (self.cfg.height, self.cfg.width):
+            return
+        backend = self.backend.at_size(height, width)  # raises for a size it was not built for: nothing changed yet
+        cfg = self.cfg.with_spec(height=height, width=width)
+        self._parked[(self.cfg.height, self.cfg.width)] = (self.inputs, self.images, self.decode_in, self.graphs)
+        parked = self._parked.pop((height, width), None)
+        self.backend, self.cfg = backend, cfg
+        if parked is None:
+            views = self._allocate()
+            if self.graphs is not None:  # a new set of graphs for the new buffers, through the same capture
+                self.graphs = GraphCache(self.graphs.capture, capture_after=self.graphs.capture_after)
+        else:
+            self.inputs, self.images, self.decode_in, self.graphs = parked
+            views = [None] * self.streams  # each slot has its rows of these buffers parked too
+        self._pending = {}
+        for slot, v in zip(self.slots, views):
+            slot.switch_size(backend, cfg, v)
 
     # -- one tick ---------------------------------------------------------------------------------------------
     @torch.inference_mode()

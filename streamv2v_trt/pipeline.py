@@ -76,35 +76,50 @@ class StreamV2V:
         self.scheduler = scheduler  # kept so another stream (own bank) can share this backend
         device, dtype = backend.device, backend.dtype
         self.device, self.dtype = device, dtype
-        B, (h, w) = cfg.steps, cfg.spec.latent_hw
+        B = cfg.steps
         # UNet batch Bu = [uncond elements ; B stream slots]: 0 uncond (none/self), 1 (initialize: slot 0's
         # negative), B (full CFG). Every element has its own bank, so the bank batch follows the UNet batch.
-        Bu = cfg.stream_batch
-        self._n_uncond = Bu - B
+        self._n_uncond = cfg.stream_batch - B
         self.schedule = StreamSchedule(scheduler, cfg.t_index_list, cfg.num_inference_steps, device, dtype)
-        D, L = prompt_encoder.dim, prompt_encoder.length
+        ones = torch.ones_like(self.schedule.alpha[0:1])
+        self._alpha_next = torch.cat([self.schedule.alpha[1:], ones])  # [B, 1, 1, 1]
+        self._beta_next = torch.cat([self.schedule.beta[1:], ones])
+        self.seed: SeedBlend = cfg.seed
+        self._own_buffers = views is None  # False: rows of a MultiStream's batch, which resizes them (its resize)
+        self._parked: dict[tuple[int, int], dict[str, object]] = {}  # size -> its buffers while at another size
+        self._allocate(views)
+        self.sample.zero_()
+        self.frame_id = 0  # UNet calls since reset; drives the bank interval
+        self.update_prompt("", negative_prompt="")
+
+    # The buffers of one frame size (`resize` keeps each size's, so its CUDA graphs replay on the buffers they read).
+    _SIZED = ("sample", "timestep", "encoder_hidden_states", "latents", "prompt_embeds", "negative_embeds", "bank",
+              "noise", "stock_noise", "_noise_next", "_shift", "edge")  # fmt: skip
+
+    def _allocate(self, views: dict[str, torch.Tensor] | None) -> None:
+        """Every buffer of the size of `self.cfg`: `views` (rows of a shared batch) or its own. The noise is drawn
+        from `self.seed`; the bank is empty."""
+        cfg, device, dtype = self.cfg, self.device, self.dtype
+        B, Bu, (h, w) = cfg.steps, cfg.stream_batch, cfg.spec.latent_hw
+        D, L = self.prompt_encoder.dim, self.prompt_encoder.length
         if views is None:
             views = {
                 "sample": torch.zeros(Bu, 4, h, w, device=device, dtype=dtype),  # [Bu, 4, h, w]
                 "timestep": torch.zeros(Bu, device=device, dtype=torch.long),  # [Bu]
                 "encoder_hidden_states": torch.zeros(Bu, L, D, device=device, dtype=dtype),  # [Bu, 77, D]
             }
-        self.bank = FeatureBank(layout, cfg.bank, Bu, device, dtype, views=views if "bank_valid" in views else None)
-
+        self.bank = FeatureBank(
+            self.backend.layout, cfg.bank, Bu, device, dtype, views=views if "bank_valid" in views else None
+        )
         # Per-slot noise, drawn once per stream from the seed and reused for every frame (update_seed blends).
-        self.noise = blend_seeds(cfg.seed, (B, 4, h, w)).to(device=device, dtype=dtype)  # [B, 4, h, w]
-        self.seed: SeedBlend = cfg.seed
+        self.noise = blend_seeds(self.seed, (B, 4, h, w)).to(device=device, dtype=dtype)  # [B, 4, h, w]
         self.stock_noise = torch.zeros_like(self.noise)  # RCFG: the negative's noise estimate (0, as StreamDiffusion)
         # Every piece of stream state is a fixed buffer written in place, so a captured CUDA graph (cuda_graph.py)
         # and bound engine inputs keep seeing it; these are the constants and scratch of the in-place updates.
         self._noise_next = torch.roll(self.noise, -1, dims=0)  # slot i+1's noise moves to slot i
-        ones = torch.ones_like(self.schedule.alpha[0:1])
-        self._alpha_next = torch.cat([self.schedule.alpha[1:], ones])  # [B, 1, 1, 1]
-        self._beta_next = torch.cat([self.schedule.beta[1:], ones])
         self._shift = torch.empty_like(self.noise[1:])  # [B-1, 4, h, w]: stock noise moving one slot down
         # UNet inputs (engines bind them once); `latents` and `prompt_embeds` are views of the stream slots' part.
         self.sample = views["sample"]  # [Bu, 4, h, w]
-        self.sample.zero_()
         self.latents = self.sample[self._n_uncond :]  # [B, 4, h, w]: slot i at step i
         t = self.schedule.timesteps
         self.timestep = views["timestep"]  # [Bu]: an uncond element runs at its slot's step
@@ -112,9 +127,7 @@ class StreamV2V:
         self.encoder_hidden_states = views["encoder_hidden_states"]  # [Bu, 77, D]
         self.prompt_embeds = self.encoder_hidden_states[self._n_uncond :]  # [B, 77, D]
         self.negative_embeds = self.encoder_hidden_states[: self._n_uncond]  # [Bu - B, 77, D]
-        self.frame_id = 0  # UNet calls since reset; drives the bank interval
         self.edge = FrameEdge(cfg, device, dtype)  # frames in and out: staging, similar-frame filter, last output
-        self.update_prompt("", negative_prompt="")
 
     @classmethod
     def from_source(
@@ -187,6 +200,12 @@ class StreamV2V:
         return other
 
     @property
+    def sizes(self) -> tuple[tuple[int, int], ...] | None:
+        """The frame sizes `resize` takes, (height, width) each: the backend's built sizes (None: any multiple of 8,
+        eager)."""
+        return self.backend.sizes
+
+    @property
     def similar_filter(self) -> SimilarFrameFilter | None:
         """The similar-frame filter (None when off; `edge.py`): its counters say how many frames it skipped."""
         return self.edge.similar_filter
@@ -232,6 +251,43 @@ class StreamV2V:
         self.update_prompt(self.prompt, negative_prompt=self.negative_prompt)  # the text encoder changed too
         if reset:
             self.reset()
+
+    def resize(self, height: int, width: int) -> None:
+        """Run frames of `height` x `width` from the next frame on. A new size is a new scene: the stream is reset
+        (empty bank, empty stream batch); the prompt, negative prompt, seed and LoRA set stay.
+
+        The backend's networks at that size (`backend.at_size`: eager, any multiple of 8; a build folder, the sizes
+        it was built for, else `ValueError` with the rebuild command, and the stream keeps running its size) and
+        every buffer of that size: latents, noise from the seed, the bank for its token counts, the frame staging.
+        Each size keeps its buffers, so resizing back reuses them (and a `CudaGraphStream` its graphs). Resizing
+        to the current size changes nothing (no reset: a client repeating its size loses no frames; `reset()`
+        forgets). A slot of a `MultiStream` shares one batch, of one size, with the others: resize the MultiStream.
+        """
+        if not self._own_buffers:
+            raise ValueError(
+                "this stream's buffers are rows of a MultiStream's batch, and one batch is one size: resize the "
+                "MultiStream (MultiStream.resize(height, width)), which resizes every slot"
+            )
+        if (height, width) == (self.cfg.height, self.cfg.width):
+            return
+        backend = self.backend.at_size(height, width)  # raises for a size it was not built for: nothing changed yet
+        self.switch_size(backend, self.cfg.with_spec(height=height, width=width))
+
+    def switch_size(self, backend: Backend, cfg: StreamConfig, views: dict[str, torch.Tensor] | None = None) -> None:
+        """`resize`'s work, for callers that checked the size: `backend` and `cfg` at the new size; `views`: this
+        stream's rows of a new batch of that size (`MultiStream.resize`), used when the size is new to the stream."""
+        embeds = self.encoder_hidden_states  # the prompt and negative prompt move over as embeddings (no re-encode)
+        self._parked[(self.cfg.height, self.cfg.width)] = {name: getattr(self, name) for name in self._SIZED}
+        self.backend, self.cfg = backend, cfg
+        parked = self._parked.pop((cfg.height, cfg.width), None)
+        if parked is None:
+            self._allocate(views)
+        else:  # the buffers this size ran with (its CUDA graphs read them); the seed may have changed since
+            for name, value in parked.items():
+                setattr(self, name, value)
+            self.update_seed(self.seed)
+        self.encoder_hidden_states.copy_(embeds)
+        self.reset()
 
     def reset(self) -> None:
         """Forget the stream: empty bank, empty stream batch, fresh noise state. The prompt stays."""

@@ -6,6 +6,12 @@ reported as dropped), so a slow tick never builds up latency. The loop takes the
 one batched `MultiStream` tick, and hands each slot its result through its `deliver` callback (on the loop thread:
 a callback must be quick, e.g. `loop.call_soon_threadsafe`). `run(slot, fn)` runs `fn(stream)` on the loop
 thread between ticks (prompt changes, resets), so a stream is never changed mid-frame. It is a `Hub` (hub.py).
+
+Sizes: a MultiStream batch is one size, so the server keeps one MultiStream per size, all on the same networks
+(`backend.at_size`), each with the same K slots: the first one's size is where slots open, and another is opened on
+the loop thread the first time a slot asks for its size (`resize`), then kept. The one loop thread ticks each size
+that has frames in turn, so the networks run one call at a time. A slot keeps its number while it moves: its
+stream at the new size is a fresh one (the old one's prompt, seed and negative prompt; an empty bank).
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from .frame_sizes import size_text
 from .frames import FrameError
-from .hub import Deliver, Hub, Latest, Result
+from .hub import Deliver, Hub, Latest, Result, SizeUnavailable
 from .multistream import MultiStream
 from .pipeline import StreamV2V
 
@@ -28,24 +35,38 @@ __all__ = ["Deliver", "Hub", "Result", "StreamServer"]  # Hub, Result and Delive
 log = logging.getLogger(__name__)
 
 Waiting = tuple[int, Any, float, Deliver]  # a pushed frame: (seq, frame, push time, deliver)
+Size = tuple[int, int]  # (height, width)
 
 
 class StreamServer:
     """Slots of one MultiStream, served by a loop thread. `with StreamServer(multi) as server: ...`"""
 
     def __init__(
-        self, multi: MultiStream, *, prompt: str | None = None, gather_s: float = 0.02, name: str = "streamv2v-serve"
-    ) -> None:
+        self, multi: MultiStream, *, prompt: str | None = None, gather_s: float = 0.02, name: str = "streamv2v-serve",
+        sizes: tuple[Size, ...] | None = None,
+    ) -> None:  # fmt: skip
         """`prompt`: what every opened slot starts with (default: slot 0's now, the one `MultiStream.from_*` gave
         every slot). `gather_s`: how long a tick may wait for the other open slots' frames once one is waiting
         (at most half the last tick's time), so clients that send a frame when their last result arrives share
-        ticks instead of alternating between them; 0 ticks at once."""
+        ticks instead of alternating between them; 0 ticks at once. `sizes`: the sizes a slot may move to,
+        (height, width) each, besides `multi`'s, where slots open (default: the networks' built sizes; eager
+        networks run any multiple of 8, so only `multi`'s size unless given)."""
         self.multi = multi
+        here, built = (multi.cfg.height, multi.cfg.width), multi.sizes
+        offered = [tuple(s) for s in (sizes if sizes is not None else built or ())]
+        wrong = [s for s in offered if (s not in built if built is not None else s[0] % 8 or s[1] % 8 or min(s) < 8)]
+        if wrong:
+            can = ", ".join(map(size_text, built)) if built is not None else "multiples of 8"
+            raise ValueError(f"sizes {', '.join(map(size_text, wrong))} cannot be served: these networks run {can}")
+        self.sizes = (here, *dict.fromkeys(s for s in offered if s != here))  # slots open at the streams' size
+        self._multis: dict[Size, MultiStream] = {here: multi}  # one per size asked so far (the loop thread adds)
+        self._free_at: dict[Size, deque[int]] = {}  # free stream indices per size (all K until a slot takes one)
+        self._at: dict[int, tuple[Size, int]] = {}  # open slot -> (its size, its stream's index there)
         self.gather_s = gather_s
         self._last_tick_s = 0.0
         self.prompt = multi.slots[0].prompt if prompt is None else prompt
         self._cond = threading.Condition()
-        self._free = deque(range(multi.streams))
+        self._free = deque(range(multi.streams))  # slot numbers; a slot's stream index differs once it moved
         self._waiting: dict[int, Latest[Waiting]] = {}  # the open slots, each with its waiting frame
         self._jobs: deque[tuple[int, Callable[[StreamV2V], Any], Future]] = deque()
         self._seq = 0
@@ -79,6 +100,7 @@ class StreamServer:
             if self._closed or not self._free:
                 return None
             slot = self._free.popleft()
+            self._at[slot] = (self.sizes[0], self._free_index(self.sizes[0]).popleft())  # K indices: never empty
             self._waiting[slot] = Latest()
         try:
             self.run(slot, self._fresh).result()
@@ -99,6 +121,8 @@ class StreamServer:
             if slot not in self._waiting:
                 return
             waiting = self._waiting.pop(slot).take()
+            size, index = self._at.pop(slot)
+            self._free_at[size].append(index)
             self._free.append(slot)
         if waiting is not None:
             waiting[3](Result(waiting[0], dropped=True))
@@ -130,6 +154,60 @@ class StreamServer:
 
     def reset(self, slot: int) -> Future:
         return self.run(slot, lambda stream: stream.reset())
+
+    # -- sizes ------------------------------------------------------------------------------------------------
+    def resize(self, slot: int, height: int, width: int) -> Future:
+        """Move `slot` to a stream of that size (module docstring), on the loop thread; the future fails with
+        `SizeUnavailable` for a size not in `sizes`, or when all K streams of that size are taken (the slot keeps
+        its stream). Its frame still waiting (of the old size) is delivered as dropped."""
+        return self.run(slot, lambda stream: self._move(slot, (height, width), stream))
+
+    @property
+    def multis(self) -> dict[Size, MultiStream]:
+        """The MultiStream of every size opened so far (a LoRA set must reach each; they share the networks)."""
+        return dict(self._multis)
+
+    def _free_index(self, size: Size) -> deque[int]:
+        return self._free_at.setdefault(size, deque(range(self.multi.streams)))
+
+    def _stream(self, slot: int) -> StreamV2V:
+        with self._cond:
+            size, index = self._at[slot]  # KeyError: closed since the job was queued
+        return self._multis[size].slots[index]
+
+    def _move(self, slot: int, size: Size, stream: StreamV2V) -> None:
+        if size not in self.sizes:
+            raise SizeUnavailable(
+                f"size {size_text(size)} is not served here; pick one of {', '.join(map(size_text, self.sizes))}"
+            )
+        if (stream.cfg.height, stream.cfg.width) == size:
+            return
+        multi = self._multis.get(size)
+        if multi is None:  # on the loop thread: allocating a size's buffers never races a tick
+            s0 = self.multi.slots[0]
+            cfg = self.multi.cfg.with_spec(height=size[0], width=size[1])
+            multi = MultiStream(self.multi.backend.at_size(*size), s0.prompt_encoder, s0.scheduler, cfg,
+                                streams=self.multi.streams, cuda_graphs=self.multi.graphs is not None)  # fmt: skip
+            self._multis[size] = multi
+        with self._cond:
+            free = self._free_index(size)
+            if not free:
+                raise SizeUnavailable(f"all {self.multi.streams} streams of {size_text(size)} are in use; try later")
+            index = free.popleft()
+        moved = multi.slots[index]
+        moved.update_prompt(stream.prompt, negative_prompt=stream.negative_prompt)
+        moved.update_seed(stream.seed)
+        moved.reset()
+        with self._cond:
+            if slot not in self._at:  # closed meanwhile: its old stream went back with it
+                self._free_at[size].append(index)
+                return
+            old_size, old_index = self._at[slot]
+            self._at[slot] = (size, index)
+            self._free_at[old_size].append(old_index)
+            waiting = self._waiting[slot].take()
+        if waiting is not None:
+            waiting[3](Result(waiting[0], dropped=True))
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """Stop the loop after the tick in progress. What it will not run is answered now, so nobody waits
@@ -175,21 +253,24 @@ class StreamServer:
                 if self._closed:
                     return
                 jobs, self._jobs = self._jobs, deque()
-                frames = {}
+                by_size: dict[Size, dict[int, Waiting]] = {}  # the waiting frames of each size, by stream index
                 if not jobs:  # commands first; waiting frames stay waiting until the next turn
-                    taken = {slot: waiting.take() for slot, waiting in self._waiting.items()}
-                    frames = {slot: frame for slot, frame in taken.items() if frame is not None}
+                    for slot, waiting in self._waiting.items():
+                        frame = waiting.take()
+                        if frame is not None:
+                            size, index = self._at[slot]
+                            by_size.setdefault(size, {})[index] = frame
             for slot, fn, future in jobs:
                 if future.set_running_or_notify_cancel():
                     try:
-                        future.set_result(fn(self.multi.slots[slot]))
+                        future.set_result(fn(self._stream(slot)))
                     except Exception as e:  # handed to the caller through the future
                         future.set_exception(e)
-            if frames:
-                self._tick(frames)
+            for size, frames in by_size.items():  # one tick per size with frames (a batch is one size)
+                self._tick(self._multis[size], frames)
 
-    def _tick(self, frames: dict[int, Waiting]) -> None:
-        multi, results = self.multi, {}
+    def _tick(self, multi: MultiStream, frames: dict[int, Waiting]) -> None:
+        results = {}
         for slot, (seq, frame, t_push, _) in frames.items():
             try:
                 multi.submit(slot, frame)

@@ -22,6 +22,7 @@ class Stream(Protocol):
     cfg: StreamConfig  # the spec it runs (size, steps, bank) and its runtime settings
     prompt: PromptBlend  # the prompt the next frame uses
     device: torch.device  # where its networks run
+    sizes: tuple[tuple[int, int], ...] | None  # (height, width) it can `resize` to; None: any multiple of 8 (eager)
 
     def __call__(self, frame: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """One frame in, one frame out (the stream batch delays output by `cfg.steps - 1` frames)."""
@@ -42,4 +43,10 @@ class Stream(Protocol):
 
     def reset(self) -> None:
         """Forget the stream (empty bank, empty stream batch); the prompt stays."""
+        ...
+
+    def resize(self, height: int, width: int) -> None:
+        """Frames of height x width from the next frame on (a size `backend.sizes` holds; eager: any multiple of 8),
+        as a new scene (reset; prompt, seed and LoRAs stay). The current size changes nothing. A size not built
+        raises `ValueError` (with the rebuild command) and the stream keeps running its size."""
         ...

@@ -13,6 +13,7 @@ from conftest import tiny_spec
 
 from streamv2v_trt import StreamConfig, StreamV2V
 from streamv2v_trt.frames import FrameError
+from streamv2v_trt.hub import SizeUnavailable
 from streamv2v_trt.multistream import MultiStream
 from streamv2v_trt.serving import Result, StreamServer
 
@@ -49,6 +50,7 @@ class Gated:
 
     def __init__(self, multi: MultiStream) -> None:
         self.multi, self.streams, self.cfg, self.slots = multi, multi.streams, multi.cfg, multi.slots
+        self.sizes = multi.sizes
         self.go = threading.Event()
         self.go.set()
         self.started: queue.Queue[list[int]] = queue.Queue()
@@ -246,3 +248,46 @@ def test_stop_answers_everything_it_will_not_run(multi):
     assert done.seq == running and done.frame is not None
     server.stop()
     assert "test-serving-stop" not in [t.name for t in threading.enumerate()]
+
+
+def wide(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+
+
+def test_a_slot_moves_to_another_size_as_a_fresh_stream_of_it(multi):
+    """`resize`: the slot's stream at another size (its own MultiStream, opened on first use) is a fresh one with
+    the slot's prompt and seed: its frames equal a StreamV2V built for that size. The frame waiting at the old size
+    is dropped; a size not offered fails with SizeUnavailable and the slot goes on; the other slot is untouched."""
+    with pytest.raises(ValueError, match="50x64 cannot be served"):
+        StreamServer(multi, sizes=[(64, 50)])
+    with StreamServer(multi, prompt="a photo", sizes=[(48, 80), (64, 64)]) as server:
+        assert server.sizes == ((64, 64), (48, 80)) and (server.height, server.width) == (64, 64)
+        a, b = server.open(), server.open()
+        inbox, other = Inbox(), Inbox()
+        server.update_prompt(a, "a sketch").result(TIMEOUT)
+        server.push(a, frame(0), inbox)
+        server.push(b, frame(1), other)
+        assert inbox.get().frame.shape == other.get().frame.shape == (64, 64, 3)
+        release = hold(server, a)
+        waiting = server.push(a, frame(2), inbox)
+        moved = server.resize(a, 48, 80)
+        release.set()
+        assert moved.result(TIMEOUT) is None and inbox.get() == Result(waiting, dropped=True)
+        assert set(server.multis) == {(64, 64), (48, 80)}
+        alone = StreamV2V(multi.backend.at_size(48, 80), multi.slots[0].prompt_encoder, multi.slots[0].scheduler,
+                          multi.cfg.with_spec(height=48, width=80))  # fmt: skip
+        alone.update_prompt("a sketch")
+        for i in range(5):  # the bank stores at 0 and 4, merges at 4
+            server.push(a, wide(i), inbox)
+            got = inbox.get().frame
+            # batched with another slot (K = 2) vs alone: GEMMs sum in another order, a rounding step at most
+            assert got.shape == (48, 80, 3) and np.abs(got.astype(int) - alone(wide(i))).max() <= 1, i
+        server.push(b, frame(3), other)
+        assert other.get().frame.shape == (64, 64, 3) and multi.slots[b].frame_id == 2  # b stayed where it was
+        with pytest.raises(SizeUnavailable, match="40x40 is not served here; pick one of 64x64, 80x48"):
+            server.resize(a, 40, 40).result(TIMEOUT)
+        server.push(a, wide(5), inbox)
+        assert inbox.get().frame.shape == (48, 80, 3)  # still at its size
+        server.resize(a, 64, 64).result(TIMEOUT)
+        server.push(a, frame(4), inbox)
+        assert inbox.get().frame.shape == (64, 64, 3)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import torch
 
 from ..bank_unet import BankUNet
 from ..config import StreamConfig
 from ..flavours import BackendKind
+from ..layout import bank_layout
 from ..models.loader import Models, load_models
 from ..models.lora_weights import LoraWeights
 from ..prompt import PromptEncoder
@@ -32,6 +36,7 @@ def open_eager(
 class EagerBackend:
     name = BackendKind.EAGER
     builder = None  # runs the PyTorch weights, no build
+    sizes = None  # any multiple of 8: the same modules run every size (`at_size`)
 
     def __init__(
         self, models: Models, spec: EngineSpec, *, channels_last: bool = False, compile: bool | str = False
@@ -43,6 +48,8 @@ class EagerBackend:
                 m.to(memory_format=torch.channels_last)
         self.bank_unet = BankUNet(models.unet, spec).eval()
         self.layout = self.bank_unet.layout
+        self._spec = spec  # only its size and bank matter here (the layout); the LoRA set is `lora_weights`'
+        self._by_size = {(spec.height, spec.width): self}  # every size of these modules, shared by all of them
         self.encoder = VaeEncoder(models.vae).eval()
         self.decoder = VaeDecoder(models.vae).eval()
         self.channels_last, self.compiled = channels_last, compile
@@ -56,6 +63,20 @@ class EagerBackend:
         self.device, self.dtype = p.device, p.dtype
         # The LoRA set is runtime state of the weights (StreamV2V.set_loras): written in place, graphs stay valid.
         self.lora_weights = LoraWeights(models.unet, models.text_encoder)
+
+    def at_size(self, height: int, width: int) -> EagerBackend:
+        """These modules and weights (the same `lora_weights`) at another size: only the bank layout differs.
+
+        The bank processors are size-free (they read the token count from the hidden states and their bank from
+        the call), so every size shares the one `BankUNet` and its installed processors, and a size made later
+        leaves the earlier ones working. One backend per size, made once (`resize` back gets the same object)."""
+        found = self._by_size.get((height, width))
+        if found is None:
+            spec = dataclasses.replace(self._spec, height=height, width=width)  # ValueError: not multiples of 8
+            found = copy.copy(self)  # shallow: the modules, compiled wrappers, LoRA weights and this dict are shared
+            found._spec, found.layout = spec, bank_layout(self.bank_unet.unet, spec)
+            self._by_size[(height, width)] = found
+        return found
 
     @torch.inference_mode()
     def unet(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,9 +1,11 @@
 """`python -m streamv2v_trt video IN OUT --prompt "..."`: translate a video file.
 
 Keeps the input's timestamps (fps, time base) and audio; frames are center-cropped and resized to the stream
-size. Any failure prints one `error:` line. A run that fails part-way (a decode error mid-file, Ctrl-C) leaves a
-playable file with the frames translated so far; an input that cannot be opened, or yields no frame, leaves no
-output file at all.
+size: on a build folder of several sizes, the built size nearest the input's (`frame_sizes.nearest_size`: aspect
+ratio first, then area), unless --height/--width name one; otherwise the stream's size (eager: the model preset's,
+or --height/--width). Any failure prints one `error:` line. A run that fails part-way (a decode error mid-file,
+Ctrl-C) leaves a playable file with the frames translated so far; an input that cannot be opened, or yields no
+frame, leaves no output file at all.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..console import HelpFormatter, device_and_threads
+from ..frame_sizes import nearest_size, size_text
 from ..images import fit_to_size
 from ..opening import open_stream
 from ..stream import Stream
@@ -30,12 +33,19 @@ from .stream_args import CliError, add_stream_args, opening, stream_request
 
 log = logging.getLogger(__name__)
 
+SIZE_RULE = (
+    "Inputs of any size are center-cropped and resized to the stream's size. A build folder of several sizes runs "
+    "the built size nearest the input's: the nearest aspect ratio first, then the nearest area (--height/--width "
+    "pick one instead). Eager runs the model preset's size or --height/--width (an input's own size would be slow "
+    "and far from what the model was trained at)."
+)
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "video",
         help="translate a video file",
-        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1] + " " + SIZE_RULE,
         formatter_class=HelpFormatter,
     )
     p.add_argument("input", type=Path, help="input video (anything FFmpeg reads)")
@@ -125,6 +135,18 @@ def translate_video(
     return report
 
 
+def fit_stream(stream: Stream, height: int, width: int, *, chosen: bool = False) -> None:
+    """Resize `stream` to the built size nearest an input of height x width (`SIZE_RULE`); a stream of one size,
+    an eager one (any size: it keeps its own) or a size the user `chosen` stays as it is."""
+    sizes = stream.sizes
+    if chosen or not sizes or len(sizes) == 1:
+        return
+    size = nearest_size(sizes, height, width)
+    if size != (stream.cfg.height, stream.cfg.width):
+        log.info("input %s: running the nearest built size, %s", size_text((height, width)), size_text(size))
+        stream.resize(*size)
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 1
@@ -146,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
             with opening(source.engines, cfg.spec.model):
                 stream = open_stream(source, cfg, prompt=args.prompt, negative_prompt=args.negative_prompt or "")
             info = reader.info
+            fit_stream(stream, info.height, info.width, chosen=args.height is not None or args.width is not None)
             writer = VideoWriter(
                 args.output,
                 stream.cfg.width,

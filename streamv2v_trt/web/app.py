@@ -5,11 +5,13 @@ the order they arrive, which is the order the page sent them, so both sides agre
 
     page -> server   binary: a JPEG/PNG/WebP frame
                      text:   {"type": "prompt", "prompt": "..."} | {"type": "reset"}
-    server -> page   {"type": "ready", "width", "height", "prompt", "max_frame_bytes"}
+                             {"type": "size", "size": "768x512"}   (WIDTHxHEIGHT, one of ready's "sizes")
+    server -> page   {"type": "ready", "width", "height", "prompt", "max_frame_bytes", "sizes": ["512x512", ...]}
                      {"type": "result", "seq", "model_ms", "server_ms", "fps", "dropped"} then binary JPEG
                      {"type": "dropped", "seq"}            (a newer frame replaced it while the model was busy)
                      {"type": "error", "seq"?, "message"}  (bad frame or message; the socket stays usable)
                      {"type": "prompt", "prompt"} | {"type": "reset"}   (acknowledgements)
+                     {"type": "size", "size", "width", "height"}   (from the next frame on; a new scene)
 
 The server closes the socket after an error message in five cases: the request's Host or Origin is not
 allowed (1008, before any slot is taken), every slot of the hub is taken (1013, "server busy"), the hub has no
@@ -42,8 +44,9 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, PlainTextResponse
 
 from ..client_limits import Limits
+from ..frame_sizes import parse_size, size_text
 from ..frames import FrameError
-from ..hub import Hub, Latest, NotReady, Result, SlotLost  # the protocol only: serving a hub loads no model here
+from ..hub import Hub, Latest, NotReady, Result, SizeUnavailable, SlotLost  # the protocol only: no model loads here
 from .access import Access
 from .codec import BadFrame, decode_frame, encode_jpeg
 
@@ -156,6 +159,8 @@ class Session:
         self, ws: WebSocket, hub: Hub, slot: Any, image_pool: ThreadPoolExecutor, limits: Limits
     ) -> None:  # fmt: skip
         self.ws, self.hub, self.slot, self.image_pool, self.limits = ws, hub, slot, image_pool, limits
+        self.height, self.width = hub.height, hub.width  # the slot's frame size: frames are decoded to it
+        self.moving = False  # a size change is under way: frames decoded for the old size are dropped
         self.loop = asyncio.get_running_loop()
         self.frame: Latest[tuple[int, bytes, float]] = Latest()  # (seq, data, receive time): the newest not decoded
         self.in_work = 0  # frames decoding, in the hub, or being answered; at most MAX_IN_WORK
@@ -171,7 +176,7 @@ class Session:
     async def run(self) -> None:
         await self.send({
             "type": "ready", "width": self.hub.width, "height": self.hub.height, "prompt": self.hub.prompt,
-            "max_frame_bytes": self.limits.max_frame_bytes,
+            "max_frame_bytes": self.limits.max_frame_bytes, "sizes": [size_text(s) for s in self.hub.sizes],
         })  # fmt: skip
         tasks = [asyncio.create_task(work) for work in (self.receive(), self.push_frames(), self.send_answers())]
         done: set[asyncio.Task] = set()
@@ -292,7 +297,31 @@ class Session:
         if kind == "reset":
             await asyncio.wrap_future(self.hub.reset(self.slot))
             return {"type": "reset"}
-        raise BadMessage(f"unknown message type {kind[:100]!r}; expected prompt or reset")
+        if kind == "size":
+            return await self.apply_size(msg)
+        raise BadMessage(f"unknown message type {kind[:100]!r}; expected prompt, reset or size")
+
+    async def apply_size(self, msg: dict) -> dict:
+        """{"type": "size", "size": "WIDTHxHEIGHT"}: the slot's stream at one of the hub's sizes (a new scene).
+        An unknown or unavailable size is a BadMessage: the slot keeps its size and the session goes on."""
+        offered = ", ".join(size_text(s) for s in self.hub.sizes)
+        text = msg.get("size")
+        try:
+            size = parse_size(text)
+        except ValueError as e:
+            raise BadMessage(f"{e}; this server offers {offered}") from e
+        if size not in self.hub.sizes:
+            raise BadMessage(f"size {size_text(size)} is not served here; pick one of {offered}")
+        self.moving = True  # frames decoded for the old size are dropped, not pushed into the new stream
+        try:
+            await asyncio.wrap_future(self.hub.resize(self.slot, *size))
+            self.height, self.width = size
+        except SizeUnavailable as e:
+            raise BadMessage(str(e)) from e
+        finally:
+            self.moving = False
+            self.wake.set()
+        return {"type": "size", "size": size_text(size), "width": self.width, "height": self.height}
 
     async def push_frames(self) -> None:
         """Decode the newest frame off the model thread and push it to the hub (which keeps the newest per slot),
@@ -306,8 +335,12 @@ class Session:
             self.in_work += 1
             try:
                 image = await self.loop.run_in_executor(
-                    self.image_pool, decode_frame, data, self.limits, self.hub.height, self.hub.width
+                    self.image_pool, decode_frame, data, self.limits, self.height, self.width
                 )
+                if self.moving or image.shape[:2] != (self.height, self.width):  # decoded for the old size
+                    self.dropped += 1
+                    await self.answer({"type": "dropped", "seq": seq})
+                    continue
                 self.hub.push(self.slot, image, partial(self.deliver, seq, received))
             except BadFrame as e:
                 await self.answer({"type": "error", "seq": seq, "message": str(e)})

@@ -30,7 +30,8 @@ from typing import Any
 
 from ray.exceptions import ActorDiedError, RayTaskError
 
-from ..hub import Deliver, NotReady, Result, SlotLost
+from ..frame_sizes import size_text
+from ..hub import Deliver, NotReady, Result, SizeUnavailable, SlotLost
 from .ray_replica import ReplicaStatus
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,11 @@ class RayHub:
     def prompt(self) -> str:
         return self._some_status().prompt
 
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """One size: the replicas' (a slot's size change would have to reach its replica's StreamServer; not yet)."""
+        return ((self.height, self.width),)
+
     def open(self) -> RaySlot | None:
         """A slot on the least-loaded replica that answers, or None when all are full. While no replica answers
         (the models load, or all restart), waits up to `timeout_s` for one, then raises NotReady."""
@@ -127,6 +133,17 @@ class RayHub:
 
     def reset(self, slot: RaySlot) -> Future:
         return asyncio.run_coroutine_threadsafe(self._call(slot, "reset"), self._loop)
+
+    def resize(self, slot: RaySlot, height: int, width: int) -> Future:  # noqa: ARG002 (every slot: one size)
+        """Only the replicas' own size (a no-op); another fails with `SizeUnavailable`."""
+        done: Future = Future()
+        if (height, width) == (self.height, self.width):
+            done.set_result(None)
+        else:
+            here = size_text((self.height, self.width))
+            done.set_exception(SizeUnavailable(f"size {size_text((height, width))} is not served here: the Ray "
+                                               f"replicas run {here} only"))  # fmt: skip
+        return done
 
     def stop(self) -> None:
         """Give every open slot back (best effort) and stop the hub's thread."""
