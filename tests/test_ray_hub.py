@@ -16,7 +16,7 @@ from conftest import wait_until
 pytest.importorskip("ray")
 from ray.exceptions import ActorDiedError  # noqa: E402
 
-from streamv2v_trt.hub import NotReady, Result, SlotLost  # noqa: E402
+from streamv2v_trt.hub import NotReady, Result, SizeUnavailable, SlotLost  # noqa: E402
 from streamv2v_trt.web.ray_hub import RayHub  # noqa: E402
 from streamv2v_trt.web.ray_replica import ReplicaStatus  # noqa: E402
 
@@ -221,3 +221,14 @@ def test_stop_gives_every_open_slot_back(hub):
     h.stop()
     assert not any(r.sessions for r in replicas)
     assert not h._thread.is_alive()
+
+
+def test_serves_its_replicas_size_only(hub):
+    """Ray serving runs one size (the replicas'): `sizes` says so, `resize` to it is a no-op, another is refused."""
+    h = hub(FakeReplica())
+    slot = h.open()
+    assert h.sizes == ((8, 8),)
+    assert h.resize(slot, 8, 8).result(5) is None
+    with pytest.raises(SizeUnavailable, match="16x8 is not served here: the Ray replicas run 8x8 only"):
+        h.resize(slot, 8, 16).result(5)
+    assert push(h, slot).frame is not None  # the slot goes on

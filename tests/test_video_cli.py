@@ -193,3 +193,42 @@ def test_log_lines_print_above_the_progress_bar(clip, tmp_path, capsys, monkeypa
     shown = terminal_lines(capsys.readouterr().err)
     assert rc == 0 and "a warning mid-run" in shown, shown
     assert any("12/12" in line for line in shown), shown  # the bar was drawn
+
+
+def test_the_nearest_built_size_aspect_first_then_area():
+    from streamv2v_trt.frame_sizes import nearest_size, parse_size, size_text
+
+    built = ((512, 512), (512, 768), (768, 512), (1024, 1024))  # (height, width)
+    assert nearest_size(built, 1080, 1920) == (512, 768)  # 16:9 landscape: the 3:2 landscape size
+    assert nearest_size(built, 640, 480) == (768, 512)  # 3:4 portrait: the 2:3 portrait size
+    assert nearest_size(built, 600, 600) == (512, 512) and nearest_size(built, 900, 900) == (1024, 1024)
+    assert nearest_size(built, 4000, 4000) == (1024, 1024)  # far beyond every size: still the nearest
+    # Areas 4x smaller and 4x larger are equally far: the earlier size in the build's order.
+    assert nearest_size(((256, 256), (1024, 1024)), 512, 512) == (256, 256)
+    assert nearest_size(((1024, 1024), (256, 256)), 512, 512) == (1024, 1024)
+    assert parse_size("768x512") == (512, 768) and size_text((512, 768)) == "768x512"
+    for bad in ("768", "768x", "x512", "768*512", "-8x8"):
+        with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+            parse_size(bad)
+
+
+def test_fit_stream_resizes_to_the_nearest_built_size_unless_one_was_chosen():
+    from conftest import tiny_spec
+
+    from streamv2v_trt import StreamConfig, StreamV2V
+    from streamv2v_trt.cli.video import fit_stream
+
+    stream = StreamV2V.from_pretrained(StreamConfig(tiny_spec()))  # 64x64
+    size = lambda: (stream.cfg.height, stream.cfg.width)  # noqa: E731
+    fit_stream(stream, 720, 1280)
+    assert size() == (64, 64)  # eager: any size would do, so the stream keeps its own (the preset's or asked)
+    # What a build folder of two sizes reports (NamedIOBackend.sizes): the eager networks run both.
+    stream.backend.sizes = ((64, 64), (48, 80))
+    fit_stream(stream, 720, 1280, chosen=True)
+    assert size() == (64, 64)  # --height/--width given: kept
+    fit_stream(stream, 720, 1280)
+    assert size() == (48, 80)
+    out = stream(np.zeros((48, 80, 3), np.uint8))
+    assert out.shape == (48, 80, 3)
+    fit_stream(stream, 500, 480)
+    assert size() == (64, 64)

@@ -90,6 +90,7 @@ class Paced:
     def __init__(self, multi: MultiStream, delay_s: float) -> None:
         self.multi, self.delay_s = multi, delay_s
         self.streams, self.cfg, self.slots = multi.streams, multi.cfg, multi.slots
+        self.sizes, self.backend, self.graphs = multi.sizes, multi.backend, multi.graphs  # other sizes: unpaced
 
     def submit(self, slot: int, frame) -> None:
         self.multi.submit(slot, frame)
@@ -114,6 +115,7 @@ class SpyHub:
     def __init__(self, server: StreamServer, broken: bool = False) -> None:
         self.server, self.broken = server, broken
         self.capacity, self.width, self.height = server.capacity, server.width, server.height
+        self.sizes = server.sizes
         self.prompt = server.prompt
         self.opened: list[int] = []
         self.closed: list[int] = []
@@ -155,14 +157,17 @@ class SpyHub:
             return self.server.run(slot, fail("the bank could not be reset"))
         return self.server.reset(slot)
 
+    def resize(self, slot: int, height: int, width: int):
+        return self.server.resize(slot, height, width)
+
 
 @pytest.fixture
 def hub(multi):
     """`hub(delay_s=0.0, broken=False) -> SpyHub` on a fresh StreamServer over the module's slots; stopped after."""
     servers: list[StreamServer] = []
 
-    def make(delay_s: float = 0.0, broken: bool = False) -> SpyHub:
-        servers.append(StreamServer(Paced(multi, delay_s), prompt="a photo"))  # slots left by other tests
+    def make(delay_s: float = 0.0, broken: bool = False, sizes=None) -> SpyHub:
+        servers.append(StreamServer(Paced(multi, delay_s), prompt="a photo", sizes=sizes))  # slots left by others
         return SpyHub(servers[-1], broken)
 
     yield make
@@ -215,6 +220,7 @@ def test_page_and_ready_message(hub):
         with client.websocket_connect("/ws") as ws:
             assert ws.receive_json() == {
                 "type": "ready", "width": 64, "height": 64, "prompt": "a photo", "max_frame_bytes": 2 * 1024 * 1024,
+                "sizes": ["64x64"],
             }  # fmt: skip
 
 
@@ -235,6 +241,40 @@ def test_bad_frames_get_an_error_and_the_socket_keeps_working(hub):
             ws.send_bytes(jpeg())  # 48x80: cropped and resized to the stream's 64x64
             msg, out = receive_result(ws)
             assert msg["seq"] == 2 and out.shape == (64, 64, 3)
+
+
+def test_a_connection_picks_its_size_among_the_servers(hub, reference):
+    """A size message moves the connection's stream to another size the server offers (a fresh stream of that size,
+    its prompt kept); a size the server does not offer, or no size at all, is an error and the session goes on."""
+    spy = hub(sizes=[(48, 80)])
+    with TestClient(make_app(spy)) as client, client.websocket_connect("/ws") as ws:
+        assert ws.receive_json()["sizes"] == ["64x64", "80x48"]
+        ws.send_text('{"type": "prompt", "prompt": "a watercolor"}')
+        ws.receive_json()
+        ws.send_bytes(jpeg(seed=1))
+        assert receive_result(ws)[1].shape == (64, 64, 3)
+        ws.send_text('{"type": "size", "size": "80x48"}')
+        assert ws.receive_json() == {"type": "size", "size": "80x48", "width": 80, "height": 48}
+        ref = StreamV2V(reference.backend.at_size(48, 80), reference.prompt_encoder, reference.scheduler,
+                        reference.cfg.with_spec(height=48, width=80))  # fmt: skip
+        ref.update_prompt("a watercolor")
+        for i, (text, message) in enumerate({
+            '{"type": "size", "size": "40x40"}': "size 40x40 is not served here; pick one of 64x64, 80x48",
+            '{"type": "size", "size": "big"}': "a frame size is WIDTHxHEIGHT, e.g. 768x512; got 'big'",
+            '{"type": "size"}': "a frame size is WIDTHxHEIGHT",
+        }.items()):  # fmt: skip
+            ws.send_text(text)
+            reply = ws.receive_json()
+            assert reply["type"] == "error" and message in reply["message"], reply
+            d = jpeg(96, 160, seed=10 + i)  # decoded to the connection's size now, 48x80
+            ws.send_bytes(d)
+            _, page = receive_result(ws)
+            assert page.shape == (48, 80, 3)
+            assert_same(spy.outputs[spy.opened[0]][-1], ref(codec.decode_frame(d, Limits(), 48, 80)))
+        ws.send_text('{"type": "size", "size": "64x64"}')
+        assert ws.receive_json()["size"] == "64x64"
+        ws.send_bytes(jpeg())
+        assert receive_result(ws)[1].shape == (64, 64, 3)
 
 
 def test_connections_at_once_each_get_their_own_stream(hub, reference):
@@ -307,7 +347,7 @@ def test_a_session_cancelled_by_its_server_ends_with_the_servers_cancellation():
     closes, at any moment of the session's shutdown; the CancelledError that leaves the session must be the scope's
     own, or it escapes the scope (TestClient then raised CancelledError on leaving a socket)."""
 
-    hub = argparse.Namespace(width=64, height=64, prompt="a photo")  # all a session reads of its hub here
+    hub = argparse.Namespace(width=64, height=64, prompt="a photo", sizes=((64, 64),))  # all a session reads here
 
     async def session(hangup: int, cancel: int) -> bool:
         with anyio.CancelScope() as scope:
@@ -438,6 +478,7 @@ def test_busy_server_and_a_disconnect_frees_its_slot_for_a_fresh_stream(live_ser
         with connect(url) as again:
             assert json.loads(again.recv(timeout=TIMEOUT)) == {
                 "type": "ready", "width": 64, "height": 64, "prompt": "a photo", "max_frame_bytes": 2 * 1024 * 1024,
+                "sizes": ["64x64"],
             }  # fmt: skip
             # the server's prompt, not the last client's
             assert spy.opened[-1] == slot
@@ -699,6 +740,22 @@ def test_browser_without_a_camera_streams_the_test_pattern(live_server, hub):
         wait_for_output(page, 2)
         used = page.evaluate("[window.streamStats.source, document.getElementById('input').srcObject]")
         assert used == ["pattern", None]  # the camera was never opened
+
+
+@needs_chromium
+def test_browser_size_picker(live_server, hub):
+    """The picker lists the server's sizes (hidden when there is one); picking one streams at that size."""
+    with chromium_page(live_server(hub()) + "/?source=pattern") as page:
+        wait_for_output(page, 1)
+        assert page.evaluate("document.getElementById('size').hidden") is True
+    with chromium_page(live_server(hub(sizes=[(48, 80)])) + "/?source=pattern") as page:
+        wait_for_output(page, 2)
+        options = page.evaluate("[...document.getElementById('size').options].map((o) => o.value)")
+        assert options == ["64x64", "80x48"] and page.input_value("#size") == "64x64"
+        page.select_option("#size", "80x48")
+        page.wait_for_function("window.streamStats.size === '80x48'", timeout=10_000)
+        page.wait_for_function("document.getElementById('output').naturalWidth === 80", timeout=30_000)
+        assert page.evaluate("document.getElementById('output').naturalHeight") == 48
 
 
 def test_serve_refuses_bad_flags_in_one_line_before_loading(capsys):
