@@ -16,6 +16,7 @@ LAYERS = {
     "streamv2v_trt.presets": 0,
     "streamv2v_trt.flavours": 0,
     "streamv2v_trt.flags": 0,
+    "streamv2v_trt.frame_sizes": 0,
     "streamv2v_trt.kernels": 1,
     "streamv2v_trt.layout": 1,
     "streamv2v_trt.attention": 1,
