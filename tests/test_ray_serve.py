@@ -154,7 +154,8 @@ def every_replica_serves(url: str) -> bool:
 def open_session(url: str):
     ws = connect(url)
     msg = json.loads(ws.recv(timeout=TIMEOUT))
-    assert msg == {"type": "ready", "width": 64, "height": 64, "prompt": "a photo", "max_frame_bytes": 2 << 20}, msg
+    ready = {"type": "ready", "width": 64, "height": 64, "prompt": "a photo", "max_frame_bytes": 2 << 20}
+    assert msg == {**ready, "sizes": ["64x64"]}, msg  # Ray serving runs the replicas' one size
     return ws
 
 
