@@ -54,7 +54,7 @@ class StreamServer:
         self.multi = multi
         here, built = (multi.cfg.height, multi.cfg.width), multi.sizes
         offered = [tuple(s) for s in (sizes if sizes is not None else built or ())]
-        wrong = [s for s in offered if (s not in built if built is not None else s[0] % 8 or s[1] % 8 or min(s) < 8)]
+        wrong = [s for s in offered if not _runs(s, built)]
         if wrong:
             can = ", ".join(map(size_text, built)) if built is not None else "multiples of 8"
             raise ValueError(f"sizes {', '.join(map(size_text, wrong))} cannot be served: these networks run {can}")
@@ -301,3 +301,10 @@ class StreamServer:
                 deliver(result)
             except Exception:  # a client's callback must not stop the loop
                 log.exception("delivering a result of slot %d failed", slot)
+
+
+def _runs(size: Size, built: tuple[Size, ...] | None) -> bool:
+    """Whether networks built for `built` (None: eager, any multiple of 8) run frames of `size`."""
+    if built is not None:
+        return size in built
+    return all(n >= 8 and n % 8 == 0 for n in size)
