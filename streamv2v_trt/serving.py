@@ -5,7 +5,8 @@ Per slot one frame waits at most (`hub.Latest`): a newer push replaces it (lates
 reported as dropped), so a slow tick never builds up latency. The loop takes the waiting frame of every slot, runs
 one batched `MultiStream` tick, and hands each slot its result through its `deliver` callback (on the loop thread:
 a callback must be quick, e.g. `loop.call_soon_threadsafe`). `run(slot, fn)` runs `fn(stream)` on the loop
-thread between ticks (prompt changes, resets), so a stream is never changed mid-frame. It is a `Hub` (hub.py).
+thread between ticks (prompt changes, resets), so a stream is never changed mid-frame; `set_loras` swaps the
+LoRA set of every slot (they share networks) the same way. It is a `Hub` (hub.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from .frames import FrameError
 from .hub import Deliver, Hub, Latest, Result
+from .lora_set import LoraSet
 from .multistream import MultiStream
 from .pipeline import StreamV2V
 
@@ -47,7 +49,7 @@ class StreamServer:
         self._cond = threading.Condition()
         self._free = deque(range(multi.streams))
         self._waiting: dict[int, Latest[Waiting]] = {}  # the open slots, each with its waiting frame
-        self._jobs: deque[tuple[int, Callable[[StreamV2V], Any], Future]] = deque()
+        self._jobs: deque[tuple[int | None, Callable[[Any], Any], Future]] = deque()  # slot None: the MultiStream
         self._seq = 0
         self._closed = False
         self.ticks = 0
@@ -116,11 +118,15 @@ class StreamServer:
             lost[3](Result(lost[0], dropped=True))
         return seq
 
-    def run(self, slot: int, fn: Callable[[StreamV2V], Any]) -> Future:
-        """`fn(slot's stream)` on the loop thread before the next tick; the future holds its result or error."""
+    def run(self, slot: int | None, fn: Callable[[Any], Any]) -> Future:
+        """`fn(slot's stream)` (slot None: `fn(the MultiStream)`) on the loop thread before the next tick; the
+        future holds its result or error."""
         future: Future = Future()
         with self._cond:
-            self._check(slot)
+            if slot is None:
+                self._check_open()
+            else:
+                self._check(slot)
             self._jobs.append((slot, fn, future))
             self._cond.notify_all()
         return future
@@ -130,6 +136,12 @@ class StreamServer:
 
     def reset(self, slot: int) -> Future:
         return self.run(slot, lambda stream: stream.reset())
+
+    def set_loras(self, loras: LoraSet, *, reset: bool = False) -> Future:
+        """Every slot's LoRA set from the next tick on (the slots share networks: `MultiStream.set_loras`), swapped
+        on the loop thread between two ticks: no frame runs with half-old weights, and frames that wait meanwhile
+        stay waiting, none is dropped. A bad file fails the future and changes nothing."""
+        return self.run(None, lambda multi: multi.set_loras(loras, reset=reset))
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """Stop the loop after the tick in progress. What it will not run is answered now, so nobody waits
@@ -153,9 +165,12 @@ class StreamServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _check(self, slot: int) -> None:
+    def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this StreamServer is stopped")
+
+    def _check(self, slot: int) -> None:
+        self._check_open()
         if slot not in self._waiting:
             raise KeyError(f"slot {slot} is not open: open() one first")
 
@@ -182,7 +197,7 @@ class StreamServer:
             for slot, fn, future in jobs:
                 if future.set_running_or_notify_cancel():
                     try:
-                        future.set_result(fn(self.multi.slots[slot]))
+                        future.set_result(fn(self.multi if slot is None else self.multi.slots[slot]))
                     except Exception as e:  # handed to the caller through the future
                         future.set_exception(e)
             if frames:

@@ -168,3 +168,43 @@ def test_a_package_compiled_with_freezing_has_no_weights_to_replace(tmp_path, fr
     assert not torch.equal(runner.run({"x": x})["y"], module(x))  # a bad name: nothing written
     runner.load_weights({"unet.0.weight": module.unet[0].weight})
     torch.testing.assert_close(runner.run({"x": x})["y"], module(x), atol=1e-5, rtol=0)
+
+
+def test_video_lora_runs_on_the_swappable_folder_without_a_rebuild(folder, files, tmp_path, capsys):  # noqa: F811
+    """`video --engines DIR --lora FILE:SCALE`: the LoRA is applied when the folder opens; the folder is untouched
+    (no rebuild) and the frames differ from a run without it."""
+    from test_video_cli import pan_frames, read_all, write_clip
+
+    from streamv2v_trt.cli.main import main
+
+    clip = tmp_path / "in.mp4"
+    write_clip(clip, pan_frames(4))
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    run = ["--prompt", PROMPT, "--engines", str(folder), "--backend", "aoti", "--device", "cpu", "--no-progress"]
+    outputs = {}
+    for name, extra in (("base", []), ("lora", ["--lora", f"{files['a']}:0.8"])):
+        out = tmp_path / f"{name}.mp4"
+        assert main(["video", str(clip), str(out), *run, *extra]) == 0, capsys.readouterr().err
+        outputs[name] = np.stack([f.image for f in read_all(out)[1]]).astype(np.int16)
+    assert outputs["lora"].shape == outputs["base"].shape == (4, 64, 64, 3)
+    # The LoRA changes the frames by far more than the codec's rounding (a few levels).
+    assert np.abs(outputs["lora"] - outputs["base"]).mean() > 4
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_video_lora_on_a_frozen_folder_is_one_error_line_naming_the_rebuild(tiny_build, files, tmp_path, capsys):  # noqa: F811
+    from test_video_cli import pan_frames, write_clip
+
+    from streamv2v_trt.cli.main import main
+
+    frozen = tiny_build(tiny_spec(), builder="aoti", weights="frozen")
+    clip = tmp_path / "in.mp4"
+    write_clip(clip, pan_frames(2))
+    out = tmp_path / "out.mp4"
+    argv = ["video", str(clip), str(out), "--prompt", PROMPT, "--engines", str(frozen), "--device", "cpu",
+            "--lora", f"{files['a']}:1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "python -m build_engines" in err and "--lora" in err and "--weights swappable" in err, err
+    assert not out.exists()

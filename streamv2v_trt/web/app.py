@@ -5,11 +5,13 @@ the order they arrive, which is the order the page sent them, so both sides agre
 
     page -> server   binary: a JPEG/PNG/WebP frame
                      text:   {"type": "prompt", "prompt": "..."} | {"type": "reset"}
-    server -> page   {"type": "ready", "width", "height", "prompt", "max_frame_bytes"}
+                             {"type": "loras", "loras": [{"name", "scale"}, ...]}  (serve --lora-dir: web/loras.py)
+    server -> page   {"type": "ready", "width", "height", "prompt", "max_frame_bytes"}  (+ "lora_files", "loras")
                      {"type": "result", "seq", "model_ms", "server_ms", "fps", "dropped"} then binary JPEG
                      {"type": "dropped", "seq"}            (a newer frame replaced it while the model was busy)
                      {"type": "error", "seq"?, "message"}  (bad frame or message; the socket stays usable)
                      {"type": "prompt", "prompt"} | {"type": "reset"}   (acknowledgements)
+                     {"type": "loras", "loras"}   (the server's LoRA set changed: sent to every page)
 
 The server closes the socket after an error message in five cases: the request's Host or Origin is not
 allowed (1008, before any slot is taken), every slot of the hub is taken (1013, "server busy"), the hub has no
@@ -46,6 +48,7 @@ from ..frames import FrameError
 from ..hub import Hub, Latest, NotReady, Result, SlotLost  # the protocol only: serving a hub loads no model here
 from .access import Access
 from .codec import BadFrame, decode_frame, encode_jpeg
+from .loras import LoraPicker, LoraRefused
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +61,17 @@ def index_html() -> str:
 
 
 def create_app(
-    hub: Hub, limits: Limits | None = None, access: Access | None = None, on_shutdown: Callable[[], None] | None = None
+    hub: Hub,
+    limits: Limits | None = None,
+    access: Access | None = None,
+    on_shutdown: Callable[[], None] | None = None,
+    loras: LoraPicker | None = None,
 ) -> FastAPI:
     """The demo app, serving from `hub` (a `StreamServer`, or any `Hub`): one slot per connection, for its life.
     The hub belongs to the caller (start and stop it around the app), or, where the app is built inside a server
     process (Ray's ingress), `on_shutdown` stops it when the app shuts down. Default `limits`: `Limits()`;
-    default `access`: localhost only."""
+    default `access`: localhost only. `loras`: the LoRA picker (`serve --lora-dir`; the hub then needs
+    `set_loras`, web/loras.py); None: the page offers none."""
     limits, access = limits or Limits(), access or Access()
     image_pool = ThreadPoolExecutor(max_workers=IMAGE_THREADS, thread_name_prefix="streamv2v-image")
 
@@ -116,7 +124,7 @@ def create_app(
             await ws.close(code=1013)  # 1013: try again later
             return
         try:
-            await Session(ws, hub, slot, image_pool, limits).run()
+            await Session(ws, hub, slot, image_pool, limits, loras).run()
         finally:
             hub.close(slot)  # at once, whatever ended the session: the next connection may take the slot
 
@@ -153,9 +161,11 @@ class Session:
     (encoding results on the image pool). A frame is "in work" from decode to its answer."""
 
     def __init__(
-        self, ws: WebSocket, hub: Hub, slot: Any, image_pool: ThreadPoolExecutor, limits: Limits
+        self, ws: WebSocket, hub: Hub, slot: Any, image_pool: ThreadPoolExecutor, limits: Limits,
+        loras: LoraPicker | None = None,
     ) -> None:  # fmt: skip
         self.ws, self.hub, self.slot, self.image_pool, self.limits = ws, hub, slot, image_pool, limits
+        self.loras = loras
         self.loop = asyncio.get_running_loop()
         self.frame: Latest[tuple[int, bytes, float]] = Latest()  # (seq, data, receive time): the newest not decoded
         self.in_work = 0  # frames decoding, in the hub, or being answered; at most MAX_IN_WORK
@@ -171,13 +181,17 @@ class Session:
     async def run(self) -> None:
         await self.send({
             "type": "ready", "width": self.hub.width, "height": self.hub.height, "prompt": self.hub.prompt,
-            "max_frame_bytes": self.limits.max_frame_bytes,
+            "max_frame_bytes": self.limits.max_frame_bytes, **(self.loras.ready() if self.loras else {}),
         })  # fmt: skip
+        if self.loras:  # told when another page changes the server's LoRA set
+            self.loras.pages.add(self.send)
         tasks = [asyncio.create_task(work) for work in (self.receive(), self.push_frames(), self.send_answers())]
         done: set[asyncio.Task] = set()
         try:  # the session ends when the receiver does (disconnect, idle) or a worker fails (socket gone)
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            if self.loras:
+                self.loras.pages.discard(self.send)
             for task in tasks:
                 task.cancel()
             # asyncio.wait, not gather: when the server cancels this task meanwhile, gather would raise a child's
@@ -292,7 +306,18 @@ class Session:
         if kind == "reset":
             await asyncio.wrap_future(self.hub.reset(self.slot))
             return {"type": "reset"}
-        raise BadMessage(f"unknown message type {kind[:100]!r}; expected prompt or reset")
+        if kind == "loras":
+            return await self.apply_loras(msg)
+        raise BadMessage(f"unknown message type {kind[:100]!r}; expected prompt, reset or loras")
+
+    async def apply_loras(self, msg: dict) -> dict:
+        """The server's LoRA set, for every connection (web/loras.py); BadMessage when refused or not offered."""
+        if self.loras is None:
+            raise BadMessage("this server offers no LoRAs: start it with serve --lora-dir DIR")
+        try:
+            return await self.loras.apply(msg, self.hub, self.send)
+        except LoraRefused as e:
+            raise BadMessage(str(e)) from e
 
     async def push_frames(self) -> None:
         """Decode the newest frame off the model thread and push it to the hub (which keeps the newest per slot),
