@@ -11,8 +11,10 @@ Three measurements, in one run, on the same frames, precision and threads (`--th
   happens between two frames: tests/test_lora_swap.py and test_aoti_loras.py prove the next frame runs on them),
   beside the p50 of frames without a swap. Backends: eager, and aoti (a build folder with swappable weights).
 - drops: the same stream's backend behind a `StreamServer` (one slot): a client pushes every frame of the clip and
-  waits for its answer (as `video` feeds a stream) while another thread swaps every `--swap-every` frames' time;
-  every pushed frame must come back translated: frames in, frames out, dropped and failed are counted (must be 0).
+  waits for its answer (as `video` feeds a stream), and with every `--swap-every`-th frame asks for a swap right
+  after the push (as a page's LoRA message arrives while its frame waits or runs: the loop runs the swap between
+  two ticks). Every pushed frame must come back translated: frames in, frames out, dropped and failed are counted
+  (dropped and failed must be 0), with the p50 time of frames pushed with a swap and without.
 - fps (aoti in `--backends`): two AOTInductor builds of the same spec, swappable and frozen weights, run
   alternately twice (A B A B, so load from other jobs hits both), `--frames` timed frames each after `--warmup`.
 
@@ -118,42 +120,39 @@ def swap_run(stream, clip, loras: dict[str, Path], args) -> dict:
 
 
 def drop_run(source: Source, cfg, clip, loras: dict[str, Path], args) -> dict:
-    """A one-slot StreamServer fed every frame of `clip` (each pushed when the last came back) while another thread
-    swaps the LoRA set; counts what came back."""
+    """A one-slot StreamServer fed every frame of `clip`, each pushed when the last came back (as `video` feeds a
+    stream); with every `swap_every`-th frame a swap is asked right after the push (as a page's LoRA message
+    arrives while its frame waits or runs). Counts what came back and how long those frames took."""
     from streamv2v_trt.opening import open_multistream
     from streamv2v_trt.serving import StreamServer
 
     multi = open_multistream(source, cfg, 1, prompt=args.prompt)
     counts = {"frames_in": 0, "frames_out": 0, "dropped": 0, "failed": 0, "swaps": 0}
-    done = threading.Event()
     answered = threading.Semaphore(0)
+    latency_ms = {True: [], False: []}  # frames pushed with a swap, without
+
+    def deliver(result) -> None:
+        counts["dropped" if result.dropped else "failed" if result.error is not None else "frames_out"] += 1
+        answered.release()
+
     with StreamServer(multi) as server:
         slot = server.open()
-        t0 = time.perf_counter()
-        for frame in clip[: args.warmup]:  # warm, and the time a frame takes
+        for frame in clip[: args.warmup]:
             server.push(slot, frame, lambda _result: answered.release())
             answered.acquire()
-        period_s = (time.perf_counter() - t0) / args.warmup * args.swap_every
-
-        def swapper() -> None:
-            while not done.wait(period_s):
+        for i, frame in enumerate(clip[args.warmup : args.warmup + args.frames]):
+            swap = i % args.swap_every == 0
+            t0 = time.perf_counter()
+            counts["frames_in"] += 1
+            server.push(slot, frame, deliver)
+            if swap:
                 name, scale = SETS[counts["swaps"] % 2]
                 server.set_loras([(loras[name], scale)]).result()
                 counts["swaps"] += 1
-
-        def deliver(result) -> None:
-            key = "dropped" if result.dropped else "failed" if result.error is not None else "frames_out"
-            counts[key] += 1
-            answered.release()
-
-        thread = threading.Thread(target=swapper, daemon=True)
-        thread.start()
-        for frame in clip[args.warmup : args.warmup + args.frames]:
-            counts["frames_in"] += 1
-            server.push(slot, frame, deliver)
             answered.acquire()
-        done.set()
-        thread.join()
+            latency_ms[swap].append((time.perf_counter() - t0) * 1e3)
+    counts["with_swap_ms_p50"] = float(np.median(latency_ms[True]))
+    counts["without_ms_p50"] = float(np.median(latency_ms[False]))
     return counts
 
 
@@ -217,12 +216,13 @@ def tables(report: dict) -> str:
         )
     lines += [
         "",
-        "| backend (StreamServer) | swaps | frames in | frames out | dropped | failed |",
-        "|---|---|---|---|---|---|",
+        "| backend (StreamServer) | swaps | frames in | frames out | dropped | failed | ms p50 with swap / without |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in report["drops"].items():
         lines.append(
-            f"| {name} | {r['swaps']} | {r['frames_in']} | {r['frames_out']} | {r['dropped']} | {r['failed']} |"
+            f"| {name} | {r['swaps']} | {r['frames_in']} | {r['frames_out']} | {r['dropped']} | {r['failed']} | "
+            f"{r['with_swap_ms_p50']:.1f} / {r['without_ms_p50']:.1f} |"
         )
     if report["fps"]:
         lines += ["", "| AOTInductor weights | FPS (mean of 2 runs) | runs |", "|---|---|---|"]
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default="eager,aoti", help=f"comma list of {', '.join(BACKENDS)}")
     p.add_argument("--frames", type=int, default=60, help="timed frames per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed frames first")
-    p.add_argument("--swap-every", type=int, default=5, help="frames between two swaps")
+    p.add_argument("--swap-every", type=int, default=5, help="frames between two swaps (>= 2)")
     p.add_argument("--rank", type=int, default=8, help="rank of the generated LoRAs")
     p.add_argument("--engines", type=Path, default=Path("engines"), help="parent folder of the build folders")
     p.add_argument("--prompt", default="a watercolor painting")
@@ -257,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if unknown := [b for b in args.backends if b not in BACKENDS]:
         parser.error(f"--backends: unknown {', '.join(unknown)}; expected {', '.join(BACKENDS)}")
-    if args.frames < 1 or args.swap_every < 1 or args.warmup < 1:
-        parser.error("--frames, --swap-every and --warmup must be >= 1")
+    if args.frames < args.swap_every or args.swap_every < 2 or args.warmup < 1:
+        parser.error("--swap-every must be >= 2 (frames without a swap are the baseline), --frames >= --swap-every, "
+                     "--warmup >= 1")  # fmt: skip
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads is None:

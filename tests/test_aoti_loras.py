@@ -208,3 +208,36 @@ def test_video_lora_on_a_frozen_folder_is_one_error_line_naming_the_rebuild(tiny
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "python -m build_engines" in err and "--lora" in err and "--weights swappable" in err, err
     assert not out.exists()
+
+
+def test_serve_lora_dir_swaps_a_swappable_folder_and_refuses_a_frozen_one(folder, tiny_build, files, tmp_path):  # noqa: F811
+    """`serve --lora-dir` on build folders: the picker swaps a swappable folder's weights for every slot; a folder
+    with frozen weights is refused at start, naming the rebuild."""
+    pytest.importorskip("fastapi")
+    import json
+    import shutil
+
+    from fastapi.testclient import TestClient
+    from test_web import TEST_HOSTS, serve_args
+
+    from streamv2v_trt.cli import serve
+    from streamv2v_trt.cli.stream_args import CliError
+    from streamv2v_trt.serving import StreamServer
+    from streamv2v_trt.web import Limits, create_app
+    from streamv2v_trt.web.loras import LoraFolder
+
+    shutil.copy(files["a"], tmp_path / "a.safetensors")
+    loras = LoraFolder(tmp_path)
+    frozen = serve.open_slots(serve_args("--engines", str(tiny_build(tiny_spec(), builder="aoti", weights="frozen")),
+                                         "--device", "cpu"))  # fmt: skip
+    with pytest.raises(CliError, match="--lora-dir: .*compiled into its files.*--weights swappable"):
+        serve.lora_picker(frozen, loras)
+    multi = serve.open_slots(serve_args("--engines", str(folder), "--device", "cpu"))
+    with StreamServer(multi) as server:
+        app = create_app(server, Limits(), TEST_HOSTS, loras=serve.lora_picker(multi, loras))
+        with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+            assert ws.receive_json()["lora_files"] == ["a.safetensors"]
+            ws.send_text(json.dumps({"type": "loras", "loras": [{"name": "a.safetensors", "scale": 0.8}]}))
+            assert ws.receive_json() == {"type": "loras", "loras": [{"name": "a.safetensors", "scale": 0.8}]}
+    assert multi.cfg.spec.loras == lora_specs([(tmp_path / "a.safetensors", 0.8)])
+    assert multi.backend.lora_weights.unet.conv_in.weight.device.type == "cpu"  # the swap loaded the base copy
