@@ -1,5 +1,5 @@
-"""StreamServer: slots of one MultiStream behind a loop thread (open/close, latest frame wins, jobs between ticks,
-errors that reach only their own frames, stop). The web app over it is tested in test_web.py."""
+"""StreamServer: slots of one MultiStream behind a loop thread (open/close, latest frame wins, jobs and LoRA swaps
+between ticks, errors that reach only their own frames, stop). The web app over it is tested in test_web.py."""
 
 from __future__ import annotations
 
