@@ -17,6 +17,10 @@ would overrun the budget is killed with its process group (Inductor's compile wo
   profile      `benchmarks.fps --profile` of the best path's base, not graphed so every kernel shows: time per
                frame as conv / GEMM / attention / DyMe / copies / other over one bank interval, the top kernels.
   sd15         the SD1.5 architecture at 4 steps, eager and the best path, if the budget still allows.
+  lora         `python -m benchmarks.lora_swap`: the time of `set_loras` and of the first frame after it, frames
+               dropped while swapping (must be 0), and AOTInductor swappable vs frozen weights FPS (two builds of
+               the plan's spec; the frozen one is the aoti path's, the default on CUDA). The dry run measures eager
+               only: no further AOTInductor compile on a CPU.
 
 Budget (--budget-s): a step starts only if the time left, less what the later paths, soak and profile need,
 covers what it needs; otherwise it is recorded as skipped with the reason. A started step may use that room.
@@ -49,7 +53,7 @@ from benchmarks.gpu_report import best_path, condense, junit_counts, path_rows, 
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmarks.gpu_check")
-SKIPPABLE = ("pytest", "kernels", "soak", "profile", "sd15")
+SKIPPABLE = ("pytest", "kernels", "soak", "profile", "sd15", "lora")
 RESERVED = ("path", "soak", "profile")  # what later steps of these kinds need is kept back from earlier steps
 
 
@@ -71,6 +75,7 @@ class Plan:
     sd15_model: str
     sd15_frames: int
     sd15_best: bool  # sd15 runs the best path beside eager (False: eager only)
+    lora_backends: tuple[str, ...]  # benchmarks.lora_swap --backends
     need: dict = field(default_factory=dict)  # step kind -> seconds it needs to be worth starting
     cap: dict = field(default_factory=dict)  # step kind -> most seconds it may take
 
@@ -78,13 +83,16 @@ class Plan:
 GPU = Plan(
     "gpu", "sd-turbo", 512, "cuda", "fp16", None, ("eager+graphs", "compiled+graphs", "aoti+graphs", "tensorrt+graphs"),
     frames=300, warmup=30, soak=3000, profile_frames=8, sd15_model="sd15", sd15_frames=100, sd15_best=True,
-    need={"pytest": 60, "kernels": 30, "path": 90, "soak": 60, "profile": 60, "sd15": 180},
+    lora_backends=("eager", "aoti"),
+    need={"pytest": 60, "kernels": 30, "path": 90, "soak": 60, "profile": 60, "sd15": 180, "lora": 300},
     cap={"pytest": 600, "kernels": 300},
 )  # fmt: skip
 DRY = Plan(
     "dry-run", "tiny", 64, "cpu", "fp32", 1, ("onnxruntime", "aoti"),
     frames=6, warmup=2, soak=20, profile_frames=4, sd15_model="tiny", sd15_frames=6, sd15_best=False,
-    need={"pytest": 10, "kernels": 5, "path": 15, "soak": 10, "profile": 10, "sd15": 10}, cap={"pytest": 300},
+    lora_backends=("eager",),
+    need={"pytest": 10, "kernels": 5, "path": 15, "soak": 10, "profile": 10, "sd15": 10, "lora": 10},
+    cap={"pytest": 300},
 )  # fmt: skip
 
 
@@ -133,7 +141,8 @@ class Check:
         self.t0 = time.monotonic()
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         names = [("pytest", "pytest"), ("kernels", "kernels")] + [(f"fps {p}", "path") for p in args.paths]
-        self.steps = [Step(n, k) for n, k in names + [("soak", "soak"), ("profile", "profile"), ("sd15", "sd15")]]
+        later = [("soak", "soak"), ("profile", "profile"), ("sd15", "sd15"), ("lora", "lora")]
+        self.steps = [Step(n, k) for n, k in names + later]
         self.machine: dict = {}  # from the first benchmarks.fps report
 
     def left(self) -> float:
@@ -253,6 +262,23 @@ class Check:
             self.fps(
                 step, ["eager", best["backend"]], "fps_sd15.json", model=p.sd15_model, steps=4, frames=p.sd15_frames
             )
+
+    def lora(self, step: Step) -> None:
+        if (timeout := self.timeout(step)) is None:
+            return
+        p, report = self.plan, self.out / "lora_swap.json"
+        argv = [sys.executable, "-m", "benchmarks.lora_swap", "--model", p.model, "--height", str(p.size), "--width",
+                str(p.size), "--device", p.device, "--backends", ",".join(p.lora_backends), "--frames", str(p.frames),
+                "--swap-every", "2" if p.frames < 10 else "5", "--warmup", str(p.warmup), "--engines",
+                str(self.args.engines), "--json", str(report)]  # fmt: skip
+        argv += ["--threads", str(p.threads)] if p.threads else []
+        report.unlink(missing_ok=True)
+        self.child(step, argv, timeout)
+        if report.exists():
+            from benchmarks.lora_swap import tables
+
+            data = json.loads(report.read_text())
+            step.result = {k: data[k] for k in ("swap", "drops", "fps")} | {"table": tables(data), "json": report.name}
 
     # -- running and the report ----------------------------------------------------------------------------
     def run_all(self) -> int:

@@ -141,6 +141,9 @@ def summary_md(report: dict) -> str:
     prof = steps.get("profile", {}).get("result", {}).get("rows")
     if prof and prof[0]["profile"]:
         lines += ["", f"## Profile: {prof[0]['backend']} (not graphed)", ""] + profile_table(prof[0]["profile"])
+    lora = steps.get("lora", {}).get("result", {}).get("table")
+    if lora:
+        lines += ["", "## LoRA swaps (benchmarks.lora_swap)", "", lora]
     kernels = steps.get("kernels", {}).get("result", {}).get("output")
     if kernels:
         lines += ["", "## DyMe kernels (benchmarks.kernels)", "", "```", *kernels, "```"]

@@ -57,5 +57,6 @@ def swap_loras(backend: Backend, cfg: StreamConfig, loras: tuple[LoraSpec, ...])
             "(Source(engines=..., loras=[LoraSpec(path, scale), ...])), or run the eager backend, which swaps LoRAs "
             f"at runtime{AOTI_HINT if backend.name == 'aoti' else ''}"
         )
-    backend.lora_weights.set(loras)
+    if backend.lora_weights.loras != loras:  # the same set already held (another stream on these networks set it)
+        backend.lora_weights.set(loras)
     return cfg.with_spec(loras=loras)

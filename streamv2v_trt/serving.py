@@ -5,7 +5,8 @@ Per slot one frame waits at most (`hub.Latest`): a newer push replaces it (lates
 reported as dropped), so a slow tick never builds up latency. The loop takes the waiting frame of every slot, runs
 one batched `MultiStream` tick, and hands each slot its result through its `deliver` callback (on the loop thread:
 a callback must be quick, e.g. `loop.call_soon_threadsafe`). `run(slot, fn)` runs `fn(stream)` on the loop
-thread between ticks (prompt changes, resets), so a stream is never changed mid-frame. It is a `Hub` (hub.py).
+thread between ticks (prompt changes, resets), so a stream is never changed mid-frame; `set_loras` swaps the
+LoRA set of every slot (they share networks) the same way. It is a `Hub` (hub.py).
 
 Sizes: a MultiStream batch is one size, so the server keeps one MultiStream per size, all on the same networks
 (`backend.at_size`), each with the same K slots: the first one's size is where slots open, and another is opened on
@@ -27,6 +28,7 @@ from typing import Any
 from .frame_sizes import size_text
 from .frames import FrameError
 from .hub import Deliver, Hub, Latest, Result, SizeUnavailable
+from .lora_set import LoraSet
 from .multistream import MultiStream
 from .pipeline import StreamV2V
 
@@ -68,7 +70,7 @@ class StreamServer:
         self._cond = threading.Condition()
         self._free = deque(range(multi.streams))  # slot numbers; a slot's stream index differs once it moved
         self._waiting: dict[int, Latest[Waiting]] = {}  # the open slots, each with its waiting frame
-        self._jobs: deque[tuple[int, Callable[[StreamV2V], Any], Future]] = deque()
+        self._jobs: deque[tuple[int | None, Callable[[Any], Any], Future]] = deque()  # slot None: the MultiStream
         self._seq = 0
         self._closed = False
         self.ticks = 0
@@ -140,11 +142,15 @@ class StreamServer:
             lost[3](Result(lost[0], dropped=True))
         return seq
 
-    def run(self, slot: int, fn: Callable[[StreamV2V], Any]) -> Future:
-        """`fn(slot's stream)` on the loop thread before the next tick; the future holds its result or error."""
+    def run(self, slot: int | None, fn: Callable[[Any], Any]) -> Future:
+        """`fn(slot's stream)` (slot None: `fn(the MultiStream)`) on the loop thread before the next tick; the
+        future holds its result or error."""
         future: Future = Future()
         with self._cond:
-            self._check(slot)
+            if slot is None:
+                self._check_open()
+            else:
+                self._check(slot)
             self._jobs.append((slot, fn, future))
             self._cond.notify_all()
         return future
@@ -209,6 +215,20 @@ class StreamServer:
         if waiting is not None:
             waiting[3](Result(waiting[0], dropped=True))
 
+    def set_loras(self, loras: LoraSet, *, reset: bool = False) -> Future:
+        """Every slot's LoRA set from the next tick on (the slots share networks: `MultiStream.set_loras`), swapped
+        on the loop thread between two ticks: no frame runs with half-old weights, and frames that wait meanwhile
+        stay waiting, none is dropped. A bad file fails the future and changes nothing."""
+        return self.run(None, lambda _: self._set_loras(loras, reset))
+
+    def _set_loras(self, loras: LoraSet, reset: bool) -> None:
+        # Every size's MultiStream runs the same networks: the first swaps their weights, the others take the
+        # new set into their config and prompt embeddings (`swap_loras` skips a set the weights already hold).
+        first, *others = self._multis.values()
+        first.set_loras(loras, reset=reset)
+        for multi in others:
+            multi.set_loras(first.cfg.spec.loras, reset=reset)
+
     def stop(self, timeout: float | None = 10.0) -> None:
         """Stop the loop after the tick in progress. What it will not run is answered now, so nobody waits
         forever: waiting frames get an error result, queued `run` futures an exception."""
@@ -231,9 +251,12 @@ class StreamServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _check(self, slot: int) -> None:
+    def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this StreamServer is stopped")
+
+    def _check(self, slot: int) -> None:
+        self._check_open()
         if slot not in self._waiting:
             raise KeyError(f"slot {slot} is not open: open() one first")
 
@@ -263,7 +286,7 @@ class StreamServer:
             for slot, fn, future in jobs:
                 if future.set_running_or_notify_cancel():
                     try:
-                        future.set_result(fn(self._stream(slot)))
+                        future.set_result(fn(None if slot is None else self._stream(slot)))
                     except Exception as e:  # handed to the caller through the future
                         future.set_exception(e)
             for size, frames in by_size.items():  # one tick per size with frames (a batch is one size)

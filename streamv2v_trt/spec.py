@@ -165,7 +165,8 @@ class EngineSpec:
         default=(),
         metadata=flag(
             "LoRA .safetensors fused into the UNet and text encoder with SCALE (default 1); repeatable. A build folder "
-            "runs only the LoRAs it was built with",
+            "with frozen weights runs only the LoRAs it was built with; one built with swappable weights takes any "
+            "set, applied when it opens",
             names=("--lora",),
             metavar="FILE[:SCALE]",
             parse=LoraSpec.parse,

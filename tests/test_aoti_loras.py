@@ -168,3 +168,76 @@ def test_a_package_compiled_with_freezing_has_no_weights_to_replace(tmp_path, fr
     assert not torch.equal(runner.run({"x": x})["y"], module(x))  # a bad name: nothing written
     runner.load_weights({"unet.0.weight": module.unet[0].weight})
     torch.testing.assert_close(runner.run({"x": x})["y"], module(x), atol=1e-5, rtol=0)
+
+
+def test_video_lora_runs_on_the_swappable_folder_without_a_rebuild(folder, files, tmp_path, capsys):  # noqa: F811
+    """`video --engines DIR --lora FILE:SCALE`: the LoRA is applied when the folder opens; the folder is untouched
+    (no rebuild) and the frames differ from a run without it."""
+    from test_video_cli import pan_frames, read_all, write_clip
+
+    from streamv2v_trt.cli.main import main
+
+    clip = tmp_path / "in.mp4"
+    write_clip(clip, pan_frames(4))
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    run = ["--prompt", PROMPT, "--engines", str(folder), "--backend", "aoti", "--device", "cpu", "--no-progress"]
+    outputs = {}
+    for name, extra in (("base", []), ("lora", ["--lora", f"{files['a']}:0.8"])):
+        out = tmp_path / f"{name}.mp4"
+        assert main(["video", str(clip), str(out), *run, *extra]) == 0, capsys.readouterr().err
+        outputs[name] = np.stack([f.image for f in read_all(out)[1]]).astype(np.int16)
+    assert outputs["lora"].shape == outputs["base"].shape == (4, 64, 64, 3)
+    # The LoRA changes the frames by far more than the codec's rounding (a few levels).
+    assert np.abs(outputs["lora"] - outputs["base"]).mean() > 4
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_video_lora_on_a_frozen_folder_is_one_error_line_naming_the_rebuild(tiny_build, files, tmp_path, capsys):  # noqa: F811
+    from test_video_cli import pan_frames, write_clip
+
+    from streamv2v_trt.cli.main import main
+
+    frozen = tiny_build(tiny_spec(), builder="aoti", weights="frozen")
+    clip = tmp_path / "in.mp4"
+    write_clip(clip, pan_frames(2))
+    out = tmp_path / "out.mp4"
+    argv = ["video", str(clip), str(out), "--prompt", PROMPT, "--engines", str(frozen), "--device", "cpu",
+            "--lora", f"{files['a']}:1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "python -m build_engines" in err and "--lora" in err and "--weights swappable" in err, err
+    assert not out.exists()
+
+
+def test_serve_lora_dir_swaps_a_swappable_folder_and_refuses_a_frozen_one(folder, tiny_build, files, tmp_path):  # noqa: F811
+    """`serve --lora-dir` on build folders: the picker swaps a swappable folder's weights for every slot; a folder
+    with frozen weights is refused at start, naming the rebuild."""
+    pytest.importorskip("fastapi")
+    import json
+    import shutil
+
+    from fastapi.testclient import TestClient
+    from test_web import TEST_HOSTS, serve_args
+
+    from streamv2v_trt.cli import serve
+    from streamv2v_trt.cli.stream_args import CliError
+    from streamv2v_trt.serving import StreamServer
+    from streamv2v_trt.web import Limits, create_app
+    from streamv2v_trt.web.loras import LoraFolder
+
+    shutil.copy(files["a"], tmp_path / "a.safetensors")
+    loras = LoraFolder(tmp_path)
+    frozen = serve.open_slots(serve_args("--engines", str(tiny_build(tiny_spec(), builder="aoti", weights="frozen")),
+                                         "--device", "cpu"))  # fmt: skip
+    with pytest.raises(CliError, match="--lora-dir: .*compiled into its files.*--weights swappable"):
+        serve.lora_picker(frozen, loras)
+    multi = serve.open_slots(serve_args("--engines", str(folder), "--device", "cpu"))
+    with StreamServer(multi) as server:
+        app = create_app(server, Limits(), TEST_HOSTS, loras=serve.lora_picker(multi, loras))
+        with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+            assert ws.receive_json()["lora_files"] == ["a.safetensors"]
+            ws.send_text(json.dumps({"type": "loras", "loras": [{"name": "a.safetensors", "scale": 0.8}]}))
+            assert ws.receive_json() == {"type": "loras", "loras": [{"name": "a.safetensors", "scale": 0.8}]}
+    assert multi.cfg.spec.loras == lora_specs([(tmp_path / "a.safetensors", 0.8)])
+    assert multi.backend.lora_weights.unet.conv_in.weight.device.type == "cpu"  # the swap loaded the base copy

@@ -51,7 +51,7 @@ def steps_of(report: dict) -> dict:
 def test_dry_run_measures_every_path_beside_eager(dry_run):
     out, report, proc, paths = dry_run
     steps = steps_of(report)
-    assert list(steps) == ["pytest", "kernels", *(f"fps {p}" for p in paths), "soak", "profile", "sd15"]
+    assert list(steps) == ["pytest", "kernels", *(f"fps {p}" for p in paths), "soak", "profile", "sd15", "lora"]
     assert all(s["status"] in STATUSES and (s["status"] == "ok" or s["reason"]) for s in steps.values())
     assert report["mode"] == "dry-run" and report["exit_code"] == proc.returncode
     assert report["machine"]["cpu_model"] and "gpu" not in report["machine"]
@@ -66,7 +66,8 @@ def test_dry_run_measures_every_path_beside_eager(dry_run):
         assert step["result"]["ratios"][f"{path}/eager"] == pytest.approx(rows[path]["fps"] / rows["eager"]["fps"])
         assert json.loads((out / step["result"]["json"]).read_text())["results"][1]["backend"] == path
     kept = {"gpu_check.json", "gpu_check.log", "summary.md", "pytest.xml", "fps_soak.json", "fps_profile.json"}
-    assert {p.name for p in out.iterdir()} == kept | {"fps_sd15.json"} | {f"fps_{p}.json" for p in measured}
+    kept |= {"fps_sd15.json", "lora_swap.json"}
+    assert {p.name for p in out.iterdir()} == kept | {f"fps_{p}.json" for p in measured}
     # pytest -m gpu ran: on a CPU every gpu test skips, with its reason.
     pt = steps["pytest"]["result"]
     assert steps["pytest"]["status"] == "ok" and pt["passed"] == 0 and pt["skipped"] == len(pt["skips"]) > 0
@@ -100,8 +101,8 @@ def test_a_failed_path_is_reported_and_the_later_steps_run(dry_run):
 def test_summary_has_every_table_and_the_targets(dry_run):
     out, report, proc, paths = dry_run
     summary = (out / "summary.md").read_text()
-    for head in ("## Steps", "## Paths: tiny 64x64", "## sd15:", "## Soak:", "## Profile:", "## DyMe kernels",
-                 "## pytest -m gpu", "## Targets"):  # fmt: skip
+    for head in ("## Steps", "## Paths: tiny 64x64", "## sd15:", "## Soak:", "## Profile:", "## LoRA swaps",
+                 "## DyMe kernels", "## pytest -m gpu", "## Targets"):  # fmt: skip
         assert head in summary
     assert "| path | FPS | p50 ms | p99 ms | p99/p50 | peak MB | x eager | PSNR vs eager dB (min) |" in summary
     assert "| kind | ms per frame | share |" in summary and "| kernel | kind | calls | ms per frame |" in summary
@@ -267,3 +268,18 @@ def test_profile_rows_are_kernels_without_the_frame_annotation():
     assert [(r["name"], r["us"]) for r in cpu] == [
         ("aten::convolution", 1000.0), ("sm90_xmma_fprop_implicit_gemm_cudnn", 1000.0)
     ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_lora_step_swaps_on_eager_and_drops_no_frame(dry_run):
+    """The dry run's lora step: eager only (no AOTInductor compile on a CPU), 6 frames, a swap every 2."""
+    out, report, _, _ = dry_run
+    step = steps_of(report)["lora"]
+    assert step["status"] == "ok", step
+    assert step["command"].startswith("python -m benchmarks.lora_swap --model tiny --height 64 --width 64 --device cpu")
+    swap, drops = step["result"]["swap"]["eager"], step["result"]["drops"]["eager"]
+    assert swap["swaps"] == 3 and 0 < swap["set_loras_ms_p50"] <= swap["first_frame_after_ms_p50"]
+    assert drops["swaps"] == 3 and drops["frames_in"] == drops["frames_out"] == 6
+    assert drops["dropped"] == drops["failed"] == 0
+    assert step["result"]["fps"] == {}  # no aoti in the dry run
+    assert "| eager | 3 | 6 | 6 | 0 | 0 |" in (out / "summary.md").read_text()

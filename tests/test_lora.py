@@ -273,6 +273,12 @@ def test_bad_files_raise_clear_errors_and_change_nothing(base, tmp_path):
         assert torch.equal(v, before[k]), k
     with pytest.raises(FileNotFoundError):
         read_lora(tmp_path / "missing.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((tmp_path / "good.safetensors").read_bytes()[:100])
+    with pytest.raises(LoraError, match="not a readable .safetensors file"):
+        fuse_loras(unet, [LoraSpec(tmp_path / "good.safetensors"), LoraSpec(truncated)])
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_spec_compares_loras_by_contents_and_scale(base, tmp_path):

@@ -1,5 +1,5 @@
-"""StreamServer: slots of one MultiStream behind a loop thread (open/close, latest frame wins, jobs between ticks,
-errors that reach only their own frames, stop). The web app over it is tested in test_web.py."""
+"""StreamServer: slots of one MultiStream behind a loop thread (open/close, latest frame wins, jobs and LoRA swaps
+between ticks, errors that reach only their own frames, stop). The web app over it is tested in test_web.py."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import time
 import numpy as np
 import pytest
 from conftest import tiny_spec
+from test_lora_swap import files  # noqa: F401  (files: two LoRA files for the tiny model)
 
 from streamv2v_trt import StreamConfig, StreamV2V
 from streamv2v_trt.frames import FrameError
 from streamv2v_trt.hub import SizeUnavailable
+from streamv2v_trt.lora_set import lora_specs
 from streamv2v_trt.multistream import MultiStream
 from streamv2v_trt.serving import Result, StreamServer
 
@@ -74,6 +76,10 @@ class Gated:
         if fault is not None:
             raise fault
         return out
+
+    def set_loras(self, loras, *, reset: bool = False) -> None:
+        self.events.append(("set_loras", len(loras)))
+        self.multi.set_loras(loras, reset=reset)
 
     def hold(self) -> None:
         self.go.clear()
@@ -291,3 +297,56 @@ def test_a_slot_moves_to_another_size_as_a_fresh_stream_of_it(multi):
         server.resize(a, 64, 64).result(TIMEOUT)
         server.push(a, frame(4), inbox)
         assert inbox.get().frame.shape == (64, 64, 3)
+
+
+def test_a_lora_swap_runs_between_ticks_for_every_slot_and_drops_nothing(multi, files):  # noqa: F811
+    """`set_loras` while a tick runs: that tick finishes on the old weights, the swap runs next, and the frames that
+    waited meanwhile are all answered, on the new weights, in every slot (the slots share the networks)."""
+    gated = Gated(multi)
+    lora = [(files["a"], 0.8)]
+    plain = StreamV2V.from_pretrained(StreamConfig(tiny_spec()), prompt="a photo")
+    fused = StreamV2V.from_pretrained(StreamConfig(tiny_spec(loras=lora_specs(lora))), prompt="a photo")
+    with StreamServer(gated, prompt="a photo") as server:
+        a, b = server.open(), server.open()
+        inbox_a, inbox_b = Inbox(), Inbox()
+        gated.hold()
+        server.push(a, frame(0), inbox_a)
+        assert gated.started.get(timeout=TIMEOUT) == [a]
+        swap = server.set_loras(lora)
+        server.push(a, frame(1), inbox_a)
+        server.push(b, frame(2), inbox_b)
+        time.sleep(0.1)
+        assert not swap.done()  # the running tick is never interrupted
+        gated.release()
+        results = [inbox_a.get(), inbox_a.get(), inbox_b.get()]
+        assert swap.result(TIMEOUT) is None
+        assert not any(r.dropped or r.error for r in results)
+        assert gated.events[-3:] == [("tick", [a]), ("set_loras", 1), ("tick", [a, b])]
+        # Within 1 of 255: a batch of two may round differently from a stream alone (test_web.py's bound).
+        want_a0 = plain(frame(0))
+        plain.set_loras(lora)  # slot a: the old weights, then the new ones with its bank kept
+        for got, want in ((results[0], want_a0), (results[1], plain(frame(1))), (results[2], fused(frame(2)))):
+            assert np.abs(got.frame.astype(int) - want).max() <= 1
+        assert multi.cfg.spec.loras == lora_specs(lora) and all(s.cfg == multi.cfg for s in multi.slots)
+        server.set_loras([]).result(TIMEOUT)
+    assert multi.cfg.spec.loras == ()
+
+
+def test_a_lora_swap_reaches_every_size_a_slot_runs(multi, files):  # noqa: F811
+    """The MultiStreams of two sizes share the networks: a swap after a slot moved changes the weights once and both
+    sizes' configs; the moved slot's frames are what a stream of that size with the LoRA fused gives."""
+    lora = [(files["a"], 0.8)]
+    fused = StreamV2V.from_pretrained(StreamConfig(tiny_spec(height=48, width=80, loras=lora_specs(lora))))
+    fused.update_prompt("a photo")
+    with StreamServer(multi, prompt="a photo", sizes=[(48, 80)]) as server:
+        a = server.open()
+        server.resize(a, 48, 80).result(TIMEOUT)
+        server.set_loras(lora).result(TIMEOUT)
+        assert all(m.cfg.spec.loras == lora_specs(lora) for m in server.multis.values())
+        inbox = Inbox()
+        for i in range(3):
+            server.push(a, wide(i), inbox)
+            # batched (K = 2 rows, one used) vs alone: GEMMs sum in another order, a rounding step at most
+            assert np.abs(inbox.get().frame.astype(int) - fused(wide(i))).max() <= 1, i
+        server.set_loras([]).result(TIMEOUT)
+    assert all(m.cfg.spec.loras == () for m in server.multis.values())

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import shutil
 import socket
 import threading
@@ -44,6 +45,7 @@ from streamv2v_trt.web import (  # noqa: E402
     create_app,
 )
 from streamv2v_trt.web import app as web_app  # noqa: E402
+from streamv2v_trt.web.loras import LoraFolder, LoraPicker  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,6 +101,9 @@ class Paced:
         time.sleep(self.delay_s)
         return self.multi.tick()
 
+    def set_loras(self, loras, *, reset: bool = False) -> None:
+        self.multi.set_loras(loras, reset=reset)
+
 
 def fail(message: str):
     def job(stream) -> None:
@@ -108,7 +113,8 @@ def fail(message: str):
 
 
 class SpyHub:
-    """The Hub protocol, and nothing more, over a real StreamServer: what the app may use. Records the slots opened
+    """The Hub protocol (and `set_loras`, for the LoRA picker), and nothing more, over a real StreamServer: what the
+    app may use. Records the slots opened
     and closed, the frames each slot's results carried (before JPEG) and the threads results came from; `broken`
     fails the prompt "boom" and every reset on the loop thread, as a failing text encoder or bank would."""
 
@@ -159,6 +165,9 @@ class SpyHub:
 
     def resize(self, slot: int, height: int, width: int):
         return self.server.resize(slot, height, width)
+
+    def set_loras(self, loras):
+        return self.server.set_loras(loras)
 
 
 @pytest.fixture
@@ -649,15 +658,15 @@ def test_large_frames_decode_at_reduced_size(monkeypatch):
 
 @pytest.fixture
 def live_server():
-    """Starts uvicorn on a free port: `live_server(hub, limits=Limits())` -> its http URL."""
+    """Starts uvicorn on a free port: `live_server(hub, limits=Limits(), loras=None)` -> its http URL."""
     import uvicorn
 
     servers = []
 
-    def start(hub: SpyHub, limits: Limits | None = None) -> str:
+    def start(hub: SpyHub, limits: Limits | None = None, loras: LoraPicker | None = None) -> str:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
-        server = uvicorn.Server(uvicorn.Config(create_app(hub, limits or Limits()), log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(create_app(hub, limits or Limits(), loras=loras), log_level="warning"))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         servers.append((server, thread))
@@ -816,3 +825,174 @@ def test_serve_command_serves_the_page(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# -- the LoRA picker (serve --lora-dir; web/loras.py) -------------------------------------------------------------
+
+from test_lora_swap import files  # noqa: E402, F401  (files: two LoRA files for the tiny model)
+
+from streamv2v_trt.lora_set import lora_specs  # noqa: E402
+
+LISTED = ["a.safetensors", "b.safetensors", "bad.safetensors", "in.safetensors", "junk.safetensors"]
+
+
+@pytest.fixture
+def lora_dir(files, tmp_path):  # noqa: F811
+    """A LoRA folder: two good files, a malformed one, one that is not safetensors at all, a symlink that stays
+    inside; and what must not be offered: a symlink out of the folder, a file in a subfolder, a .bin."""
+    from safetensors.torch import load_file
+    from test_lora import save
+
+    d = tmp_path / "loras"
+    (d / "sub").mkdir(parents=True)
+    for name in ("a", "b"):
+        shutil.copy(files[name], d / f"{name}.safetensors")
+    tensors = load_file(str(files["b"]))
+    factor = next(iter(tensors.values()))
+    save(d / "bad.safetensors", tensors | {f"lora_unet_no_such_layer.lora_{r}.weight": factor for r in ("down", "up")})
+    (d / "junk.safetensors").write_bytes(b"not a safetensors file")
+    (d / "in.safetensors").symlink_to(d / "a.safetensors")
+    (d / "out.safetensors").symlink_to(files["a"])  # a real LoRA, outside the folder
+    shutil.copy(files["a"], d / "sub" / "c.safetensors")
+    (d / "a.bin").write_bytes(b"pickled")
+    return d
+
+
+@pytest.fixture
+def lora_hub(hub, multi):
+    """`lora_hub() -> SpyHub`; the module's slots are given back with no LoRA."""
+    spies = []
+
+    def make() -> SpyHub:
+        spies.append(hub())
+        return spies[-1]
+
+    yield make
+    for spy in spies:
+        spy.set_loras([]).result(TIMEOUT)
+    assert multi.cfg.spec.loras == ()
+
+
+def send_loras(ws, *loras: tuple[str, float]) -> None:
+    ws.send_text(json.dumps({"type": "loras", "loras": [{"name": n, "scale": s} for n, s in loras]}))
+
+
+def test_a_lora_picked_on_one_page_runs_for_every_client_and_every_page_is_told(lora_hub, lora_dir, multi, reference):
+    """The rule for the shared networks: the LoRA set is the server's. One page's change swaps every slot's
+    weights between two ticks, every connected page gets a "loras" message, and a page that connects later is
+    told the set in its "ready"."""
+    spy = lora_hub()
+    app = create_app(spy, Limits(), TEST_HOSTS, loras=LoraPicker(LoraFolder(lora_dir)))
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws") as one, client.websocket_connect("/ws") as two:
+            for ws in (one, two):
+                ready = ws.receive_json()
+                assert ready["lora_files"] == LISTED and ready["loras"] == []
+            send_loras(one, ("a.safetensors", 0.8))
+            told = {"type": "loras", "loras": [{"name": "a.safetensors", "scale": 0.8}]}
+            assert one.receive_json() == told and two.receive_json() == told
+            assert multi.cfg.spec.loras == lora_specs([(lora_dir / "a.safetensors", 0.8)])
+            assert all(stream.cfg == multi.cfg for stream in multi.slots)
+            # Every client's frames are those of a stream opened with the LoRA fused, and differ from the base's.
+            fused = StreamV2V.from_pretrained(multi.cfg, prompt="a photo")
+            exchange(spy, [one, two], [fused, fused.sibling()], [1, 2])
+            base = reference.sibling()
+            base_out = base(codec.decode_frame(jpeg(seed=1), Limits(), 64, 64))
+            assert np.abs(spy.outputs[spy.opened[0]][-1].astype(int) - base_out).max() > 1
+            with client.websocket_connect("/ws") as three:
+                assert three.receive_json()["loras"] == told["loras"]
+                send_loras(three)  # none
+                assert three.receive_json() == {"type": "loras", "loras": []}
+            for ws in (one, two):
+                assert ws.receive_json() == {"type": "loras", "loras": []}
+            assert multi.cfg.spec.loras == ()
+
+
+def test_the_picker_takes_only_listed_names_and_a_bad_file_changes_nothing(lora_hub, lora_dir, files, multi):  # noqa: F811
+    spy = lora_hub()
+    app = create_app(spy, Limits(), TEST_HOSTS, loras=LoraPicker(LoraFolder(lora_dir)))
+    with TestClient(app) as client, client.websocket_connect("/ws") as one, client.websocket_connect("/ws") as two:
+        one.receive_json(), two.receive_json()
+        send_loras(one, ("in.safetensors", 1.0))  # a symlink inside the folder is a listed file
+        one.receive_json(), two.receive_json()
+        cfg = multi.cfg
+        assert cfg.spec.loras == lora_specs([(lora_dir / "in.safetensors", 1.0)])
+        # What changed since the listing counts too: the inside link now leads out of the folder.
+        (lora_dir / "in2.safetensors").symlink_to(lora_dir / "a.safetensors")
+        unknown = ["../a.safetensors", str(files["a"]), str(lora_dir / "a.safetensors"), "out.safetensors",
+                   "sub/c.safetensors", "c.safetensors", "a.bin", "in2.safetensors", "", 3, None]  # fmt: skip
+        refused = [({"loras": [{"name": name, "scale": 1}]}, "unknown LoRA") for name in unknown]
+        refused += [
+            ({"loras": [{"name": "a.safetensors", "scale": scale}]}, r"scale must be a number in \[-2, 2\]")
+            for scale in (2.5, -3, "1", True, None, float("nan"), float("inf"))
+        ]
+        refused += [
+            ({"loras": "a.safetensors"}, '"loras" must be a list'),
+            ({}, '"loras" must be a list'),
+            ({"loras": [{"name": "a.safetensors", "scale": 1}] * 5}, '"loras" must be a list of at most 4'),
+            ({"loras": [{"name": "a.safetensors"}]}, 'each LoRA is an object {"name"'),
+            ({"loras": [{"name": "a.safetensors", "scale": 1, "path": "/etc"}]}, "each LoRA is an object"),
+            ({"loras": [{"name": "bad.safetensors", "scale": 1}]}, "keep in.safetensors:1: .*matches no Linear"),
+            (
+                {"loras": [{"name": "b.safetensors", "scale": 1}, {"name": "junk.safetensors", "scale": 1}]},
+                "keep in.safetensors:1: .*not a readable .safetensors file",
+            ),
+        ]
+        (lora_dir / "in.safetensors").unlink()
+        (lora_dir / "in.safetensors").symlink_to(files["b"])
+        refused.append(({"loras": [{"name": "in.safetensors", "scale": 1}]}, "unknown LoRA"))
+        for msg, why in refused:
+            one.send_text(json.dumps({"type": "loras", **msg}))
+            reply = one.receive_json()
+            assert reply["type"] == "error" and re.search(why, reply["message"]), (msg, reply)
+            assert multi.cfg == cfg, msg  # nothing changed
+        # The picker still swaps, and the other page's first message since is that swap: no refusal was told.
+        send_loras(one, ("a.safetensors", 0.5))
+        told = {"type": "loras", "loras": [{"name": "a.safetensors", "scale": 0.5}]}
+        assert one.receive_json() == told and two.receive_json() == told
+        assert multi.cfg.spec.loras == lora_specs([(lora_dir / "a.safetensors", 0.5)])
+        for ws in (one, two):
+            ws.send_text(json.dumps({"type": "prompt", "prompt": "a photo"}))
+            assert ws.receive_json() == {"type": "prompt", "prompt": "a photo"}
+
+
+def test_a_server_without_a_lora_folder_says_how_to_offer_loras(hub):
+    with TestClient(make_app(hub())) as client, client.websocket_connect("/ws") as ws:
+        assert "lora_files" not in ws.receive_json()
+        send_loras(ws, ("a.safetensors", 1.0))
+        assert ws.receive_json() == {"type": "error", "message": "this server offers no LoRAs: start it with serve "
+                                     "--lora-dir DIR"}  # fmt: skip
+
+
+def test_serve_refuses_a_bad_lora_dir_in_one_line_before_loading(tmp_path, capsys):
+    for argv, message in [
+        (["--lora-dir", str(tmp_path / "nope")], f"error: --lora-dir: {tmp_path / 'nope'} is not a folder"),
+        (["--ray", "--lora-dir", str(tmp_path)], "error: --lora-dir is not supported with --ray"),
+    ]:
+        assert serve.run(serve_args(*argv)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
+
+
+@needs_chromium
+def test_browser_lora_picker(live_server, lora_hub, lora_dir, multi):
+    spy = lora_hub()
+    url = live_server(spy, loras=LoraPicker(LoraFolder(lora_dir)))
+    with chromium_page(url + "/?source=pattern") as page:
+        wait_for_output(page, 2)
+        assert page.is_visible("#lora-controls")
+        options = page.evaluate("[...document.getElementById('lora').options].map((o) => o.value)")
+        assert options == ["", *LISTED]
+        page.select_option("#lora", "b.safetensors")
+        page.wait_for_function("window.streamStats.loras.length === 1", timeout=30_000)
+        assert multi.cfg.spec.loras == lora_specs([(lora_dir / "b.safetensors", 1.0)])
+        page.evaluate("(() => { const s = document.getElementById('lora-scale'); s.value = '0.5';"
+                      " s.dispatchEvent(new Event('change')); })()")  # fmt: skip
+        page.wait_for_function("window.streamStats.loras[0].scale === 0.5", timeout=30_000)
+        assert multi.cfg.spec.loras == lora_specs([(lora_dir / "b.safetensors", 0.5)])
+        assert page.inner_text("#lora-scale-value") == "0.50"
+        page.select_option("#lora", "bad.safetensors")  # refused: the page says why and shows the set again
+        page.wait_for_function("window.streamStats.errors === 1", timeout=30_000)
+        assert "matches no Linear" in page.inner_text("#error") and page.input_value("#lora") == "b.safetensors"
+        received = page.evaluate("window.streamStats.received")
+        page.wait_for_function(f"window.streamStats.received >= {received + 2}", timeout=30_000)

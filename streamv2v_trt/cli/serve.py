@@ -5,7 +5,9 @@ connection holds one slot (its own stream and bank) while it is connected.
 Browsers give the camera only to localhost or HTTPS pages: to serve another machine, pass --ssl-certfile
 and --ssl-keyfile, or reach it through an SSH tunnel (ssh -L 7860:127.0.0.1:7860 host).
 With --ray the same page is served by a Ray Serve application whose stream replicas run on several GPUs or
-machines (streamv2v_trt/web/ray_app.py, docs/SCALING.md).
+machines (streamv2v_trt/web/ray_app.py, docs/SCALING.md). With --lora-dir DIR the page offers the LoRA files in
+DIR, by name, with a strength slider; the slots share their networks, so the LoRA set is the server's: a change by
+one page applies to every client, and every page is told (streamv2v_trt/web/loras.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import signal
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
 
 from ..client_limits import Limits
 from ..console import HelpFormatter
@@ -70,6 +73,14 @@ def add_parser(subparsers) -> None:
         metavar="URL",
         help="also accept WebSockets from pages at this origin, e.g. https://demo.example.com (repeatable; "
         "default: none, only the page's own origin and clients that send no Origin)",
+    )
+    p.add_argument(
+        "--lora-dir",
+        type=Path,
+        metavar="DIR",
+        help="offer the LoRA .safetensors files directly in DIR on the page (listed at start; the page picks a name "
+        "and a strength, never a path). The LoRA set is the server's: a change by one page applies to every "
+        "client. Needs weights that swap: the eager backend, or a folder built with --weights swappable",
     )
     p.add_argument("--ssl-certfile", help="serve HTTPS (needed for cameras on non-localhost pages)")
     p.add_argument("--ssl-keyfile", help="the private key of --ssl-certfile")
@@ -147,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
                     if getattr(args, k) is not None]  # fmt: skip
         if ray_only and not args.ray:
             raise CliError(f"{', '.join(ray_only)} need --ray (serve from Ray Serve)")
+        folder = lora_folder(args)
         multi = None if args.ray else open_slots(args)
+        picker = None if folder is None else lora_picker(multi, folder)
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -165,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("%d stream slots (%s backend); open %s://%s:%d in a browser", hub.capacity, multi.backend.name,
                  "https" if args.ssl_certfile else "http", args.host, args.port)  # fmt: skip
         uvicorn.run(
-            create_app(hub, limits, access),
+            create_app(hub, limits, access, loras=picker),
             host=args.host,
             port=args.port,
             ssl_certfile=args.ssl_certfile,
@@ -174,6 +187,38 @@ def run(args: argparse.Namespace) -> int:
             log_level="info" if args.verbose else "warning",
         )
     return 0
+
+
+def lora_folder(args: argparse.Namespace):
+    """The `--lora-dir` listing (`web.loras.LoraFolder`), checked before the model loads; None without it."""
+    if args.lora_dir is None:
+        return None
+    if args.ray:  # each replica holds its own networks: one set across replicas is not built yet
+        raise CliError("--lora-dir is not supported with --ray (every replica holds its own networks); serve "
+                       "without --ray to offer LoRAs, or give the set at start with --lora FILE:SCALE")  # fmt: skip
+    from ..web.loras import LoraFolder
+
+    try:
+        folder = LoraFolder(args.lora_dir)
+    except ValueError as e:
+        raise CliError(f"--lora-dir: {e}") from e
+    log.info("offering %d LoRA file(s) from %s: %s", len(folder.files), folder.root, ", ".join(folder.names) or "none")
+    return folder
+
+
+def lora_picker(multi, folder):
+    """The page's picker over `folder` for the slots `multi`, starting from their LoRA set. A build folder whose
+    weights are compiled in is refused here, with the command that builds one that swaps."""
+    from ..lora_set import swap_loras
+    from ..manifest import EngineMismatch
+    from ..web.loras import LoraPicker
+
+    if multi.backend.lora_weights is None:
+        try:  # swap_loras raises on such a backend, naming the rebuild; it changes nothing
+            swap_loras(multi.backend, multi.cfg, multi.cfg.spec.loras)
+        except EngineMismatch as e:
+            raise CliError(f"--lora-dir: {' '.join(str(e).split())}") from e
+    return LoraPicker(folder, [(lora.path.name, lora.scale) for lora in multi.cfg.spec.loras])
 
 
 class ClientTextErrors(logging.Filter):

@@ -3,8 +3,9 @@
 
 Without `--engines` the eager PyTorch pipeline is built from `--model` (optionally `--compile`d); with
 `--engines DIR` the build folder runs on `--backend` (default: what the folder was built for). What the
-engines were built for (size, steps, bank, VAE, model, LoRAs) cannot change at runtime: such flags are
-checked against the folder and refused when they differ. Runtime settings (seed, strength, guidance scale,
+engines were built for (size, steps, bank, VAE, model; LoRAs unless its weights are swappable) cannot change at
+runtime: such flags are checked against the folder and refused when they differ (a folder with swappable weights
+takes any `--lora` set, applied when it opens). Runtime settings (seed, strength, guidance scale,
 priming, the similar-frame filter) apply to both. `--cuda-graphs` replays whole frames from CUDA graphs.
 """
 

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_PEFT, UNET_TO_DIFFUSERS, convert_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -106,7 +107,10 @@ def read_lora(path: str | Path, unet_config=None) -> list[LoraLayer]:
         raise FileNotFoundError(f"LoRA file {path} does not exist")
     if path.suffix != ".safetensors":
         raise LoraError(f"LoRA file {path}: only .safetensors is loaded (pickled .bin/.ckpt files can run code)")
-    raw = load_file(str(path))
+    try:
+        raw = load_file(str(path))
+    except SafetensorError as e:  # truncated, or not safetensors at all: the file's fault, said as a LoraError
+        raise LoraError(f"LoRA file {path} is not a readable .safetensors file ({e}): re-download or re-save it") from e
     written = {id(t): k for k, t in raw.items()}  # diffusers renames keys, keeping the tensors
     parts: dict[tuple[str, str], dict[str, object]] = {}
     for key, value in _diffusers_form(raw, path, unet_config).items():

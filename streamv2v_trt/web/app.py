@@ -6,12 +6,15 @@ the order they arrive, which is the order the page sent them, so both sides agre
     page -> server   binary: a JPEG/PNG/WebP frame
                      text:   {"type": "prompt", "prompt": "..."} | {"type": "reset"}
                              {"type": "size", "size": "768x512"}   (WIDTHxHEIGHT, one of ready's "sizes")
+                             {"type": "loras", "loras": [{"name", "scale"}, ...]}  (serve --lora-dir: web/loras.py)
     server -> page   {"type": "ready", "width", "height", "prompt", "max_frame_bytes", "sizes": ["512x512", ...]}
+                     (+ "lora_files", "loras" with serve --lora-dir)
                      {"type": "result", "seq", "model_ms", "server_ms", "fps", "dropped"} then binary JPEG
                      {"type": "dropped", "seq"}            (a newer frame replaced it while the model was busy)
                      {"type": "error", "seq"?, "message"}  (bad frame or message; the socket stays usable)
                      {"type": "prompt", "prompt"} | {"type": "reset"}   (acknowledgements)
                      {"type": "size", "size", "width", "height"}   (from the next frame on; a new scene)
+                     {"type": "loras", "loras"}   (the server's LoRA set changed: sent to every page)
 
 The server closes the socket after an error message in five cases: the request's Host or Origin is not
 allowed (1008, before any slot is taken), every slot of the hub is taken (1013, "server busy"), the hub has no
@@ -49,6 +52,7 @@ from ..frames import FrameError
 from ..hub import Hub, Latest, NotReady, Result, SizeUnavailable, SlotLost  # the protocol only: no model loads here
 from .access import Access
 from .codec import BadFrame, decode_frame, encode_jpeg
+from .loras import LoraPicker, LoraRefused
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +65,17 @@ def index_html() -> str:
 
 
 def create_app(
-    hub: Hub, limits: Limits | None = None, access: Access | None = None, on_shutdown: Callable[[], None] | None = None
+    hub: Hub,
+    limits: Limits | None = None,
+    access: Access | None = None,
+    on_shutdown: Callable[[], None] | None = None,
+    loras: LoraPicker | None = None,
 ) -> FastAPI:
     """The demo app, serving from `hub` (a `StreamServer`, or any `Hub`): one slot per connection, for its life.
     The hub belongs to the caller (start and stop it around the app), or, where the app is built inside a server
     process (Ray's ingress), `on_shutdown` stops it when the app shuts down. Default `limits`: `Limits()`;
-    default `access`: localhost only."""
+    default `access`: localhost only. `loras`: the LoRA picker (`serve --lora-dir`; the hub then needs
+    `set_loras`, web/loras.py); None: the page offers none."""
     limits, access = limits or Limits(), access or Access()
     image_pool = ThreadPoolExecutor(max_workers=IMAGE_THREADS, thread_name_prefix="streamv2v-image")
 
@@ -119,7 +128,7 @@ def create_app(
             await ws.close(code=1013)  # 1013: try again later
             return
         try:
-            await Session(ws, hub, slot, image_pool, limits).run()
+            await Session(ws, hub, slot, image_pool, limits, loras).run()
         finally:
             hub.close(slot)  # at once, whatever ended the session: the next connection may take the slot
 
@@ -156,11 +165,13 @@ class Session:
     (encoding results on the image pool). A frame is "in work" from decode to its answer."""
 
     def __init__(
-        self, ws: WebSocket, hub: Hub, slot: Any, image_pool: ThreadPoolExecutor, limits: Limits
+        self, ws: WebSocket, hub: Hub, slot: Any, image_pool: ThreadPoolExecutor, limits: Limits,
+        loras: LoraPicker | None = None,
     ) -> None:  # fmt: skip
         self.ws, self.hub, self.slot, self.image_pool, self.limits = ws, hub, slot, image_pool, limits
         self.height, self.width = hub.height, hub.width  # the slot's frame size: frames are decoded to it
         self.moving = False  # a size change is under way: frames decoded for the old size are dropped
+        self.loras = loras
         self.loop = asyncio.get_running_loop()
         self.frame: Latest[tuple[int, bytes, float]] = Latest()  # (seq, data, receive time): the newest not decoded
         self.in_work = 0  # frames decoding, in the hub, or being answered; at most MAX_IN_WORK
@@ -177,12 +188,17 @@ class Session:
         await self.send({
             "type": "ready", "width": self.hub.width, "height": self.hub.height, "prompt": self.hub.prompt,
             "max_frame_bytes": self.limits.max_frame_bytes, "sizes": [size_text(s) for s in self.hub.sizes],
+            **(self.loras.ready() if self.loras else {}),
         })  # fmt: skip
+        if self.loras:  # told when another page changes the server's LoRA set
+            self.loras.pages.add(self.send)
         tasks = [asyncio.create_task(work) for work in (self.receive(), self.push_frames(), self.send_answers())]
         done: set[asyncio.Task] = set()
         try:  # the session ends when the receiver does (disconnect, idle) or a worker fails (socket gone)
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            if self.loras:
+                self.loras.pages.discard(self.send)
             for task in tasks:
                 task.cancel()
             # asyncio.wait, not gather: when the server cancels this task meanwhile, gather would raise a child's
@@ -299,7 +315,9 @@ class Session:
             return {"type": "reset"}
         if kind == "size":
             return await self.apply_size(msg)
-        raise BadMessage(f"unknown message type {kind[:100]!r}; expected prompt, reset or size")
+        if kind == "loras":
+            return await self.apply_loras(msg)
+        raise BadMessage(f"unknown message type {kind[:100]!r}; expected prompt, reset, size or loras")
 
     async def apply_size(self, msg: dict) -> dict:
         """{"type": "size", "size": "WIDTHxHEIGHT"}: the slot's stream at one of the hub's sizes (a new scene).
@@ -322,6 +340,15 @@ class Session:
             self.moving = False
             self.wake.set()
         return {"type": "size", "size": size_text(size), "width": self.width, "height": self.height}
+
+    async def apply_loras(self, msg: dict) -> dict:
+        """The server's LoRA set, for every connection (web/loras.py); BadMessage when refused or not offered."""
+        if self.loras is None:
+            raise BadMessage("this server offers no LoRAs: start it with serve --lora-dir DIR")
+        try:
+            return await self.loras.apply(msg, self.hub, self.send)
+        except LoraRefused as e:
+            raise BadMessage(str(e)) from e
 
     async def push_frames(self) -> None:
         """Decode the newest frame off the model thread and push it to the hub (which keeps the newest per slot),
