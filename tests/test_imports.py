@@ -27,6 +27,7 @@ LAYERS = {
     "streamv2v_trt.similar_filter": 1,
     "streamv2v_trt.images": 1,
     "streamv2v_trt.clips": 1,
+    "streamv2v_trt.control_images": 1,
     "streamv2v_trt.models": 2,
     "streamv2v_trt.bank_unet": 2,
     "streamv2v_trt.vae": 2,
