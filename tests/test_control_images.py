@@ -94,11 +94,29 @@ def test_hysteresis_reach_is_the_step_count():
     weak[0, 0, 5 + idx, 5 + idx] = True  # a diagonal chain of 30 pixels
     strong = torch.zeros_like(weak)
     strong[0, 0, 5, 5] = True
-    for steps in (0, 7, 29, 40):
-        edges = hysteresis(weak, strong, steps)[0, 0]
-        assert edges.sum().item() == min(30, steps + 1), steps
-        assert edges[5 + idx[: steps + 1], 5 + idx[: steps + 1]].all()
-    assert hysteresis(weak, torch.zeros_like(weak), 40).sum() == 0, "no strong pixel, no edge"
+    for pool in (False, True):  # bool ORs (the CPU default) and max_pool2d (the CUDA default)
+        for steps in (0, 7, 29, 40):
+            edges = hysteresis(weak, strong, steps, pool)[0, 0]
+            assert edges.dtype == torch.float32 and edges.sum().item() == min(30, steps + 1), (pool, steps)
+            assert edges[5 + idx[: steps + 1], 5 + idx[: steps + 1]].all()
+        assert hysteresis(weak, torch.zeros_like(weak), 40, pool).sum() == 0, "no strong pixel, no edge"
+
+
+def test_both_dilations_agree_on_random_maps():
+    g = torch.Generator().manual_seed(0)
+    weak = torch.rand(2, 1, 37, 53, generator=g) < 0.45  # near the percolation threshold: long branching paths
+    strong = weak & (torch.rand(2, 1, 37, 53, generator=g) < 0.02)
+    for steps in (1, 5, 20):
+        np.testing.assert_array_equal(hysteresis(weak, strong, steps, True), hysteresis(weak, strong, steps, False))
+
+
+def test_benchmark_command(capsys):
+    """`python -m benchmarks.canny` checks before it times: no extra edges, a row per photo."""
+    from benchmarks.canny import main
+
+    assert main(["--size", "64", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "64x64, cpu" in out and all(f"| {name} | " in out for name in PHOTOS)
 
 
 def frame(seed: int, size: tuple[int, int] = (32, 48)) -> torch.Tensor:
