@@ -182,3 +182,50 @@ def test_every_kind_runs_without_host_traffic(kind):
                 out = control(image, prev)
             assert not watch.problems, sorted(set(watch.problems))
             assert watch.ops >= 1 and out is control.image
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_canny_on_cuda_equals_opencv(photos):
+    """On CUDA (max_pool2d dilation, CUDA integer ops) the edges are the CPU's, and OpenCV's with enough steps."""
+    for name in PHOTOS:
+        img = photos[name]
+        pixels = torch.from_numpy(img).permute(2, 0, 1)[None]
+        for l2 in (False, True):
+            ref = cv2.Canny(img, 100, 200, L2gradient=l2) > 0
+            on_cuda = canny(pixels.cuda(), 100, 200, l2=l2, steps=128)[0, 0].cpu().numpy() > 0
+            np.testing.assert_array_equal(on_cuda, ref)
+            torch.testing.assert_close(canny(pixels.cuda(), l2=l2).cpu(), canny(pixels, l2=l2), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", list(ControlKind))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_cuda_graph_replay_equals_eager(photos, kind, dtype):
+    """`ControlImages` captured in a CUDA graph, replayed on new frames written into the captured inputs, gives
+    what eager calls give: nothing host-side was baked in at capture."""
+    frames = [torch.from_numpy(photos[n]).cuda() for n in PHOTOS]
+    image = uint8_to_image(frames[0], dtype)  # the captured input buffers
+    previous = uint8_to_image(frames[1], dtype)
+    control = ControlImages(kind, SIZE, SIZE, "cuda", dtype)
+    eager = ControlImages(kind, SIZE, SIZE, "cuda", dtype)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        control(image, previous)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = control(image, previous)
+    for i in range(3):
+        image.copy_(uint8_to_image(frames[i], dtype))
+        previous.copy_(uint8_to_image(frames[(i + 1) % 3], dtype))
+        if kind is ControlKind.VIDEO:
+            control.set_frame(photos[PHOTOS[(i + 2) % 3]])
+            eager.set_frame(photos[PHOTOS[(i + 2) % 3]])
+        graph.replay()
+        torch.testing.assert_close(out, eager(image, previous), rtol=0, atol=0)
