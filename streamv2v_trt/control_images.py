@@ -13,7 +13,8 @@ with the largest magnitude (not of a grayscale image); both are the defaults her
 RGB2GRAY weights) and a Gaussian pre-blur are options. One difference is by design: hysteresis runs a fixed number
 of 3x3 dilations constrained to weak edges (`HYSTERESIS_STEPS`), so a CUDA graph replays it; OpenCV follows weak
 chains to any length. A weak chain longer than that many pixels from its strong end is cut (measured on photos in
-tests/test_control_images.py).
+tests/test_control_images.py). On CUDA the non-maximum suppression and thresholds run as one Triton kernel
+(`streamv2v_trt.kernels.canny_triton`, where triton imports), the same arithmetic as `canny_candidates` here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from .frames import FrameError, as_tensor
+
+try:  # the optional Triton kernel of the NMS + threshold step, used on CUDA tensors; else the torch version
+    from .kernels import canny_triton
+except ImportError:
+    canny_triton = None
 
 # 3x3 dilations per hysteresis: a weak pixel joins if a strong pixel is at most this many 8-connected weak steps
 # away. On the skimage photos at 512x512, 32 leaves < 0.1% of pixels different from OpenCV's unbounded search.
@@ -178,7 +184,8 @@ def canny(
     mag = dx * dx + dy * dy if l2 else dx.abs() + dy.abs()
     if mag.shape[1] > 1:  # the channel with the largest magnitude, the first on ties (as cv2.Canny)
         dx, dy, mag = _strongest_channel(dx, dy, mag)
-    weak, strong = canny_candidates(dx, dy, mag, *_thresholds(low, high, l2))
+    nms = canny_triton.canny_candidates_triton if canny_triton is not None and mag.is_cuda else canny_candidates
+    weak, strong = nms(dx, dy, mag, *_thresholds(low, high, l2))
     return hysteresis(weak, strong, steps)
 
 

@@ -8,7 +8,15 @@ import skimage.data
 import torch
 from test_graph_safety import HostTraffic
 
-from streamv2v_trt.control_images import ControlImages, ControlKind, canny, hysteresis
+from streamv2v_trt.control_images import (
+    ControlImages,
+    ControlKind,
+    _sobel,
+    _strongest_channel,
+    canny,
+    canny_candidates,
+    hysteresis,
+)
 from streamv2v_trt.frames import FrameError, uint8_to_image
 from streamv2v_trt.images import fit_to_size
 
@@ -117,6 +125,52 @@ def test_benchmark_command(capsys):
     assert main(["--size", "64", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "64x64, cpu" in out and all(f"| {name} | " in out for name in PHOTOS)
+
+
+def triton_kernel():
+    """The Triton NMS module and the device it runs on here: compiled on CUDA, else under TRITON_INTERPRET=1
+    (tests/conftest.py sets it without CUDA)."""
+    triton = pytest.importorskip("triton")
+    from streamv2v_trt.kernels import canny_triton
+
+    compiled = isinstance(canny_triton._canny_nms_kernel, triton.runtime.JITFunction)
+    if compiled and not torch.cuda.is_available():
+        pytest.skip("Triton kernels compiled but no CUDA: TRITON_INTERPRET=1 was set too late")
+    return canny_triton, "cuda" if compiled else "cpu"
+
+
+def gradients(image: torch.Tensor, l2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dy = _sobel(image.float())
+    mag = dx * dx + dy * dy if l2 else dx.abs() + dy.abs()
+    return _strongest_channel(dx, dy, mag) if image.shape[1] > 1 else (dx, dy, mag)
+
+
+def test_triton_nms_equals_torch(photos):
+    """The Triton kernel against `canny_candidates`: bit for bit (integer arithmetic both), on odd sizes that
+    exercise the tile masks, on a flat synthetic image (ties everywhere) and on a photo crop, L1 and L2."""
+    canny_triton, device = triton_kernel()
+    g = torch.Generator().manual_seed(0)
+    images = [
+        (torch.rand(1, 3, 37, 53, generator=g) * 255).round(),
+        (torch.rand(2, 1, 19, 130, generator=g) * 255).round(),
+        torch.from_numpy(square(45)).permute(2, 0, 1)[None],
+        torch.from_numpy(photos["coffee"][100:171, 200:297]).permute(2, 0, 1)[None],
+    ]
+    for image in images:
+        for l2 in (False, True):
+            dx, dy, mag = gradients(image, l2)
+            strong = weak_only = False
+            for low, high in [(30, 90), (100, 200), (400, 1000)]:
+                low, high = (low * low, high * high) if l2 else (low, high)
+                want = canny_candidates(dx, dy, mag, low, high)
+                got = canny_triton.canny_candidates_triton(dx.to(device), dy.to(device), mag.to(device), low, high)
+                for w, t in zip(want, got):
+                    np.testing.assert_array_equal(t.cpu().numpy(), w.numpy())
+                strong |= bool(want[1].any())
+                weak_only |= bool((want[0] & ~want[1]).any())
+            assert strong and weak_only, "strong and weak-only pixels were compared"
+    with pytest.raises(ValueError, match=r"dx: torch.float32 .*expected int32 \[N, 1, H, W\]"):
+        canny_triton.canny_candidates_triton(dx.float(), dy, mag, 1, 2)
 
 
 def frame(seed: int, size: tuple[int, int] = (32, 48)) -> torch.Tensor:
