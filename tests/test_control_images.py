@@ -8,6 +8,7 @@ import skimage.data
 import torch
 from test_graph_safety import HostTraffic
 
+from streamv2v_trt import control_images
 from streamv2v_trt.control_images import (
     ControlImages,
     ControlKind,
@@ -169,6 +170,7 @@ def test_triton_nms_equals_torch(photos):
                 strong |= bool(want[1].any())
                 weak_only |= bool((want[0] & ~want[1]).any())
             assert strong and weak_only, "strong and weak-only pixels were compared"
+    assert (canny_triton.TG22, canny_triton.SHIFT) == (control_images._TG22, control_images._SHIFT)
     with pytest.raises(ValueError, match=r"dx: torch.float32 .*expected int32 \[N, 1, H, W\]"):
         canny_triton.canny_candidates_triton(dx.float(), dy, mag, 1, 2)
 
