@@ -56,7 +56,18 @@ def _prints_through_logging(what: str) -> Iterator[None]:
             log.warning("%s: %s", what, line)
 
 
-def build_engine(onnx_path: Path, engine_path: Path, *, flavour: str, workspace_gib: float = 4.0) -> float:
+def builder_config(trt, builder, *, workspace_gib: float = 4.0, refit: bool = False):
+    """The builder settings of every engine: the workspace limit, and with `refit` the REFIT flag (`--weights
+    swappable`: a `Refitter` can set the weights by their ONNX initializer names, backends/tensorrt.py)."""
+    config = builder_config(trt, builder, workspace_gib=workspace_gib, refit=refit)
+    if refit:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    return config
+
+
+def build_engine(
+    onnx_path: Path, engine_path: Path, *, flavour: str, workspace_gib: float = 4.0, refit: bool = False
+) -> float:
     """Parse `onnx_path` (external data next to it is found by the parser), build, write `engine_path`.
 
     Returns the build time in seconds. Raises with the parser's errors if the graph is rejected.
@@ -72,8 +83,7 @@ def build_engine(onnx_path: Path, engine_path: Path, *, flavour: str, workspace_
     if not parsed:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"{flavour} could not parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    config = builder_config(trt, builder, workspace_gib=workspace_gib, refit=refit)
     with _prints_through_logging(f"building {engine_path.name}"):
         serialized = builder.build_serialized_network(network, config)
     if serialized is None:

@@ -167,6 +167,21 @@ def _package_loras(spec: EngineSpec, weights, skeleton, text_encoder: torch.nn.M
     return lora_weights
 
 
+def _initializer_loras(
+    spec: EngineSpec, weights, skeleton, text_encoder: torch.nn.Module, runner: NetworkRunner, onnx: Path, rebuild
+):
+    """The swappable weights of an ONNX Runtime / TensorRT folder, holding `spec.loras`: the UNet's ONNX initializers
+    (a new ONNX Runtime session, or a TensorRT refit) from the UNet loaded on the CPU with the first LoRA set."""
+    from .backends.onnx_loras import InitializerLoraWeights
+    from .models.loader import load_unet
+
+    load = lambda: load_unet(spec, weights, "cpu")
+    lora_weights = InitializerLoraWeights(skeleton, text_encoder, [runner], [onnx], load, rebuild)
+    if spec.loras:
+        lora_weights.set(spec.loras)
+    return lora_weights
+
+
 def open_build_folder(
     directory: str | PathLike,
     backend: str | BackendKind | None = None,
@@ -238,8 +253,14 @@ def open_build_folder(
     runners = _open_runners(backend, directory, manifest, device, threads)
     check_io(expected, manifest, runners, directory, rebuild)
     networks = NamedIOBackend(backend, runners, layout, device, builder=_built(manifest))
-    if manifest.swappable:  # LoRAs are runtime state: applied here and by set_loras
+    if manifest.swappable and backend is BackendKind.AOTI:  # LoRAs are runtime state: applied here and by set_loras
         networks.lora_weights = _package_loras(spec, weights, skeleton, text_encoder, runners["unet"])
+    elif manifest.swappable:
+        onnx = directory / manifest.network("unet").files["onnx"].name
+        rebuild_with = lambda loras: replace(spec, loras=loras).rebuild_command(backend, None, _built(manifest))
+        networks.lora_weights = _initializer_loras(
+            spec, weights, skeleton, text_encoder, runners["unet"], onnx, rebuild_with
+        )
     log.info("opened %s (%s, %s) with the %s backend on %s", directory, spec.model, spec.precision.value,
              backend.value, device)  # fmt: skip
     return OpenedBuild(networks, manifest, cfg, PromptEncoder(tokenizer, text_encoder), scheduler)
