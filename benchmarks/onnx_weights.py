@@ -1,13 +1,16 @@
-"""ONNX Runtime: FPS of a folder with swappable weights against one with frozen weights, in one run.
+"""ONNX Runtime (or TensorRT): FPS of a folder with swappable weights against one with frozen weights, in one run.
 
     python -m benchmarks.onnx_weights [--model tiny] [--size 64] [--frames 60] [--rounds 3] [--threads 1]
+    python -m benchmarks.onnx_weights --builder tensorrt --precision fp16   # on a GPU: a refittable engine
 
-Builds two --onnx-only folders of the same spec: swappable (base weights; the LoRA is swapped in at open and by
-`set_loras`: a new session) and frozen (the same LoRA fused at build). The LoRA is a random rank-4 one on every
-attention projection and feed-forward Linear (PEFT keys), written beside the folders. Streams run in alternating
-rounds (frozen, swappable with the LoRA, swappable with no LoRA), so load on a shared machine hits all alike; each
-figure is the median over rounds. Also the time of `set_loras` (a swap: new session made, swapped in). Results go
-to docs/BENCHMARKS.md ("Swappable weights: ONNX Runtime") with the machine they came from.
+Builds two folders of the same spec: swappable (base weights; the LoRA is swapped in at open and by `set_loras`: a
+new ONNX Runtime session, or a TensorRT refit) and frozen (the same LoRA fused at build); --onnx-only run by
+onnxruntime on the CPU, or --builder tensorrt / tensorrt-rtx run by the tensorrt backend on the GPU. The LoRA is a
+random rank-4 one on every attention projection and feed-forward Linear (PEFT keys), written beside the folders.
+Streams run in alternating rounds (frozen, swappable with the LoRA, swappable with no LoRA), so load on a shared
+machine hits all alike; each figure is the median over rounds. Also the time of `set_loras` (a swap: a new session
+made and swapped in, or a refit). Results go to docs/BENCHMARKS.md ("Swappable weights: ONNX Runtime") with the
+machine they came from.
 """
 
 from __future__ import annotations
@@ -57,13 +60,15 @@ def run(args) -> dict:
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     lora = LoraSpec(write_lora(root / "lora.safetensors", spec), 0.8)
-    swappable = build(BuildConfig(spec, onnx_only=True, weights="swappable", out=root / "swappable")).out
-    frozen = build(BuildConfig(replace(spec, loras=(lora,)), onnx_only=True, out=root / "frozen")).out
-    opened = dict(prompt="a watercolor cat", threads=args.threads)
+    how = dict(builder=args.builder) if args.builder else dict(onnx_only=True)
+    swappable = build(BuildConfig(spec, weights="swappable", out=root / "swappable", **how)).out
+    frozen = build(BuildConfig(replace(spec, loras=(lora,)), weights="frozen", out=root / "frozen", **how)).out
+    backend = "tensorrt" if args.builder else "onnxruntime"
+    opened = dict(prompt="a watercolor cat") | (dict(device="cuda") if args.builder else dict(threads=args.threads))
     streams = {
-        "frozen (LoRA fused)": StreamV2V.from_engines(frozen, "onnxruntime", loras=[lora], **opened),
-        "swappable (LoRA swapped in)": StreamV2V.from_engines(swappable, "onnxruntime", **opened),
-        "swappable (no LoRA)": StreamV2V.from_engines(swappable, "onnxruntime", **opened),
+        "frozen (LoRA fused)": StreamV2V.from_engines(frozen, backend, loras=[lora], **opened),
+        "swappable (LoRA swapped in)": StreamV2V.from_engines(swappable, backend, **opened),
+        "swappable (no LoRA)": StreamV2V.from_engines(swappable, backend, **opened),
     }
     swaps = []
     for scale in (0.8, 0.5, 0.8):  # the first swap also loads the CPU UNet and builds the name map
@@ -84,6 +89,7 @@ def run(args) -> dict:
     return {
         "machine": machine(),
         "spec": f"{spec.model} {spec.width}x{spec.height} {spec.precision.value}",
+        "backend": backend,
         "threads": args.threads,
         "frames_per_round": args.frames,
         "rounds": args.rounds,
@@ -101,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=60, help="frames per stream per round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (median reported)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--builder", choices=("tensorrt", "tensorrt-rtx"), help="engines on the GPU instead of ONNX")
     p.add_argument("--out", default="engines/bench-onnx-weights", help="folder for the two builds and the LoRA")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -190,7 +190,10 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
     weights = find_weights(cfg.spec)
     weights_hash = weights.hash(cfg.spec.vae)  # base weights, before LoRAs
     plan = plan_reuse(cfg, out, builder, facts, weights_hash)
-    if _complete(plan, builder) and plan.old.swappable == swappable:
+    # The ONNX is the same either way; an --onnx-only rerun over an engine build keeps that build's weights unless
+    # --weights asks otherwise.
+    kept = builder is None and plan.old is not None and plan.old.builder is not None and cfg.weights is None
+    if _complete(plan, builder) and (plan.old.swappable == swappable or kept):
         log.info("reusing the build in %s (same spec, weights and builder, files intact); --force rebuilds", out)
         for desc in stages(builder):
             step(f"{desc} (reused)")

@@ -23,10 +23,11 @@ from safetensors.torch import load_file
 from test_lora import TARGETS, save
 from test_lora_swap import PROMPT, SETS, files, video  # noqa: F401  (files: the module's LoRA fixture)
 
+from build_engines import BuildConfig, build
 from streamv2v_trt import StreamV2V
 from streamv2v_trt.backends.onnx_weights import read_initializers, weight_map
 from streamv2v_trt.lora_set import lora_specs
-from streamv2v_trt.manifest import EngineMismatch, load_manifest
+from streamv2v_trt.manifest import EngineMismatch, load_manifest, sha256_file
 from streamv2v_trt.models.loader import find_weights, load_unet
 from streamv2v_trt.models.lora import LoraError
 
@@ -181,3 +182,19 @@ def test_a_weight_the_file_does_not_hold_is_refused_and_changes_nothing(folder, 
     assert "python -m build_engines" in str(e.value) and "--lora" in str(e.value) and "--onnx-only" in str(e.value)
     assert s.backend._unet.session is session and s.cfg.spec.loras == ()
     assert s.backend.lora_weights.loras == ()
+
+
+def test_a_rebuild_with_other_weights_rewrites_the_manifest_and_keeps_the_onnx(folder, tmp_path):
+    """The ONNX of a swappable build and of a frozen one without LoRA are the same file: only the manifest changes."""
+    copy = shutil.copytree(folder, tmp_path / "folder")
+    onnx_hash = sha256_file(copy / "unet.onnx")
+    for weights, want in (("frozen", "frozen"), (None, "swappable")):
+        result = build(BuildConfig(SPEC, onnx_only=True, weights=weights, out=copy))
+        assert result.manifest.weights == want == load_manifest(copy).weights
+        assert result.reused and sha256_file(copy / "unet.onnx") == onnx_hash
+    build(BuildConfig(SPEC, onnx_only=True, weights="frozen", out=copy))
+    s = ort(copy)
+    assert s.backend.lora_weights is None
+    with pytest.raises(EngineMismatch, match="compiled into its files") as e:
+        s.set_loras([])
+    assert "--weights swappable and no --lora" in str(e.value)

@@ -8,6 +8,7 @@ name map from its ONNX covering every UNet weight a LoRA can touch. The refit it
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -18,6 +19,7 @@ from test_gpu_runtime import needs_cuda, psnr, tensorrt_builder
 from test_gpu_runtime import video as gpu_video
 from test_lora_swap import files  # noqa: F401  (the module's LoRA fixture)
 
+from build_engines import BuildConfig, build
 from streamv2v_trt import StreamV2V
 from streamv2v_trt.backends.onnx_weights import weight_map
 from streamv2v_trt.lora_set import lora_specs
@@ -33,23 +35,41 @@ def test_the_builder_config_has_the_refit_flag_only_when_swappable():
     from streamv2v_trt.backends.tensorrt_import import trt_logger
 
     builder = trt.Builder(trt_logger(trt))
-    assert builder_config(trt, builder, refit=True).get_flag(trt.BuilderFlag.REFIT)
-    assert not builder_config(trt, builder).get_flag(trt.BuilderFlag.REFIT)
+    assert builder_config(trt, builder, refit=True).get_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+    assert not builder_config(trt, builder).get_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+
+
+def test_every_weight_a_lora_can_touch_maps_and_is_marked_refittable_in_the_network(tiny_build):
+    """The ONNX an engine is built from (the fp16 --onnx-only build of the same spec): the name map covers every
+    UNet Linear / Conv2d, and the parsed TensorRT network has a weight of each initializer name the map gives (the
+    names a `Refitter` sets), marked refittable by the build."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
+    from build_engines.compile import mark_refittable
+    from streamv2v_trt.backends.tensorrt_import import trt_logger
+
+    path = tiny_build(SPEC) / "unet.onnx"
+    unet = load_unet(SPEC, find_weights(SPEC), "cpu")
+    wmap = weight_map(path, unet)
+    layers = {n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    assert wmap.problems == {} and set(wmap.initializers) == layers
+    values = wmap.values({n: unet.get_submodule(n).weight for n in layers})
+    assert all(v.dtype == torch.float16 for v in values.values())  # the engine's weights: the fp16 initializers
+    logger = trt_logger(trt)
+    network = trt.Builder(logger).create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    assert trt.OnnxParser(network, logger).parse_from_file(str(path))
+    marked = mark_refittable(network, path)
+    assert values.keys() <= set(marked) and all(network.are_weights_marked_refittable(n) for n in values)
 
 
 @pytest.mark.slow
-def test_a_swappable_rtx_build_is_refittable_and_every_unet_weight_maps(tiny_build):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only behaviour")
+def test_a_refittable_rtx_build_without_a_gpu_says_what_to_do(tiny_build, tmp_path):
+    """Measured: tensorrt-rtx 1.7.1 builds frozen engines on the CPU (tests/test_build_trt_rtx.py) but not refittable
+    ones (its JIT needs CUDA). The build says so (the ONNX reused from the --onnx-only build: no export)."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
-    folder = tiny_build(SPEC, builder="tensorrt-rtx", weights="swappable")
-    manifest = load_manifest(folder)
-    assert manifest.weights == "swappable" and manifest.spec.loras == ()
-    assert manifest.build_options["refit"] is True and manifest.has("engine")  # REFIT set for every engine
-    unet = load_unet(SPEC, find_weights(SPEC), "cpu")
-    wmap = weight_map(folder / manifest.network("unet").files["onnx"].name, unet)
-    layers = {n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-    assert wmap.problems == {} and set(wmap.initializers) == layers  # every layer a LoRA can touch
-    values = wmap.values({n: unet.get_submodule(n).weight for n in layers})
-    assert all(v.dtype == torch.float16 for v in values.values())  # the engine's weights: the fp16 initializers
+    folder = shutil.copytree(tiny_build(SPEC), tmp_path / "engines")
+    with pytest.raises(RuntimeError, match=r"refittable engine \(--weights swappable\) needs a GPU to build"):
+        build(BuildConfig(SPEC, builder="tensorrt-rtx", weights="swappable", out=folder))
 
 
 @pytest.mark.gpu
@@ -62,6 +82,8 @@ def test_refit_equals_an_engine_built_with_the_lora_fused(tiny_build, files):  #
     flavour = tensorrt_builder()
     asked = [(files["a"], 0.8)]
     swappable = tiny_build(SPEC, builder=flavour, weights="swappable")
+    manifest = load_manifest(swappable)
+    assert manifest.weights == "swappable" and manifest.build_options["refit"] is True
     fused = tiny_build(replace(SPEC, loras=lora_specs(asked)), builder=flavour)
     opened = dict(device="cuda", prompt="a cat")
     s, plain = (StreamV2V.from_engines(swappable, "tensorrt", **opened) for _ in range(2))

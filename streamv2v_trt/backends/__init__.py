@@ -3,7 +3,8 @@
 A backend provides: `name` (a `flavours.BackendKind`), `builder`, `device`, `dtype`, `layout` (the bank layout
 its UNet was built with), `unet(inputs: dict[str, Tensor]) -> dict[str, Tensor]` keyed by the engine tensor names
 (docs/DESIGN.md, "Engine I/O"), `encode(images) -> latents`, `decode(latents) -> images` and `lora_weights`
-(eager: the LoRA set, swappable at runtime; None where the weights are compiled into the files).
+(eager and folders with swappable weights: the LoRA set, swappable at runtime; None where the weights are compiled
+into the files).
 
 Backends: `eager` (PyTorch, eager.py), and on a build folder (`build_folder.py` opens it) `onnxruntime` (its
 ONNX, onnxruntime.py), `tensorrt` (its TensorRT / TensorRT-RTX engines, tensorrt.py) and `aoti` (its
@@ -29,7 +30,7 @@ class Backend(Protocol):
     device: torch.device
     dtype: torch.dtype
     layout: BankLayout
-    lora_weights: LoraWeights | None  # the swappable LoRA set (eager, swappable AOTI); None: compiled in
+    lora_weights: LoraWeights | None  # the swappable LoRA set (eager, swappable folders); None: compiled in
 
     def unet(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 

@@ -97,24 +97,27 @@ _ONNX_TO_TORCH = {
 }
 
 
-def _weight_uses(model: onnx.ModelProto, names: set[str]) -> dict[str, set[bool | None]]:
-    """Initializer -> how its consumers read it: True (as W.T), False (as W), None (not as a weight)."""
+def weight_initializers(model: onnx.ModelProto) -> dict[str, bool]:
+    """The float initializers read only as an operator's weight, each with whether it holds W.T: a Conv's W (as
+    is), a MatMul's B (W.T: x @ W.T), a Gemm's B (W.T unless transB). What a LoRA can change, by structure alone
+    (no values needed: `load_external_data=False` is enough)."""
+    inits = {i.name: i.data_type for i in model.graph.initializer}
     uses: dict[str, set[bool | None]] = {}
     for node in model.graph.node:
         for index, name in enumerate(node.input):
-            if name not in names:
+            if name not in inits:
                 continue
             if node.op_type == "Conv" and index == 1:
                 use = False
             elif node.op_type == "MatMul" and index == 1:
-                use = True  # x @ W.T
+                use = True
             elif node.op_type == "Gemm" and index == 1:
-                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-                use = not trans_b
+                use = not next((a.i for a in node.attribute if a.name == "transB"), 0)
             else:
                 use = None
             uses.setdefault(name, set()).add(use)
-    return uses
+    # read as something else too (a shared constant), or not a float weight: not a weight
+    return {n: next(iter(u)) for n, u in uses.items() if len(u) == 1 and None not in u and inits[n] in _ONNX_TO_TORCH}
 
 
 def weight_map(onnx_path: str | PathLike, unet: nn.Module) -> WeightMap:
@@ -124,10 +127,7 @@ def weight_map(onnx_path: str | PathLike, unet: nn.Module) -> WeightMap:
     model = onnx.load(str(path))  # external data (unet.onnx.data) is read from beside it
     inits = {i.name: i for i in model.graph.initializer}
     candidates: dict[tuple, list[Initializer]] = {}  # (shape, dtype, digest of W's bits) -> initializers
-    for name, use in _weight_uses(model, set(inits)).items():
-        if len(use) != 1 or None in use or inits[name].data_type not in _ONNX_TO_TORCH:
-            continue  # read as something else too (a shared constant), or not a float weight
-        transposed = use.pop()
+    for name, transposed in weight_initializers(model).items():
         bits = _raw(inits[name])
         if transposed:
             if bits.ndim != 2:
