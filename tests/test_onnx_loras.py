@@ -26,6 +26,7 @@ from test_lora_swap import PROMPT, SETS, files, video  # noqa: F401  (files: the
 from build_engines import BuildConfig, build
 from streamv2v_trt import StreamV2V
 from streamv2v_trt.backends.onnx_weights import read_initializers, weight_map
+from streamv2v_trt.backends.onnxruntime import OnnxRunner
 from streamv2v_trt.lora_set import lora_specs
 from streamv2v_trt.manifest import EngineMismatch, load_manifest, sha256_file
 from streamv2v_trt.models.loader import find_weights, load_unet
@@ -198,3 +199,28 @@ def test_a_rebuild_with_other_weights_rewrites_the_manifest_and_keeps_the_onnx(f
     with pytest.raises(EngineMismatch, match="compiled into its files") as e:
         s.set_loras([])
     assert "--weights swappable and no --lora" in str(e.value)
+
+
+def test_a_file_with_external_weights_swaps_too(folder, tmp_path, monkeypatch):
+    """Weights past 2 GB live in unet.onnx.data: the new session is made from bytes, and finds the file's other
+    weights beside it (not in the working directory); it equals a session of the file with that value written."""
+    external = tmp_path / "external"
+    external.mkdir()
+    onnx.save_model(onnx.load(str(folder / "unet.onnx")), str(external / "unet.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="unet.onnx.data")  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    runner = OnnxRunner(external / "unet.onnx", torch.device("cpu"), threads=1)
+    model = onnx.load(str(folder / "unet.onnx"))
+    init = next(i for i in model.graph.initializer if i.name == "unet.conv_in.weight")
+    weight = torch.from_numpy(numpy_helper.to_array(init) * 1.5)
+    gen = torch.Generator().manual_seed(0)
+    inputs = {n: torch.randn(shape, generator=gen) for n, (shape, _) in runner.input_specs.items() if n != "timestep"}
+    inputs["timestep"] = torch.tensor([500] * runner.input_specs["timestep"][0][0])
+    before = {n: t.clone() for n, t in runner.run(inputs).items()}
+    runner.prepare_weights({"unet.conv_in.weight": weight})()
+    init.CopyFrom(numpy_helper.from_array(weight.numpy(), init.name))
+    onnx.save(model, str(tmp_path / "written.onnx"))
+    want = OnnxRunner(tmp_path / "written.onnx", torch.device("cpu"), threads=1).run(inputs)
+    got = runner.run(inputs)
+    assert all(torch.equal(got[n], want[n]) for n in want)  # the same file and values: the same session, bit for bit
+    assert not torch.equal(got["noise_pred"], before["noise_pred"])
