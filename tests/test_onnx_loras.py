@@ -20,7 +20,7 @@ import torch
 from conftest import tiny_spec
 from onnx import numpy_helper
 from safetensors.torch import load_file
-from test_lora import TARGETS, save
+from test_lora import TARGETS, save, write_lora
 from test_lora_swap import PROMPT, SETS, files, video  # noqa: F401  (files: the module's LoRA fixture)
 
 from build_engines import BuildConfig, build
@@ -183,6 +183,10 @@ def test_a_weight_the_file_does_not_hold_is_refused_and_changes_nothing(folder, 
     assert "python -m build_engines" in str(e.value) and "--lora" in str(e.value) and "--onnx-only" in str(e.value)
     assert s.backend._unet.session is session and s.cfg.spec.loras == ()
     assert s.backend.lora_weights.loras == ()
+    others = tmp_path / "others.safetensors"  # the other layers of the same LoRA: they map, the swap goes through
+    write_lora(others, base_unet, "kohya", alpha=2.0, seed=1, targets=TARGETS[1:])
+    s.set_loras([(others, 1.0)])
+    assert s.backend._unet.session is not session and s.cfg.spec.loras == lora_specs([(others, 1.0)])
 
 
 def test_a_rebuild_with_other_weights_rewrites_the_manifest_and_keeps_the_onnx(folder, tmp_path):

@@ -64,13 +64,15 @@ class InitializerLoraWeights(LoraWeights):
             self.maps = [weight_map(path, unet) for path in self.onnx]
             self.unet, self._load = unet, None
             self._names = {m: n for n, m in unet.named_modules()}
-        previous = self.loras
+        previous, known = self.loras, set(self._base)
         layers = super().set(loras)
         try:
             weights = {self._names[m]: m.weight for m in self._base if m in self._names}  # the text encoder's: not
             swaps = [self._prepare(runner, path, wmap, weights, loras) for runner, path, wmap in self._targets()]
         except BaseException:
             super().set(previous)  # the CPU copy back to what the runners still hold
+            for module in set(self._base) - known:  # never written: a later set need not write (nor map) it
+                del self._base[module]
             raise
         for swap in swaps:  # nothing left to fail but a refit (TensorRT), which says so
             swap()

@@ -25,8 +25,6 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-PREFIX = "unet."  # BankUNet.unet: the diffusers UNet inside the exported module
-
 # Weights are compared and moved as raw bits (integers of their width): bf16 has no numpy type.
 _BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 _TORCH_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -84,16 +82,16 @@ def _raw(init: TensorProto) -> np.ndarray:
     return flat.reshape(tuple(init.dims))
 
 
-def _weight_bits(weight: torch.Tensor) -> tuple[tuple[int, ...], str, bytes]:
+def _weight_bits(weight: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, bytes]:
     w = weight.detach().to("cpu").contiguous()
-    return tuple(w.shape), str(w.dtype), _digest(w.view(_TORCH_BITS[w.element_size()]).numpy().tobytes())
+    return tuple(w.shape), w.dtype, _digest(w.view(_TORCH_BITS[w.element_size()]).numpy().tobytes())
 
 
 _ONNX_TO_TORCH = {
-    TensorProto.FLOAT: "torch.float32",
-    TensorProto.FLOAT16: "torch.float16",
-    TensorProto.BFLOAT16: "torch.bfloat16",
-    TensorProto.DOUBLE: "torch.float64",
+    TensorProto.FLOAT: torch.float32,
+    TensorProto.FLOAT16: torch.float16,
+    TensorProto.BFLOAT16: torch.bfloat16,
+    TensorProto.DOUBLE: torch.float64,
 }
 
 
@@ -165,7 +163,7 @@ def with_initializers(onnx_path: str | PathLike, values: dict[str, torch.Tensor]
         if t is None:
             continue
         t = t.detach().to("cpu").contiguous()
-        have = (tuple(t.shape), str(t.dtype))
+        have = (tuple(t.shape), t.dtype)
         want = (tuple(init.dims), _ONNX_TO_TORCH.get(init.data_type, f"onnx type {init.data_type}"))
         if have != want:
             raise ValueError(f"{Path(onnx_path).name}: initializer {init.name} is {want}, given {have}")
@@ -187,8 +185,7 @@ def read_initializers(onnx_path: str | PathLike, names: Iterable[str]) -> dict[s
     out = {}
     for init in model.graph.initializer:
         if init.name in names:
-            dtype = getattr(torch, _ONNX_TO_TORCH[init.data_type].removeprefix("torch."))
-            out[init.name] = torch.from_numpy(_raw(init).copy()).view(dtype)
+            out[init.name] = torch.from_numpy(_raw(init).copy()).view(_ONNX_TO_TORCH[init.data_type])
     missing = sorted(names - out.keys())
     if missing:
         raise KeyError(f"{Path(onnx_path).name} has no initializers {missing[:5]}")

@@ -101,7 +101,7 @@ class TrtRunner:
     def prepare_weights(
         self, values: dict[str, torch.Tensor], base: Callable[[list[str]], dict[str, torch.Tensor]] | None = None
     ) -> Callable[[], None]:
-        """Refit (engines built with `--weights swappable`, the REFIT flag): `values` (ONNX initializer name -> CPU
+        """Refit (engines built with `--weights swappable`: REFIT_INDIVIDUAL): `values` (ONNX initializer name -> CPU
         tensor with the initializer's shape and dtype) are set on a `Refitter`, with whatever else the engine combined
         them with (`get_missing_weights`, read by `base(names)`: the ONNX's values); returns what refits the engine
         (call it between two runs). A name the engine lacks raises here, with the engine unchanged."""
@@ -126,7 +126,9 @@ class TrtRunner:
 
         set_weights(values)
         missing = list(refitter.get_missing_weights())
-        if missing:  # weights the engine fused with the ones set (say q, k, v into one matmul): their current values
+        # Weights the engine combined with the ones set (say q, k, v into one matmul): every weight a LoRA set ever
+        # touched is in `values`, so the missing ones still hold the file's values.
+        if missing:
             if base is None:
                 raise RuntimeError(f"{self.path.name}: a refit also needs {missing[:5]}; no ONNX to read them from")
             set_weights(base(missing))
