@@ -23,7 +23,7 @@ import torch
 
 from .backends.named_io import NamedIOBackend, NetworkRunner
 from .config import StreamConfig
-from .flavours import ENGINE_BACKENDS, BackendKind, Builder, backend_of, folder_backend
+from .flavours import ENGINE_BACKENDS, BackendKind, Builder, backend_of, build_for, folder_backend
 from .layout import NETWORKS, TensorSpec, bank_layout
 from .lora_set import AOTI_HINT
 from .manifest import EngineMismatch, Manifest, load_manifest, mismatch
@@ -44,9 +44,19 @@ class OpenedBuild:
 
 def folder_rebuild(spec: EngineSpec, directory: Path | str, backend: BackendKind, manifest: Manifest | None) -> str:
     """`EngineSpec.rebuild_command` for a folder: the same spec (files damaged, another GPU or torch) is rebuilt
-    into `directory`, another spec into its own folder, with the folder's TensorRT flavour kept."""
+    into `directory`, another spec into its own folder, with the folder's TensorRT flavour kept. A folder with
+    swappable weights is rebuilt swappable by its own builder, naming no LoRA (they are runtime state there)."""
+    swappable = manifest is not None and manifest.swappable
+    if swappable:
+        spec = replace(spec, loras=())
     same = manifest is not None and not manifest.spec.differences(spec)
-    return spec.rebuild_command(backend, directory if same or manifest is None else None, _built(manifest))
+    command = spec.rebuild_command(backend, directory if same or manifest is None else None, _built(manifest))
+    if swappable and build_for(backend, _built(manifest))[0] == _built(manifest):
+        return command.replace(_BUILD, f"{_BUILD} --weights swappable", 1)
+    return command
+
+
+_BUILD = "python -m build_engines"
 
 
 def _built(manifest: Manifest | None) -> Builder | None:

@@ -11,6 +11,7 @@ exactly.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 
 import numpy as np
@@ -228,3 +229,18 @@ def test_a_file_with_external_weights_swaps_too(folder, tmp_path, monkeypatch):
     got = runner.run(inputs)
     assert all(torch.equal(got[n], want[n]) for n in want)  # the same file and values: the same session, bit for bit
     assert not torch.equal(got["noise_pred"], before["noise_pred"])
+
+
+def test_a_damaged_swappable_folder_is_rebuilt_swappable_without_the_loras(folder, files, tmp_path):  # noqa: F811
+    """The rebuild command of a swappable folder keeps it swappable and names no LoRA (they are applied at open)."""
+    from build_engines.__main__ import build_parser, config_from_args
+
+    copy = shutil.copytree(folder, tmp_path / "folder")
+    with open(copy / "unet.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(EngineMismatch, match="unet.onnx") as e:
+        ort(copy, [(files["a"], 1.0)])
+    command = str(e.value).split("Rebuild: ", 1)[1]
+    assert command.startswith("python -m build_engines --weights swappable ")
+    cfg = config_from_args(build_parser().parse_args(shlex.split(command)[3:]))
+    assert (cfg.weights, cfg.spec, cfg.out, cfg.onnx_only) == ("swappable", SPEC, copy, True)
