@@ -108,7 +108,8 @@ def _facts(builder: str | None, cfg: BuildConfig) -> tuple[str | None, dict, dic
     """(builder version, target, options) recorded in the manifest and compared for reuse."""
     if builder in FLAVOURS:
         trt, _ = import_tensorrt(builder)
-        return tensorrt_version(trt), {}, {"workspace_gib": cfg.workspace_gib}
+        refit = {"refit": True} if cfg.swappable(builder) else {}  # a frozen build's options as before: caches stay
+        return tensorrt_version(trt), {}, {"workspace_gib": cfg.workspace_gib, **refit}
     if builder == Builder.AOTI:
         from .aoti import aoti_options
 
@@ -189,7 +190,10 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
     weights = find_weights(cfg.spec)
     weights_hash = weights.hash(cfg.spec.vae)  # base weights, before LoRAs
     plan = plan_reuse(cfg, out, builder, facts, weights_hash)
-    if _complete(plan, builder):
+    # The ONNX is the same either way; an --onnx-only rerun over an engine build keeps that build's weights unless
+    # --weights asks otherwise.
+    kept = builder is None and plan.old is not None and plan.old.builder is not None and cfg.weights is None
+    if _complete(plan, builder) and (plan.old.swappable == swappable or kept):
         log.info("reusing the build in %s (same spec, weights and builder, files intact); --force rebuilds", out)
         for desc in stages(builder):
             step(f"{desc} (reused)")
@@ -211,7 +215,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
         gc.collect()
     ff_layers = run.ff_layers
     if builder in FLAVOURS:
-        run.build_engines(builder)
+        run.build_engines(builder, refit=swappable)
     run.remove_stale()
     old = plan.old
     manifest = Manifest(
@@ -306,7 +310,7 @@ class _Run:
             self.artifacts.append(Artifact(name, "onnx", path, size, seconds, False, report.nodes))
             self.step(f"cleanup {name}")
 
-    def build_engines(self, builder: str) -> None:
+    def build_engines(self, builder: str, refit: bool = False) -> None:
         from .compile import build_engine
 
         for name in NETWORKS:
@@ -316,7 +320,9 @@ class _Run:
                 continue
             engine = self.out / f"{name}.engine"
             onnx_path = self.out / net.files["onnx"].name
-            seconds = build_engine(onnx_path, engine, flavour=builder, workspace_gib=self.cfg.workspace_gib)
+            seconds = build_engine(
+                onnx_path, engine, flavour=builder, workspace_gib=self.cfg.workspace_gib, refit=refit
+            )
             self.timings[f"build {name}"] = seconds
             self.entries[name] = NetworkEntry(net.tensors, {**net.files, "engine": FileEntry.of(engine)})
             self.artifacts.append(Artifact(name, "engine", engine, engine.stat().st_size, seconds, False))

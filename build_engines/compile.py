@@ -56,7 +56,35 @@ def _prints_through_logging(what: str) -> Iterator[None]:
             log.warning("%s: %s", what, line)
 
 
-def build_engine(onnx_path: Path, engine_path: Path, *, flavour: str, workspace_gib: float = 4.0) -> float:
+def builder_config(trt, builder, *, workspace_gib: float = 4.0, refit: bool = False):
+    """The builder settings of every engine: the workspace limit, and with `refit` (`--weights swappable`) the
+    REFIT_INDIVIDUAL flag: the weights marked refittable (`mark_refittable`) can be set by a `Refitter` by their ONNX
+    initializer names (backends/tensorrt.py), the others (biases, norms) the builder may still fold."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if refit:
+        config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+    return config
+
+
+def mark_refittable(network, onnx_path: Path) -> list[str]:
+    """Mark every weight a LoRA can change refittable: the initializers read as a Conv / MatMul / Gemm weight
+    (`onnx_weights.weight_initializers`, the runtime name map's candidates). Returns those the network has."""
+    import onnx
+
+    from streamv2v_trt.backends.onnx_weights import weight_initializers
+
+    names = weight_initializers(onnx.load(str(onnx_path), load_external_data=False))
+    marked = [name for name in names if network.mark_weights_refittable(name)]
+    log.info("%s: %d of %d weight initializers refittable", onnx_path.name, len(marked), len(names))
+    if not marked:
+        raise RuntimeError(f"{onnx_path}: no weight initializer is refittable: the parser named none of {len(names)}")
+    return marked
+
+
+def build_engine(
+    onnx_path: Path, engine_path: Path, *, flavour: str, workspace_gib: float = 4.0, refit: bool = False
+) -> float:
     """Parse `onnx_path` (external data next to it is found by the parser), build, write `engine_path`.
 
     Returns the build time in seconds. Raises with the parser's errors if the graph is rejected.
@@ -72,14 +100,22 @@ def build_engine(onnx_path: Path, engine_path: Path, *, flavour: str, workspace_
     if not parsed:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"{flavour} could not parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    config = builder_config(trt, builder, workspace_gib=workspace_gib, refit=refit)
+    if refit:
+        mark_refittable(network, onnx_path)
     with _prints_through_logging(f"building {engine_path.name}"):
         serialized = builder.build_serialized_network(network, config)
     if serialized is None:
+        # Measured (tensorrt-rtx 1.7.1, no GPU): frozen engines build on the CPU, refittable ones fail in its JIT.
+        refittable = (
+            " A refittable engine (--weights swappable) needs a GPU to build, TensorRT-RTX included (its JIT "
+            "compiles refittable weights with CUDA): build it on a GPU machine, or use --weights frozen."
+            if refit
+            else ""
+        )
         raise RuntimeError(
             f"{flavour} failed to build an engine from {onnx_path} (errors logged above). Full TensorRT needs a GPU "
-            "to build; TensorRT-RTX builds on the CPU (--builder tensorrt-rtx)."
+            f"to build; TensorRT-RTX builds on the CPU (--builder tensorrt-rtx).{refittable}"
         )
     tmp = engine_path.with_name(engine_path.name + ".tmp")
     with open(tmp, "wb") as f:

@@ -15,6 +15,14 @@ from streamv2v_trt.flags import flag
 from streamv2v_trt.flavours import Builder
 from streamv2v_trt.spec import EngineSpec
 
+WEIGHTS = ("swappable", "frozen")
+# `--weights` when not given, for the builders that compile an ONNX (AOTInductor: aoti.py). An ONNX file holds its
+# weights as initializers either way; a swappable one holds the base weights and ONNX Runtime swaps LoRAs into a new
+# session: measured at the same speed as a folder with the LoRA fused (docs/BENCHMARKS.md, "Swappable weights"), so
+# swappable, except that a build naming LoRAs (--lora) fuses them as it always has. TensorRT: a refittable engine may
+# run slower; not measured here (no GPU in that session): frozen (docs/BUILD.md, "Swappable weights").
+DEFAULT_WEIGHTS = {"onnx": "swappable", "tensorrt": "frozen"}
+
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -45,13 +53,15 @@ class BuildConfig:
         metadata=flag("aoti: the device to compile for", choices=("cuda", "cpu"), default_text="cuda if any"),
     )
     max_autotune: bool = field(default=False, metadata=flag("aoti: autotune kernels (much slower build)"))
-    weights: str | None = field(  # AOTInductor only
+    weights: str | None = field(
         default=None,
         metadata=flag(
-            "aoti: swappable (the UNet's weights stay replaceable: LoRAs are applied when the folder is opened and "
-            "swapped at runtime, none compiled in) or frozen (folded into the code; a LoRA set is a rebuild)",
+            "swappable (the UNet's weights stay replaceable: LoRAs are applied when the folder is opened and swapped "
+            "at runtime, none compiled in; TensorRT builds a refittable engine) or frozen (compiled in; a LoRA set is "
+            "a rebuild)",
             choices=("swappable", "frozen"),
-            default_text="swappable on the CPU, frozen on CUDA",
+            default_text="aoti: swappable on the CPU, frozen on CUDA; --onnx-only: swappable, frozen with --lora; "
+            "tensorrt and tensorrt-rtx: frozen",
         ),
     )
 
@@ -65,21 +75,22 @@ class BuildConfig:
             raise ValueError(
                 f"--device picks the device AOTInductor compiles for; builder {self.builder.value} has none"
             )
-        if self.weights is not None and (self.onnx_only or self.builder.is_tensorrt):
-            raise ValueError("--weights applies to --builder aoti; other builders compile the weights in")
+        if self.weights not in (None, *WEIGHTS):
+            raise ValueError(f"--weights is one of {WEIGHTS}, not {self.weights!r}")
 
     @property
     def aoti_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def swappable(self, builder: Builder | None) -> bool:
-        """Whether `builder` (the resolved one) builds swappable weights: AOTInductor, by `weights` or its device's
-        default (build_engines/aoti.py, DEFAULT_WEIGHTS)."""
-        if builder is not Builder.AOTI:
-            return False
-        from .aoti import aoti_weights
+        """Whether `builder` (the resolved one; None: --onnx-only) builds swappable weights: `weights`, or the default
+        (AOTInductor: its device's, build_engines/aoti.py DEFAULT_WEIGHTS; ONNX and TensorRT: DEFAULT_WEIGHTS here)."""
+        if builder is Builder.AOTI:
+            from .aoti import aoti_weights
 
-        return aoti_weights(self.aoti_device, self.weights) == "swappable"
+            return aoti_weights(self.aoti_device, self.weights) == "swappable"
+        default = DEFAULT_WEIGHTS["onnx" if builder is None and not self.spec.loras else "tensorrt"]
+        return (self.weights or default) == "swappable"
 
     def folder(self, builder: Builder | None) -> Path:
         return self.out or Path("engines") / self.spec.folder_name(builder)

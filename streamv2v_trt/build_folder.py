@@ -23,7 +23,7 @@ import torch
 
 from .backends.named_io import NamedIOBackend, NetworkRunner
 from .config import StreamConfig
-from .flavours import ENGINE_BACKENDS, BackendKind, Builder, backend_of, folder_backend
+from .flavours import ENGINE_BACKENDS, BackendKind, Builder, backend_of, build_for, folder_backend
 from .layout import NETWORKS, TensorSpec, bank_layout
 from .lora_set import AOTI_HINT
 from .manifest import EngineMismatch, Manifest, load_manifest, mismatch
@@ -44,9 +44,19 @@ class OpenedBuild:
 
 def folder_rebuild(spec: EngineSpec, directory: Path | str, backend: BackendKind, manifest: Manifest | None) -> str:
     """`EngineSpec.rebuild_command` for a folder: the same spec (files damaged, another GPU or torch) is rebuilt
-    into `directory`, another spec into its own folder, with the folder's TensorRT flavour kept."""
+    into `directory`, another spec into its own folder, with the folder's TensorRT flavour kept. A folder with
+    swappable weights is rebuilt swappable by its own builder, naming no LoRA (they are runtime state there)."""
+    swappable = manifest is not None and manifest.swappable
+    if swappable:
+        spec = replace(spec, loras=())
     same = manifest is not None and not manifest.spec.differences(spec)
-    return spec.rebuild_command(backend, directory if same or manifest is None else None, _built(manifest))
+    command = spec.rebuild_command(backend, directory if same or manifest is None else None, _built(manifest))
+    if swappable and build_for(backend, _built(manifest))[0] == _built(manifest):
+        return command.replace(_BUILD, f"{_BUILD} --weights swappable", 1)
+    return command
+
+
+_BUILD = "python -m build_engines"
 
 
 def _built(manifest: Manifest | None) -> Builder | None:
@@ -167,6 +177,21 @@ def _package_loras(spec: EngineSpec, weights, skeleton, text_encoder: torch.nn.M
     return lora_weights
 
 
+def _initializer_loras(
+    spec: EngineSpec, weights, skeleton, text_encoder: torch.nn.Module, runner: NetworkRunner, onnx: Path, rebuild
+):
+    """The swappable weights of an ONNX Runtime / TensorRT folder, holding `spec.loras`: the UNet's ONNX initializers
+    (a new ONNX Runtime session, or a TensorRT refit) from the UNet loaded on the CPU with the first LoRA set."""
+    from .backends.onnx_loras import InitializerLoraWeights
+    from .models.loader import load_unet
+
+    load = lambda: load_unet(spec, weights, "cpu")
+    lora_weights = InitializerLoraWeights(skeleton, text_encoder, [runner], [onnx], load, rebuild)
+    if spec.loras:
+        lora_weights.set(spec.loras)
+    return lora_weights
+
+
 def open_build_folder(
     directory: str | PathLike,
     backend: str | BackendKind | None = None,
@@ -238,8 +263,14 @@ def open_build_folder(
     runners = _open_runners(backend, directory, manifest, device, threads)
     check_io(expected, manifest, runners, directory, rebuild)
     networks = NamedIOBackend(backend, runners, layout, device, builder=_built(manifest))
-    if manifest.swappable:  # LoRAs are runtime state: applied here and by set_loras
+    if manifest.swappable and backend is BackendKind.AOTI:  # LoRAs are runtime state: applied here and by set_loras
         networks.lora_weights = _package_loras(spec, weights, skeleton, text_encoder, runners["unet"])
+    elif manifest.swappable:
+        onnx = directory / manifest.network("unet").files["onnx"].name
+        rebuild_with = lambda loras: replace(spec, loras=loras).rebuild_command(backend, None, _built(manifest))
+        networks.lora_weights = _initializer_loras(
+            spec, weights, skeleton, text_encoder, runners["unet"], onnx, rebuild_with
+        )
     log.info("opened %s (%s, %s) with the %s backend on %s", directory, spec.model, spec.precision.value,
              backend.value, device)  # fmt: skip
     return OpenedBuild(networks, manifest, cfg, PromptEncoder(tokenizer, text_encoder), scheduler)

@@ -1,9 +1,11 @@
 """`set_loras`: a stream's LoRA set as runtime state (docs/FEATURES.md, "LoRA"), shared by `StreamV2V` and
 `MultiStream`.
 
-On the eager backend the weights are swapped in place (`models/lora_weights.py`); on an AOTInductor folder built
-with swappable weights the package's constants are rewritten (`backends/aoti_loras.py`); on any other build folder
-the UNet's weights are compiled into its files, so another set is refused with the command that builds it.
+On the eager backend the weights are swapped in place (`models/lora_weights.py`); on a build folder built with
+swappable weights, the AOTInductor package's constants are rewritten (`backends/aoti_loras.py`), and the ONNX
+initializers get new values: a new ONNX Runtime session or a TensorRT refit (`backends/onnx_loras.py`); on a folder
+built with frozen weights the UNet's weights are compiled into its files, so another set is refused with the
+command that builds it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ if TYPE_CHECKING:
 AOTI_HINT = (
     ". AOTInductor: add --weights frozen to that command to compile the LoRAs in, or build with --weights swappable "
     "and no --lora: that folder swaps LoRAs at runtime"
+)
+# Any other folder with frozen weights: the build that swaps LoRAs.
+SWAPPABLE_HINT = (
+    ". Or build with --weights swappable and no --lora: that folder swaps LoRAs at runtime (ONNX Runtime: a new "
+    "session; TensorRT: a refit)"
 )
 LoraSet = Iterable[LoraSpec | tuple[str | PathLike | LoraSpec, float]]
 
@@ -55,7 +62,7 @@ def swap_loras(backend: Backend, cfg: StreamConfig, loras: tuple[LoraSpec, ...])
             f"the {backend.name.value} backend runs a build folder whose UNet weights are compiled into its files "
             f"(built with {built}): another LoRA set needs a rebuild: {rebuild}; name the LoRAs when opening it "
             "(Source(engines=..., loras=[LoraSpec(path, scale), ...])), or run the eager backend, which swaps LoRAs "
-            f"at runtime{AOTI_HINT if backend.name == 'aoti' else ''}"
+            f"at runtime{AOTI_HINT if backend.name == 'aoti' else SWAPPABLE_HINT}"
         )
     if backend.lora_weights.loras != loras:  # the same set already held (another stream on these networks set it)
         backend.lora_weights.set(loras)

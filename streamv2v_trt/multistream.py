@@ -170,8 +170,8 @@ class MultiStream:
         The slots share one set of networks, so a LoRA set is the MultiStream's (per model), never per slot:
         it is set here, not on `slots[i]`. Eager: swapped in place (no recapture), each slot's prompt re-encoded
         with the new text-encoder weights, the banks kept (`reset=True` resets every slot). A bad file raises
-        `LoraError` and changes nothing. An AOTInductor folder with swappable weights swaps as eager does (its
-        package's constants rewritten); any other build folder raises `EngineMismatch` with the rebuild command.
+        `LoraError` and changes nothing. A build folder with swappable weights swaps as eager does (backends/
+        aoti_loras.py, onnx_loras.py); a folder with frozen weights raises `EngineMismatch` with the rebuild command.
         """
         self.cfg = swap_loras(self.backend, self.cfg, lora_specs(loras))
         for slot in self.slots:

@@ -243,9 +243,9 @@ class StreamV2V:
         then names the set. Every file is read and checked first: a bad one raises `LoraError` and changes
         nothing. The bank is kept (the style changes smoothly); `reset=True` forgets the stream too. The weights
         belong to the networks, so streams sharing them (`sibling()`) share the set: call it on a `MultiStream`
-        for its slots. An AOTInductor folder built with swappable weights swaps as eager does (its package's
-        constants rewritten); any other build folder raises `EngineMismatch` with the rebuild command (weights
-        compiled in).
+        for its slots. A build folder with swappable weights swaps as eager does (an AOTInductor package's constants
+        rewritten, a new ONNX Runtime session, a TensorRT refit); a folder with frozen weights raises
+        `EngineMismatch` with the rebuild command (weights compiled in).
         """
         self.cfg = swap_loras(self.backend, self.cfg, lora_specs(loras))
         self.update_prompt(self.prompt, negative_prompt=self.negative_prompt)  # the text encoder changed too

@@ -240,14 +240,17 @@ def test_log_lines_print_above_the_progress_bar_not_into_it(tiny_build):
     assert any(line.startswith("build_engines: 100%") for line in shown), shown  # the bar itself is still drawn
 
 
-def test_weights_flag_picks_swappable_or_frozen_aoti_builds(tmp_path):
+def test_weights_flag_picks_swappable_or_frozen_builds(tmp_path):
     assert parse("--builder", "aoti", "--device", "cpu").swappable(Builder.AOTI)  # the CPU default
     assert not parse("--builder", "aoti", "--device", "cpu", "--weights", "frozen").swappable(Builder.AOTI)
     assert parse("--builder", "aoti", "--device", "cuda", "--weights", "swappable").swappable(Builder.AOTI)
     assert not parse("--builder", "aoti", "--device", "cuda").swappable(Builder.AOTI)  # CUDA stays frozen
-    for other in (("--onnx-only",), ("--builder", "tensorrt")):
-        with pytest.raises(ValueError, match="--weights applies to --builder aoti"):
-            parse(*other, "--weights", "swappable")
+    # ONNX: swappable unless LoRAs are named (then fused, as before); TensorRT: frozen unless asked (a refit flag)
+    assert parse("--onnx-only").swappable(None) and not parse("--onnx-only", "--weights", "frozen").swappable(None)
+    assert not parse("--onnx-only", "--lora", "a.safetensors:0.5").swappable(None)
+    for flavour in (Builder.TENSORRT, Builder.TENSORRT_RTX):  # the config alone (parsing imports the builder)
+        assert not BuildConfig(tiny_spec(), builder=flavour).swappable(flavour)
+        assert BuildConfig(tiny_spec(), builder=flavour, weights="swappable").swappable(flavour)
     from build_engines import build
 
     lora = tmp_path / "style.safetensors"
@@ -256,3 +259,6 @@ def test_weights_flag_picks_swappable_or_frozen_aoti_builds(tmp_path):
     with pytest.raises(ValueError, match="swappable weights compiles no LoRA in") as e:
         build(cfg)  # refused before any model is loaded
     assert f"--lora {lora}:0.5" in str(e.value) and "--weights frozen" in str(e.value)
+    cfg = BuildConfig(tiny_spec(loras=(LoraSpec(lora, 0.5),)), onnx_only=True, weights="swappable", out=tmp_path / "o")
+    with pytest.raises(ValueError, match="swappable weights compiles no LoRA in"):
+        build(cfg)

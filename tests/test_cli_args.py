@@ -182,14 +182,16 @@ def engine_args(engines, *flags):
     return build_parser().parse_args(["serve", "--engines", str(engines), "--device", "cpu", *flags])
 
 
-def test_engine_flags_apply_runtime_features_and_refuse_what_needs_a_rebuild(engines, lora_file):
+def test_engine_flags_apply_runtime_features_and_refuse_what_needs_a_rebuild(engines, lora_file, tiny_build):
     stream = open_stream(engine_args(engines, "--cfg-type", "self", "--delta", "0.5", "--max-skip", "4"))
     cfg = stream.cfg
     assert (cfg.cfg_type, cfg.guidance_scale, cfg.delta) == (CfgType.SELF, 1.2, 0.5)
     assert cfg.prime and cfg.similar_filter.enabled and cfg.similar_filter.max_skip == 4
     assert stream.backend.name == "onnxruntime"
-    with pytest.raises(CliError, match="--lora") as lora:  # engines built without it: a LoRA needs a rebuild
-        open_stream(engine_args(engines, "--lora", str(lora_file)))
+    # engines built frozen without it: a LoRA needs a rebuild (a swappable folder, the --onnx-only default, takes it)
+    frozen = tiny_build(EngineSpec("tiny", height=32, width=32, steps=2, precision="fp32"), weights="frozen")
+    with pytest.raises(CliError, match="--lora") as lora:
+        open_stream(engine_args(frozen, "--lora", str(lora_file)))
     assert "loras: engines were built with no LoRA" in str(lora.value)
     with pytest.raises(CliError, match="UNet batch: engines have 2") as batch:  # initialize: one more element
         open_stream(engine_args(engines, "--cfg-type", "initialize"))

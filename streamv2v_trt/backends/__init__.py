@@ -3,9 +3,10 @@
 A backend provides: `name` (a `flavours.BackendKind`), `builder`, `device`, `dtype`, `layout` (the bank layout
 its UNet was built with), `unet(inputs: dict[str, Tensor]) -> dict[str, Tensor]` keyed by the engine tensor names
 (docs/DESIGN.md, "Engine I/O"), `encode(images) -> latents`, `decode(latents) -> images` and `lora_weights`
-(eager: the LoRA set, swappable at runtime; None where the weights are compiled into the files), `sizes` (the
-frame sizes it was built for, (height, width) each; None: any multiple of 8, eager) and `at_size(height, width)`
-(the same networks and weights at another size: that size's runners and layout; `StreamV2V.resize` uses it).
+(eager and folders with swappable weights: the LoRA set, swappable at runtime; None where the weights are
+compiled into the files), `sizes` (the frame sizes it was built for, (height, width) each; None: any multiple
+of 8, eager) and `at_size(height, width)` (the same networks and weights at another size: that size's runners
+and layout; `StreamV2V.resize` uses it).
 
 Backends: `eager` (PyTorch, eager.py), and on a build folder (`build_folder.py` opens it) `onnxruntime` (its
 ONNX, onnxruntime.py), `tensorrt` (its TensorRT / TensorRT-RTX engines, tensorrt.py) and `aoti` (its
@@ -31,7 +32,7 @@ class Backend(Protocol):
     device: torch.device
     dtype: torch.dtype
     layout: BankLayout
-    lora_weights: LoraWeights | None  # the swappable LoRA set (eager, swappable AOTI); None: compiled in
+    lora_weights: LoraWeights | None  # the swappable LoRA set (eager, swappable folders); None: compiled in
     sizes: tuple[tuple[int, int], ...] | None  # (height, width) it serves; None: any multiple of 8 (eager)
 
     def at_size(self, height: int, width: int) -> Backend:

@@ -77,8 +77,8 @@ class NamedIOBackend:
         builder: str | None = None,
     ) -> None:  # fmt: skip
         self.name, self.networks, self.layout, self.device = name, networks, layout, device
-        # None: the UNet's weights are compiled into the files, another LoRA set is a rebuild; an AOTInductor folder
-        # with swappable weights gets a PackageLoraWeights (build_folder.py)
+        # None: the UNet's weights are compiled into the files, another LoRA set is a rebuild; a folder with swappable
+        # weights gets a PackageLoraWeights (AOTInductor) or an InitializerLoraWeights (ONNX, TensorRT; build_folder.py)
         self.lora_weights = None
         self.builder = builder  # what built its files (None: --onnx-only): a rebuild keeps the TensorRT flavour
         self._unet, self._encoder, self._decoder = networks["unet"], networks["vae_encoder"], networks["vae_decoder"]

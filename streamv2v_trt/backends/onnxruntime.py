@@ -12,6 +12,7 @@ stream, see `_providers`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
 
@@ -48,14 +49,8 @@ class OnnxRunner:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model {self.path} not found; build it with python -m build_engines")
-        self.device = device
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        # A spinning pool steals the CPU from torch's threads between calls (measured 8 vs 56 FPS on 2 cores).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.path), options, providers=_providers(device))
+        self.device, self.threads = device, threads
+        self.session = self._session(str(self.path))
         self.binding = self.session.io_binding()
         self.input_specs = {i.name: self._spec(i) for i in self.session.get_inputs()}
         self.output_specs = {o.name: self._spec(o) for o in self.session.get_outputs()}
@@ -67,6 +62,19 @@ class OnnxRunner:
         self.bind_inputs = InputBinder(
             self.path.name, self.input_specs, device, lambda n, t: self._bind(self.binding.bind_input, n, t)
         )
+
+    def _session(self, model: str | bytes) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+        # A spinning pool steals the CPU from torch's threads between calls (measured 8 vs 56 FPS on 2 cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if isinstance(model, bytes):  # the file with other weights: its external data is still beside the file
+            from .onnx_weights import ONNX_FOLDER_KEY
+
+            options.add_session_config_entry(ONNX_FOLDER_KEY, str(self.path.parent))
+        return ort.InferenceSession(model, options, providers=_providers(self.device))
 
     def _spec(self, arg) -> Spec:
         name = arg.type.removeprefix("tensor(").removesuffix(")")
@@ -84,6 +92,32 @@ class OnnxRunner:
     def _bind(bind, name: str, t: torch.Tensor) -> None:
         index = (t.device.index or 0) if t.device.type == "cuda" else 0
         bind(name, t.device.type, index, np.dtype(dtype_name(t.dtype)), list(t.shape), t.data_ptr())
+
+    def prepare_weights(self, values: dict[str, torch.Tensor], base=None) -> Callable[[], None]:  # noqa: ARG002
+        """A new session of this file with `values` (initializer name -> CPU tensor, the file's shape and dtype) in
+        place of the file's, made beside the running one; returns what swaps it in (call it between two runs).
+
+        The new values are written into the model before the session is made, so ONNX Runtime optimizes with them:
+        `SessionOptions.add_initializer` was tried first, and its values are not what the CPU provider's blocked
+        convolution layout (NCHWc, graph optimization level "all") is made from: convolutions kept the file's weights.
+
+        An error (a name, shape or dtype the file lacks, out of memory) raises here, with the running session
+        unchanged. The swap cannot fail: the new session's binding is bound to this runner's output tensors (the same
+        ones, so what `run` returned stays valid), and every input is bound again on the next `run`. `base` is unused
+        (a TensorRT refit reads it).
+        """
+        from .onnx_weights import with_initializers
+
+        session = self._session(with_initializers(self.path, values))
+        binding = session.io_binding()
+        for name, t in self.outputs.items():
+            self._bind(binding.bind_output, name, t)
+
+        def swap() -> None:
+            self.session, self.binding = session, binding
+            self.bind_inputs.bound.clear()
+
+        return swap
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.bind_inputs(inputs)

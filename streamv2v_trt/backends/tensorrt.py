@@ -10,6 +10,7 @@ on the current torch CUDA stream with no host sync, so a whole frame can be capt
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
 
@@ -32,6 +33,13 @@ _TRT_TYPE_NAMES = {
     "INT8": "int8",
     "UINT8": "uint8",
     "BOOL": "bool",
+}
+
+# torch dtype -> TensorRT DataType, for refit weights (the module is imported lazily: a function of it)
+_TRT_DTYPES = {
+    torch.float32: lambda trt: trt.float32,
+    torch.float16: lambda trt: trt.float16,
+    torch.bfloat16: lambda trt: trt.bfloat16,
 }
 
 
@@ -57,7 +65,7 @@ class TrtRunner:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"engine {self.path} not found; build it with python -m build_engines")
-        self.device = device
+        self.device, self.flavour = device, flavour
         trt, _ = import_tensorrt(flavour)
         with torch.cuda.device(device):
             self.runtime = trt.Runtime(trt_logger(trt))
@@ -89,6 +97,50 @@ class TrtRunner:
     def _set_address(self, name: str, t: torch.Tensor) -> None:
         if not self.context.set_tensor_address(name, t.data_ptr()):
             raise RuntimeError(f"{self.path.name}: set_tensor_address({name}) failed")
+
+    def prepare_weights(
+        self, values: dict[str, torch.Tensor], base: Callable[[list[str]], dict[str, torch.Tensor]] | None = None
+    ) -> Callable[[], None]:
+        """Refit (engines built with `--weights swappable`: REFIT_INDIVIDUAL): `values` (ONNX initializer name -> CPU
+        tensor with the initializer's shape and dtype) are set on a `Refitter`, with whatever else the engine combined
+        them with (`get_missing_weights`, read by `base(names)`: the ONNX's values); returns what refits the engine
+        (call it between two runs). A name the engine lacks raises here, with the engine unchanged."""
+        trt, _ = import_tensorrt(self.flavour)
+        if not self.engine.refittable:
+            raise RuntimeError(
+                f"{self.path.name} is not refittable (built with --weights frozen); rebuild it with --weights swappable"
+            )
+        refitter = trt.Refitter(self.engine, trt_logger(trt))
+        known = set(refitter.get_all_weights())
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise KeyError(f"{self.path.name} has no refittable weights {unknown[:5]} (it has {len(known)})")
+        kept = {}  # TensorRT reads the host memory when it refits: alive until then
+
+        def set_weights(tensors: dict[str, torch.Tensor]) -> None:
+            for name, t in tensors.items():
+                t = kept[name] = t.detach().to("cpu").contiguous()
+                weights = trt.Weights(_TRT_DTYPES[t.dtype](trt), t.data_ptr(), t.numel())
+                if not refitter.set_named_weights(name, weights):
+                    raise RuntimeError(f"{self.path.name}: set_named_weights({name}) refused {list(t.shape)} {t.dtype}")
+
+        set_weights(values)
+        missing = list(refitter.get_missing_weights())
+        # Weights the engine combined with the ones set (say q, k, v into one matmul): every weight a LoRA set ever
+        # touched is in `values`, so the missing ones still hold the file's values.
+        if missing:
+            if base is None:
+                raise RuntimeError(f"{self.path.name}: a refit also needs {missing[:5]}; no ONNX to read them from")
+            set_weights(base(missing))
+
+        def refit() -> None:
+            # "undefined if the engine has pending enqueued work": every stream (a CudaGraphStream runs on its own)
+            torch.cuda.synchronize(self.device)
+            if not refitter.refit_cuda_engine():
+                raise RuntimeError(f"{self.path.name}: refit_cuda_engine failed (errors logged above)")
+            kept.clear()
+
+        return refit
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.bind_inputs(inputs)
