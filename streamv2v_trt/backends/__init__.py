@@ -30,6 +30,12 @@ class Backend(Protocol):
     dtype: torch.dtype
     layout: BankLayout
     lora_weights: LoraWeights | None  # the swappable LoRA set (eager, swappable AOTI); None: compiled in
+    sizes: tuple[tuple[int, int], ...] | None  # every (height, width) it runs (None: any multiple of 8, eager)
+
+    def at_size(self, height: int, width: int) -> Backend:
+        """The same networks and weights (the same `lora_weights`) at another size: that size's runners and
+        `layout`; self when already there. A size it was not built for raises ValueError with the rebuild command."""
+        ...
 
     def unet(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
