@@ -47,6 +47,8 @@ def folder_rebuild(spec: EngineSpec, directory: Path | str, backend: BackendKind
     """`EngineSpec.rebuild_command` for a folder: the same spec (files damaged, another GPU or torch) is rebuilt
     into `directory`, another spec into its own folder, with the folder's TensorRT flavour kept."""
     same = manifest is not None and not manifest.spec.differences(spec)
+    if same and manifest.spec.sizes:  # the folder serves it: rebuilt with all its sizes, not only those asked
+        spec = replace(spec, sizes=manifest.spec.sizes)
     return spec.rebuild_command(backend, directory if same or manifest is None else None, _built(manifest))
 
 

@@ -227,11 +227,13 @@ def test_a_damaged_file_of_another_size_is_refused(folder):
         f.write(b"\x00\x01")
     (folder / "vae_decoder-128x64.onnx").unlink()
     message = refused(folder)  # opened at 64x64, whose files are intact: every size is checked
-    assert f"unet at 128x64: file {folder / 'unet-128x64.onnx'} was altered or truncated" not in message
     assert f"unet: file {folder / 'unet-128x64.onnx'} was altered or truncated" in message
     assert f"vae_decoder: file {folder / 'vae_decoder-128x64.onnx'} is missing" in message
     cfg = rebuild_config(message)
     assert (cfg.spec, cfg.out) == (SPEC, folder)  # the same spec: rebuilt in place
+    # asked for one of its sizes alone, the folder is still rebuilt with every size it holds
+    message = refused(folder, cfg=StreamConfig(tiny_spec(height=64, width=128)))
+    assert rebuild_config(message).spec == replace(SPEC, width=128) and rebuild_config(message).out == folder
 
 
 def test_a_tensor_of_another_size_is_checked_three_ways(folder):
