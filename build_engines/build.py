@@ -103,16 +103,13 @@ def _status(a: Artifact) -> str:
 
 
 def stages(builder: str | None, sizes: tuple[Size, ...] = ()) -> list[str]:
-    """The stages a build runs, in order (for a progress bar); per size for a build of several `sizes`."""
-    return [desc for size in sizes or (None,) for desc in _size_stages(builder, size if len(sizes) > 1 else None)]
-
-
-def _size_stages(builder: str | None, size: Size | None) -> list[str]:
-    at = f" {size_text(*size)}" if size else ""
+    """The stages a build runs, in order (for a progress bar); for a build of several `sizes`, named per size:
+    every size's export and cleanup (or compile), then every size's engine builds."""
+    ats = [f" {size_text(*size)}" for size in sizes] if len(sizes) > 1 else [""]
     if builder == Builder.AOTI:
-        return [f"compile {n}{at}" for n in NETWORKS]
-    names = [f"{s} {n}{at}" for n in NETWORKS for s in ("export", "cleanup")]
-    return names + ([f"build {n}{at}" for n in NETWORKS] if builder else [])
+        return [f"compile {n}{at}" for at in ats for n in NETWORKS]
+    names = [f"{s} {n}{at}" for at in ats for n in NETWORKS for s in ("export", "cleanup")]
+    return names + ([f"build {n}{at}" for at in ats for n in NETWORKS] if builder else [])
 
 
 @dataclass

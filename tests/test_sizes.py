@@ -281,3 +281,23 @@ def test_aoti_swappable_weights_reach_every_size(tiny_build, files):  # noqa: F8
         tiny_spec(height=64, width=128, loras=lora_specs([(files["a"], 0.8)])), prompt=PROMPT
     )
     assert_close_frames(wide, eager, video(5, *WIDE))
+
+
+@pytest.mark.slow
+def test_tensorrt_rtx_builds_an_engine_per_size_from_the_folders_onnx(folder):
+    """TensorRT-RTX builds on the CPU: over the two-size ONNX folder, each size's ONNX is reused (no model loaded)
+    and gets its engine, named by the same rule, listed and hashed per size."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed (pip install -e '.[trt-rtx]')")
+    descs = []
+    result = build(BuildConfig(SPEC, out=folder, builder="tensorrt-rtx"), progress=descs.append)
+    assert descs == [d if d.startswith("build") else f"{d} (reused)" for d in stages("tensorrt-rtx", SPEC.sizes)]
+    manifest = load_manifest(folder)
+    assert manifest.builder == "tensorrt-rtx" and manifest.has("engine") and manifest.has("onnx")
+    assert manifest.network("unet", WIDE).files["engine"].name == "unet-128x64.engine"
+    assert manifest.file_problems(folder, ("onnx", "engine")) == []
+    assert sorted(a.path.name for a in result.artifacts if a.kind == "engine") == sorted(
+        f"{n}-{s}.engine" for n in NETWORKS for s in ("64x64", "128x64")
+    )
+    (folder / "vae_encoder-128x64.engine").write_bytes(b"truncated")
+    message = refused(folder, "tensorrt")  # the engine of the size a stream does not start at is checked too
+    assert f"vae_encoder: file {folder / 'vae_encoder-128x64.engine'} was altered or truncated" in message
