@@ -261,9 +261,10 @@ def test_a_manifest_without_sizes_still_opens(tiny_build, tmp_path):
 
 
 @pytest.mark.slow
-def test_aoti_swappable_weights_reach_every_size(tiny_build, files):  # noqa: F811
+def test_aoti_swappable_weights_reach_every_size(tiny_build, files, monkeypatch):  # noqa: F811
     """One AOTInductor build for two sizes: the LoRA set on the stream at one size is in the other size's package
-    too (one CPU base copy, written into both). Bound: test_aoti_loras.py's AOTI-vs-eager bound."""
+    too (one CPU base copy, written into both), and a write that fails at one size leaves every size on the set it
+    had. Bound: test_aoti_loras.py's AOTI-vs-eager bound."""
     from test_aoti_loras import assert_close_frames
 
     from streamv2v_trt.lora_set import lora_specs
@@ -277,10 +278,20 @@ def test_aoti_swappable_weights_reach_every_size(tiny_build, files):  # noqa: F8
     cfg = StreamConfig(replace(s.cfg.spec, width=128))
     wide = StreamV2V(s.backend.at_size(*WIDE), s.prompt_encoder, s.scheduler, cfg)
     wide.update_prompt(PROMPT)
-    eager = StreamV2V.from_pretrained(
-        tiny_spec(height=64, width=128, loras=lora_specs([(files["a"], 0.8)])), prompt=PROMPT
-    )
-    assert_close_frames(wide, eager, video(5, *WIDE))
+    fused = tiny_spec(height=64, width=128, loras=lora_specs([(files["a"], 0.8)]))
+    assert_close_frames(wide, StreamV2V.from_pretrained(fused, prompt=PROMPT), video(5, *WIDE))
+
+    def refuse(tensors):
+        raise RuntimeError("no room for the constants")
+
+    monkeypatch.setattr(s.backend.lora_weights.runners[1], "load_weights", refuse)  # the 128x64 package
+    with pytest.raises(RuntimeError, match="no room"):
+        s.set_loras([(files["b"], 1.0)])  # written into the 64x64 package first, then taken back
+    monkeypatch.undo()
+    assert s.cfg.spec.loras == fused.loras
+    s.reset()
+    at_start = StreamV2V.from_pretrained(replace(fused, width=64), prompt=PROMPT)
+    assert_close_frames(s, at_start, video(5, 64, 64))
 
 
 @pytest.mark.slow
