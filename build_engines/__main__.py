@@ -28,7 +28,7 @@ def _t_index_list(text: str) -> tuple[int, ...]:
 BUILD_MODEL = "sd-turbo"  # the model the project is built for (the runtime commands default to the tiny one)
 # The spec's flags (help and defaults from EngineSpec's fields); size and steps default to the model preset's, the
 # precision to what the builder runs (fp32 for AOTInductor on the CPU, else fp16).
-SPEC_FLAGS = ("model", "height", "width", "cfg_type", "bank", "bank_frames", "ff_threshold", "ff_strength",
+SPEC_FLAGS = ("model", "height", "width", "sizes", "cfg_type", "bank", "bank_frames", "ff_threshold", "ff_strength",
               "ff_layer_prefixes", "vae", "precision", "loras", "weights_seed", "max_streams")  # fmt: skip
 
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sd-turbo model (the one the project is built for); the runtime commands default to the tiny test model.",
         formatter_class=HelpFormatter,
     )
-    add_flags(p, EngineSpec, SPEC_FLAGS[:3], unset=("height", "width"), defaults={"model": BUILD_MODEL})
+    add_flags(p, EngineSpec, SPEC_FLAGS[:4], unset=("height", "width"), defaults={"model": BUILD_MODEL})
     steps = p.add_mutually_exclusive_group()
     add_flags(steps, EngineSpec, ["steps"], unset=("steps",))
     steps.add_argument(
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_t_index_list,
         help="e.g. 30,35,40,45: sets --steps to its length; the timestep values themselves are chosen at runtime",
     )
-    add_flags(p, EngineSpec, SPEC_FLAGS[3:], unset=("precision",), unset_text=", fp32 for AOTInductor on the CPU")
+    add_flags(p, EngineSpec, SPEC_FLAGS[4:], unset=("precision",), unset_text=", fp32 for AOTInductor on the CPU")
     add_flags(p, BuildConfig)  # out, builder, onnx_only, force, workspace_gib, device, max_autotune
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (TensorRT info messages included)")
     return p
@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         # configure_logging put on the root logger (ours propagate to it) through tqdm.write while the bar lives.
         with (
             logging_redirect_tqdm(),
-            tqdm(total=len(stages(builder)), desc="build_engines", unit="stage", file=sys.stderr) as bar,
+            tqdm(
+                total=len(stages(builder, cfg.spec.served_sizes)), desc="build_engines", unit="stage", file=sys.stderr
+            ) as bar,
         ):
 
             def step(desc: str) -> None:

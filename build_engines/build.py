@@ -1,7 +1,10 @@
 """`build(cfg)`: plan what can be reused, run the stages that remain, write the manifest.
 
-Stages per network: ONNX export + cleanup, then (TensorRT builders) the engine build; or (AOTInductor) one
-compile to a `.pt2` package. The cache is the manifest: a file is reused when the previous build was for the
+Stages per network and frame size: ONNX export + cleanup, then (TensorRT builders) the engine build; or
+(AOTInductor) one compile to a `.pt2` package. A build for several sizes (`EngineSpec.sizes`) runs them for every
+size into the one folder, each file named with its size (`manifest.network_file`).
+
+The cache is the manifest: a file is reused when the previous build was for the
 same spec and weights, the file still hashes to what the manifest says, and (engines, packages) the same
 builder, version and target made it. `cfg.force` rebuilds everything.
 """
@@ -10,9 +13,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,8 +25,18 @@ import torch
 
 from streamv2v_trt.backends.tensorrt_import import FLAVOURS, import_tensorrt, tensorrt_version
 from streamv2v_trt.flavours import Builder
+from streamv2v_trt.frame_sizes import size_text
 from streamv2v_trt.layout import NETWORKS
-from streamv2v_trt.manifest import MANIFEST_FILE, EngineMismatch, FileEntry, Manifest, NetworkEntry, load_manifest
+from streamv2v_trt.manifest import (
+    MANIFEST_FILE,
+    EngineMismatch,
+    FileEntry,
+    Manifest,
+    NetworkEntry,
+    load_manifest,
+    network_file,
+)
+from streamv2v_trt.spec import EngineSpec, show_sizes
 
 from .config import BuildConfig, choose_builder
 
@@ -32,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]  # called once per finished stage with its description
+Size = tuple[int, int]  # (height, width)
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,7 @@ class Artifact:
     seconds: float  # export+cleanup+save for onnx, build for an engine, compile for a package; 0 when reused
     reused: bool
     nodes: int | None = None  # ONNX nodes after cleanup
+    size: str = ""  # WIDTHxHEIGHT in a build for several sizes
 
 
 @dataclass(frozen=True)
@@ -66,13 +82,15 @@ class BuildResult:
         rows = [("network", "file", "size MB", "time s", "nodes", "status")]
         for a in self.artifacts:
             nodes = str(a.nodes) if a.nodes is not None else ""
-            rows.append((a.network, a.path.name, f"{a.bytes / 1e6:.1f}", f"{a.seconds:.1f}", nodes, _status(a)))
+            network = f"{a.network} {a.size}".strip()
+            rows.append((network, a.path.name, f"{a.bytes / 1e6:.1f}", f"{a.seconds:.1f}", nodes, _status(a)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         builder = f"{m.builder} {m.builder_version}" if m.builder else "none"
         target = " ".join(str(m.target[k]) for k in ("device", "capability") if k in m.target)
+        sizes = f" (sizes {show_sizes(spec.served_sizes)})" if spec.sizes else ""
         head = (
-            f"{spec.model} {spec.width}x{spec.height}, {spec.steps} step(s), {spec.max_streams} stream(s), "
+            f"{spec.model} {spec.width}x{spec.height}{sizes}, {spec.steps} step(s), {spec.max_streams} stream(s), "
             f"UNet batch {spec.unet_batch}, "
             f"bank {spec.bank.value} x{spec.bank_frames}, vae {spec.vae.value}, {spec.precision.value}, "
             f"builder {builder}{' for ' + target if target else ''} ({self.why}), "
@@ -85,23 +103,25 @@ def _status(a: Artifact) -> str:
     return "reused" if a.reused else "built"
 
 
-def stages(builder: str | None) -> list[str]:
-    """The stages a build runs, in order (for a progress bar)."""
+def stages(builder: str | None, sizes: tuple[Size, ...] = ()) -> list[str]:
+    """The stages a build runs, in order (for a progress bar); for a build of several `sizes`, named per size:
+    every size's export and cleanup (or compile), then every size's engine builds."""
+    ats = [f" {size_text(size)}" for size in sizes] if len(sizes) > 1 else [""]
     if builder == Builder.AOTI:
-        return [f"compile {n}" for n in NETWORKS]
-    names = [f"{s} {n}" for n in NETWORKS for s in ("export", "cleanup")]
-    return names + ([f"build {n}" for n in NETWORKS] if builder else [])
+        return [f"compile {n}{at}" for at in ats for n in NETWORKS]
+    names = [f"{s} {n}{at}" for at in ats for n in NETWORKS for s in ("export", "cleanup")]
+    return names + ([f"build {n}{at}" for at in ats for n in NETWORKS] if builder else [])
 
 
 @dataclass
 class _Plan:
-    """What the previous build in the folder leaves usable: per network, file kind -> entry."""
+    """What the previous build in the folder leaves usable: per (size, network), file kind -> entry."""
 
     old: Manifest | None
-    keep: dict[str, dict[str, FileEntry]] = field(default_factory=dict)
+    keep: dict[tuple[Size, str], dict[str, FileEntry]] = field(default_factory=dict)
 
-    def kept(self, name: str, kind: str) -> FileEntry | None:
-        return self.keep.get(name, {}).get(kind)
+    def kept(self, size: Size, name: str, kind: str) -> FileEntry | None:
+        return self.keep.get((size, name), {}).get(kind)
 
 
 def _facts(builder: str | None, cfg: BuildConfig) -> tuple[str | None, dict, dict]:
@@ -139,7 +159,9 @@ def plan_reuse(
     except EngineMismatch as e:
         log.warning("ignoring the previous build: %s", e)
         return _Plan(None)
-    diffs = old.differences(cfg.spec, weights)
+    # Sizes are compared per file below: a size the previous build has is kept, one it lacks is built.
+    same_sizes = replace(cfg.spec, height=old.spec.height, width=old.spec.width, sizes=old.spec.sizes)
+    diffs = old.differences(same_sizes, weights)
     if diffs:
         log.info("previous build in %s differs (%s): rebuilding", out, "; ".join(diffs))
         return _Plan(None)
@@ -152,16 +174,29 @@ def plan_reuse(
         target,
         options,
     )
-    for name, net in old.networks.items():
-        keep = plan.keep.setdefault(name, {})
-        if _intact(out, net.files.get("onnx")) and (
-            "onnx_data" not in net.files or _intact(out, net.files["onnx_data"])
-        ):
-            keep.update({k: net.files[k] for k in ("onnx", "onnx_data") if k in net.files})
-        kind = "package" if builder == Builder.AOTI else "engine"
-        if compiled_ok and (kind == "package" or "onnx" in keep) and _intact(out, net.files.get(kind)):
-            keep[kind] = net.files[kind]
+    kind = "package" if builder == Builder.AOTI else "engine"
+    for size, networks in old.sized_networks().items():
+        if size not in cfg.spec.served_sizes:
+            continue
+        for name, net in networks.items():
+            keep = plan.keep.setdefault((size, name), {})
+            if (
+                _named(cfg.spec, name, size, net.files.get("onnx"), ".onnx")
+                and _intact(out, net.files["onnx"])
+                and ("onnx_data" not in net.files or _intact(out, net.files["onnx_data"]))
+            ):
+                keep.update({k: net.files[k] for k in ("onnx", "onnx_data") if k in net.files})
+            compiled = net.files.get(kind)
+            suffix = ".pt2" if kind == "package" else ".engine"
+            if compiled_ok and (kind == "package" or "onnx" in keep) and _named(cfg.spec, name, size, compiled, suffix):
+                if _intact(out, compiled):
+                    keep[kind] = compiled
     return plan
+
+
+def _named(spec: EngineSpec, name: str, size: Size, entry: FileEntry | None, suffix: str) -> bool:
+    """The file follows this build's naming rule (a single-size build's `unet.onnx` is not a sized build's)."""
+    return entry is not None and entry.name == network_file(spec, name, size, suffix)
 
 
 def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
@@ -193,31 +228,35 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
     # The ONNX is the same either way; an --onnx-only rerun over an engine build keeps that build's weights unless
     # --weights asks otherwise.
     kept = builder is None and plan.old is not None and plan.old.builder is not None and cfg.weights is None
-    if _complete(plan, builder) and (plan.old.swappable == swappable or kept):
+    if _complete(plan, builder, cfg.spec.served_sizes) and (plan.old.swappable == swappable or kept):
         log.info("reusing the build in %s (same spec, weights and builder, files intact); --force rebuilds", out)
-        for desc in stages(builder):
+        for desc in stages(builder, cfg.spec.served_sizes):
             step(f"{desc} (reused)")
         return _reused(out, plan.old, time.perf_counter() - t_start, why)
 
     run = _Run(cfg, out, plan, step)
-    if builder != Builder.AOTI and plan.old is not None and all(plan.kept(n, "onnx") for n in NETWORKS):
+    sizes = cfg.spec.served_sizes
+    if builder != Builder.AOTI and all(plan.kept(s, n, "onnx") for s in sizes for n in NETWORKS):
         run.reuse_onnx()  # only engines to build: no model to load (GBs for sd-turbo)
     else:
         device = cfg.aoti_device if builder == Builder.AOTI else torch.device("cpu")
         models = load_models(cfg.spec, device=device)
         if cfg.spec.loras:  # the networks carry them; the manifest records their hashes beside the base weights'
             fuse_loras(models.unet, cfg.spec.loras, text_encoder=models.text_encoder)
-        if builder == Builder.AOTI:
-            run.compile_packages(models, options)
-        else:
-            run.export_onnx(models)
+        for size in sizes:  # one size's networks after the other, from the one model
+            if builder == Builder.AOTI:
+                run.compile_packages(models, options, size)
+            else:
+                run.export_onnx(models, size)
         del models  # free the torch weights before TensorRT needs its memory
         gc.collect()
     ff_layers = run.ff_layers
     if builder in FLAVOURS:
-        run.build_engines(builder, refit=swappable)
+        for size in sizes:
+            run.build_engines(builder, size, refit=swappable)
     run.remove_stale()
     old = plan.old
+    start = (cfg.spec.height, cfg.spec.width)
     manifest = Manifest(
         spec=cfg.spec,
         weights_hash=weights_hash,
@@ -230,7 +269,8 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
         exporter=run.exporter or (old.exporter if old else ""),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         build_command=cfg.spec.build_command(out, builder=builder, onnx_only=builder is None),
-        networks=run.entries,
+        networks=run.entries[start],
+        size_networks={size_text(s): run.entries[s] for s in sizes if s != start},
         # this run's stage times over the previous build's for what was reused
         timings_s={**(old.timings_s if old else {}), **{k: round(v, 3) for k, v in run.timings.items()}},
         weights="swappable" if swappable else "frozen",
@@ -239,138 +279,163 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
     return BuildResult(out, manifest, tuple(run.artifacts), time.perf_counter() - t_start, why)
 
 
-def _complete(plan: _Plan, builder: str | None) -> bool:
+def _complete(plan: _Plan, builder: str | None, sizes: tuple[Size, ...]) -> bool:
     """Everything `builder` needs is in the previous build, intact. An --onnx-only build over a TensorRT build
     keeps its engines (the manifest stays as it was)."""
     if plan.old is None:
         return False
     kinds = {None: ("onnx",), Builder.AOTI: ("package",)}.get(builder, ("onnx", "engine"))
-    return all(plan.kept(n, k) for n in NETWORKS for k in kinds)
+    return all(plan.kept(s, n, k) for s in sizes for n in NETWORKS for k in kinds)
 
 
 class _Run:
-    """The stages of one build, collecting manifest entries, artifacts and timings as they go."""
+    """The stages of one build, collecting manifest entries (per size), artifacts and timings as they go."""
 
     def __init__(self, cfg: BuildConfig, out: Path, plan: _Plan, step: Progress) -> None:
         self.cfg, self.out, self.plan, self.step = cfg, out, plan, step
-        self.entries: dict[str, NetworkEntry] = {}
+        self.entries: dict[Size, dict[str, NetworkEntry]] = {s: {} for s in cfg.spec.served_sizes}
         self.artifacts: list[Artifact] = []
         self.timings: dict[str, float] = {}
         self.ff_layers: tuple[str, ...] = ()
         self.exporter: str | None = None
+        self.sized = bool(cfg.spec.sizes)
 
-    def _reuse(self, name: str, kind: str, tensors) -> bool:
-        entry = self.plan.kept(name, kind)
+    def _at(self, size: Size) -> str:
+        """' 768x512' in a build for several sizes (stage names, timings), '' in a single-size one."""
+        return f" {size_text(size)}" if self.sized else ""
+
+    def _file(self, name: str, size: Size, suffix: str) -> Path:
+        return self.out / network_file(self.cfg.spec, name, size, suffix)
+
+    def _spec(self, size: Size) -> EngineSpec:
+        return replace(self.cfg.spec, height=size[0], width=size[1])
+
+    def _artifact(self, name: str, kind: str, path: Path, size: Size, seconds: float, reused: bool, **kw) -> None:
+        nbytes = path.stat().st_size
+        if kind == "onnx" and path.with_name(path.name + ".data").is_file():
+            nbytes += path.with_name(path.name + ".data").stat().st_size
+        at = size_text(size) if self.sized else ""
+        self.artifacts.append(Artifact(name, kind, path, nbytes, seconds, reused, size=at, **kw))
+
+    def _reuse(self, size: Size, name: str, kind: str, tensors) -> bool:
+        entry = self.plan.kept(size, name, kind)
         if entry is None:
             return False
         wanted = ("onnx", "onnx_data") if kind == "onnx" else (kind,)
-        files = {k: v for k, v in self.plan.keep[name].items() if k in wanted}
-        self.entries[name] = NetworkEntry(tensors, {**self.entries.get(name, NetworkEntry(())).files, **files})
-        size = sum((self.out / f.name).stat().st_size for f in files.values())
-        self.artifacts.append(Artifact(name, kind, self.out / entry.name, size, 0.0, True))
+        files = {k: v for k, v in self.plan.keep[(size, name)].items() if k in wanted}
+        entries = self.entries[size]
+        entries[name] = NetworkEntry(tensors, {**entries.get(name, NetworkEntry(())).files, **files})
+        self._artifact(name, kind, self.out / entry.name, size, 0.0, True)
         return True
 
     def reuse_onnx(self) -> None:
         old = self.plan.old
         self.ff_layers = old.ff_layers
-        for name in NETWORKS:
-            self._reuse(name, "onnx", old.networks[name].tensors)
-            self.step(f"export {name} (reused)")
-            self.step(f"cleanup {name} (reused)")
+        for size in self.entries:
+            for name in NETWORKS:
+                self._reuse(size, name, "onnx", old.network(name, size).tensors)
+                self.step(f"export {name}{self._at(size)} (reused)")
+                self.step(f"cleanup {name}{self._at(size)} (reused)")
 
-    def export_onnx(self, models: Models) -> None:
+    def export_onnx(self, models: Models, size: Size) -> None:
         from .cleanup import cleanup, save_onnx
         from .export import export_network, exporter_name, network_modules, tensor_entries
 
-        modules, specs = network_modules(models, self.cfg.spec)
+        modules, specs = network_modules(models, self._spec(size))
         self.ff_layers = tuple(layer.name for layer in modules["unet"].layout.layers if layer.fuse)
+        at = self._at(size)
         for name in NETWORKS:
-            old = self.plan.old.networks[name] if self.plan.old else None
-            if old is not None and self._reuse(name, "onnx", old.tensors):
-                self.step(f"export {name} (reused)")
-                self.step(f"cleanup {name} (reused)")
+            old = self.plan.old.sized_networks().get(size, {}).get(name) if self.plan.old else None
+            if old is not None and self._reuse(size, name, "onnx", old.tensors):
+                self.step(f"export {name}{at} (reused)")
+                self.step(f"cleanup {name}{at} (reused)")
                 continue
             t0 = time.perf_counter()
             model = export_network(modules[name], specs[name], seed=self.cfg.spec.weights_seed)
             self.exporter = exporter_name()
-            self.timings[f"export {name}"] = time.perf_counter() - t0
-            self.step(f"export {name}")
+            self.timings[f"export {name}{at}"] = time.perf_counter() - t0
+            self.step(f"export {name}{at}")
             t1 = time.perf_counter()
             model, report = cleanup(model, name)
             tensors = tensor_entries(model, specs[name])
-            path = self.out / f"{name}.onnx"
+            path = self._file(name, size, ".onnx")
             data = save_onnx(model, path)
             del model
             gc.collect()
-            self.timings[f"cleanup {name}"] = time.perf_counter() - t1
+            self.timings[f"cleanup {name}{at}"] = time.perf_counter() - t1
             files = {"onnx": FileEntry.of(path)} | ({"onnx_data": FileEntry.of(data)} if data else {})
-            self.entries[name] = NetworkEntry(tensors, files)
-            size = sum((self.out / f.name).stat().st_size for f in files.values())
-            seconds = self.timings[f"export {name}"] + self.timings[f"cleanup {name}"]
-            self.artifacts.append(Artifact(name, "onnx", path, size, seconds, False, report.nodes))
-            self.step(f"cleanup {name}")
+            self.entries[size][name] = NetworkEntry(tensors, files)
+            seconds = self.timings[f"export {name}{at}"] + self.timings[f"cleanup {name}{at}"]
+            self._artifact(name, "onnx", path, size, seconds, False, nodes=report.nodes)
+            self.step(f"cleanup {name}{at}")
 
-    def build_engines(self, builder: str, refit: bool = False) -> None:
+    def build_engines(self, builder: str, size: Size, refit: bool = False) -> None:
         from .compile import build_engine
 
+        at = self._at(size)
         for name in NETWORKS:
-            net = self.entries[name]
-            if self.plan.kept(name, "onnx") and self._reuse(name, "engine", net.tensors):
-                self.step(f"build {name} (reused)")
+            net = self.entries[size][name]
+            if self.plan.kept(size, name, "onnx") and self._reuse(size, name, "engine", net.tensors):
+                self.step(f"build {name}{at} (reused)")
                 continue
-            engine = self.out / f"{name}.engine"
+            engine = self._file(name, size, ".engine")
             onnx_path = self.out / net.files["onnx"].name
             seconds = build_engine(
                 onnx_path, engine, flavour=builder, workspace_gib=self.cfg.workspace_gib, refit=refit
             )
-            self.timings[f"build {name}"] = seconds
-            self.entries[name] = NetworkEntry(net.tensors, {**net.files, "engine": FileEntry.of(engine)})
-            self.artifacts.append(Artifact(name, "engine", engine, engine.stat().st_size, seconds, False))
-            self.step(f"build {name}")
+            self.timings[f"build {name}{at}"] = seconds
+            self.entries[size][name] = NetworkEntry(net.tensors, {**net.files, "engine": FileEntry.of(engine)})
+            self._artifact(name, "engine", engine, size, seconds, False)
+            self.step(f"build {name}{at}")
 
-    def compile_packages(self, models: Models, options: dict) -> None:
+    def compile_packages(self, models: Models, options: dict, size: Size) -> None:
         from .aoti import compile_aoti
         from .export import example_inputs, network_modules
 
-        modules, specs = network_modules(models, self.cfg.spec)
+        modules, specs = network_modules(models, self._spec(size))
         self.ff_layers = tuple(layer.name for layer in modules["unet"].layout.layers if layer.fuse)
         self.exporter = f"torch {torch.__version__} torch.export + AOTInductor"
-        device = self.cfg.aoti_device
+        device, at = self.cfg.aoti_device, self._at(size)
         for name in NETWORKS:
             tensors = tuple(specs[name])
-            if self._reuse(name, "package", tensors):
-                self.step(f"compile {name} (reused)")
+            if self._reuse(size, name, "package", tensors):
+                self.step(f"compile {name}{at} (reused)")
                 continue
-            path = self.out / f"{name}.pt2"
+            path = self._file(name, size, ".pt2")
             inputs = {k: v.to(device) for k, v in example_inputs(specs[name], seed=self.cfg.spec.weights_seed).items()}
             names_in = [s.name for s in specs[name] if s.is_input]
             names_out = [s.name for s in specs[name] if not s.is_input]
             result = compile_aoti(modules[name], inputs, names_in, names_out, path, device, options=options)
-            self.timings[f"compile {name}"] = result.seconds
-            self.entries[name] = NetworkEntry(tensors, {"package": FileEntry.of(path)})
-            self.artifacts.append(Artifact(name, "package", path, path.stat().st_size, result.seconds, False))
-            self.step(f"compile {name}")
+            self.timings[f"compile {name}{at}"] = result.seconds
+            self.entries[size][name] = NetworkEntry(tensors, {"package": FileEntry.of(path)})
+            self._artifact(name, "package", path, size, result.seconds, False)
+            self.step(f"compile {name}{at}")
 
     def remove_stale(self) -> None:
-        """Compiled files of an earlier build that this manifest does not list would mislead: remove them."""
-        listed = {f.name for net in self.entries.values() for f in net.files.values()}
-        for name in NETWORKS:
-            for stale in (self.out / f"{name}.engine", self.out / f"{name}.pt2"):
-                if stale.exists() and stale.name not in listed:
-                    log.info("removing %s: not part of this build", stale)
-                    stale.unlink()
+        """Files of an earlier build, named by the naming rule, that this manifest does not list would mislead
+        (compiled files) or waste space (another size's ONNX): remove them."""
+        listed = {f.name for nets in self.entries.values() for net in nets.values() for f in net.files.values()}
+        ours = re.compile(rf"({'|'.join(NETWORKS)})(-\d+x\d+)?\.(engine|pt2)")
+        sized_onnx = re.compile(rf"({'|'.join(NETWORKS)})-\d+x\d+\.onnx(\.data)?")
+        for stale in self.out.iterdir():
+            if (ours.fullmatch(stale.name) or sized_onnx.fullmatch(stale.name)) and stale.name not in listed:
+                log.info("removing %s: not part of this build", stale)
+                stale.unlink()
 
 
 def _reused(out: Path, manifest: Manifest, seconds: float, why: str) -> BuildResult:
     """A cache hit: `manifest` already describes intact files for everything asked."""
     artifacts = []
-    for name, net in manifest.networks.items():
-        for kind in ("onnx", "engine", "package"):
-            entry = net.files.get(kind)
-            if entry is None:
-                continue
-            size = (out / entry.name).stat().st_size
-            if kind == "onnx" and "onnx_data" in net.files:
-                size += (out / net.files["onnx_data"].name).stat().st_size
-            artifacts.append(Artifact(name, kind, out / entry.name, size, 0.0, True))
+    sized = manifest.sized_networks()
+    for at, networks in sized.items():
+        for name, net in networks.items():
+            for kind in ("onnx", "engine", "package"):
+                entry = net.files.get(kind)
+                if entry is None:
+                    continue
+                size = (out / entry.name).stat().st_size
+                if kind == "onnx" and "onnx_data" in net.files:
+                    size += (out / net.files["onnx_data"].name).stat().st_size
+                text = size_text(at) if len(sized) > 1 else ""
+                artifacts.append(Artifact(name, kind, out / entry.name, size, 0.0, True, size=text))
     return BuildResult(out, manifest, tuple(artifacts), seconds, why)

@@ -5,6 +5,7 @@
                   -> the text encoder (PyTorch; runs only on a prompt change), LoRA text layers fused
                   -> one runner per network, and the one I/O check: names, shapes and dtypes of every tensor,
                      as the layout expects them, as the manifest records them, as each runner reports them
+                     (a folder built for several frame sizes: every size's runners, each checked)
 
 Any difference raises `EngineMismatch` naming all of them and the exact command that rebuilds the folder.
 A build folder is code: TensorRT engines and AOTInductor packages are native code that runs when loaded. Open
@@ -24,11 +25,12 @@ import torch
 from .backends.named_io import NamedIOBackend, NetworkRunner
 from .config import StreamConfig
 from .flavours import ENGINE_BACKENDS, BackendKind, Builder, backend_of, build_for, folder_backend
-from .layout import NETWORKS, TensorSpec, bank_layout
+from .frame_sizes import size_text
+from .layout import NETWORKS, BankLayout, TensorSpec, bank_layout
 from .lora_set import AOTI_HINT
 from .manifest import EngineMismatch, Manifest, load_manifest, mismatch
 from .prompt import PromptEncoder, text_shape
-from .spec import EngineSpec, LoraSpec
+from .spec import EngineSpec, LoraSpec, show_sizes
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ def folder_rebuild(spec: EngineSpec, directory: Path | str, backend: BackendKind
     if swappable:
         spec = replace(spec, loras=())
     same = manifest is not None and not manifest.spec.differences(spec)
+    if same and manifest.spec.sizes:  # the folder serves it: rebuilt with all its sizes, not only those asked
+        spec = replace(spec, sizes=manifest.spec.sizes)
     command = spec.rebuild_command(backend, directory if same or manifest is None else None, _built(manifest))
     if swappable and build_for(backend, _built(manifest))[0] == _built(manifest):
         return command.replace(_BUILD, f"{_BUILD} --weights swappable", 1)
@@ -115,13 +119,16 @@ def check_io(
     runners: dict[str, NetworkRunner],
     directory: Path,
     rebuild: str,
+    size: tuple[int, int] | None = None,
 ) -> None:
     """Every tensor of every network, three ways: the layout's contract, the manifest's record, and what the
-    compiled file reports. Names, shapes, dtypes and direction must all agree."""
+    compiled file reports. Names, shapes, dtypes and direction must all agree. `size`: which of a multi-size
+    folder's sizes (height, width) `expected` and `runners` are (default: the manifest spec's own)."""
     problems = []
+    at = f" at {size_text(size)}" if size and manifest.spec.sizes else ""
     for name in NETWORKS:
         want = {t.name: (t.shape, t.dtype, t.is_input) for t in expected[name]}
-        recorded = {t.name: (t.shape, t.dtype, t.is_input) for t in manifest.network(name).tensors}
+        recorded = {t.name: (t.shape, t.dtype, t.is_input) for t in manifest.network(name, size).tensors}
         runner = runners[name]
         reported = {
             n: (shape, str(dtype).removeprefix("torch."), is_input)
@@ -131,7 +138,7 @@ def check_io(
         for source, have in (("manifest", recorded), (runner.path.name, reported)):
             for n in sorted(want.keys() | have.keys()):
                 if want.get(n) != have.get(n):
-                    problems.append(f"{name} {n}: {source} has {_io(have.get(n))}, expected {_io(want.get(n))}")
+                    problems.append(f"{name}{at} {n}: {source} has {_io(have.get(n))}, expected {_io(want.get(n))}")
     if problems:
         shown = problems[:8]
         if len(problems) > 8:
@@ -147,9 +154,15 @@ def _io(t: tuple | None) -> str:
 
 
 def _open_runners(
-    backend: BackendKind, directory: Path, manifest: Manifest, device: torch.device, threads: int | None
+    backend: BackendKind,
+    directory: Path,
+    manifest: Manifest,
+    device: torch.device,
+    threads: int | None,
+    size: tuple[int, int] | None = None,
 ) -> dict[str, NetworkRunner]:
-    files = {name: directory / manifest.network(name).files[backend.info.files[0]].name for name in NETWORKS}
+    kind = backend.info.files[0]
+    files = {name: directory / manifest.network(name, size).files[kind].name for name in NETWORKS}
     if backend is BackendKind.ONNXRUNTIME:
         from .backends.onnxruntime import OnnxRunner
 
@@ -163,30 +176,57 @@ def _open_runners(
     return {name: AotiRunner(path, device) for name, path in files.items()}
 
 
-def _package_loras(spec: EngineSpec, weights, skeleton, text_encoder: torch.nn.Module, runner: NetworkRunner):
-    """The swappable weights of an AOTInductor folder, holding `spec.loras`: the package's constants written from
-    the UNet loaded on the CPU (the base weights; loaded with the first LoRA set, then kept while the folder is
-    open). `skeleton`: the UNet's structure, which names the constants."""
+def _open_size(
+    backend: BackendKind, directory: Path, manifest: Manifest, spec: EngineSpec, size: tuple[int, int], skeleton,
+    text: tuple[int, int], device: torch.device, threads: int | None, rebuild: str,
+) -> tuple[dict[str, NetworkRunner], BankLayout]:  # fmt: skip
+    """One built size's runners and bank layout, their I/O checked against the layout and the manifest."""
+    at = replace(spec, height=size[0], width=size[1], sizes=manifest.spec.sizes)
+    layout = bank_layout(skeleton, at)
+    runners = _open_runners(backend, directory, manifest, device, threads, size)
+    check_io(layout.network_specs(at, text), manifest, runners, directory, rebuild, size)
+    return runners, layout
+
+
+def _package_loras(spec: EngineSpec, weights, skeleton, text_encoder: torch.nn.Module, runners: list[NetworkRunner]):
+    """The swappable weights of an AOTInductor folder, holding `spec.loras`: the constants of every size's UNet
+    package written from one UNet loaded on the CPU (the base weights; loaded with the first LoRA set, then kept
+    while the folder is open). `skeleton`: the UNet's structure, which names the constants."""
     from .backends.aoti_loras import PackageLoraWeights
     from .models.loader import load_unet
 
     load = lambda: load_unet(spec, weights, "cpu")
-    lora_weights = PackageLoraWeights(skeleton, text_encoder, runner, load=load)
+    lora_weights = PackageLoraWeights(skeleton, text_encoder, runners, load=load)
     if spec.loras:
         lora_weights.set(spec.loras)
     return lora_weights
 
 
+def _swappable_weights(
+    backend: BackendKind, directory: Path, manifest: Manifest, spec: EngineSpec, weights, skeleton,
+    text_encoder: torch.nn.Module, unets: dict[tuple[int, int], NetworkRunner],
+):  # fmt: skip
+    """The LoRA writer of a swappable folder: the AOTInductor packages' constants, or the UNet ONNX initializers
+    (ONNX Runtime, TensorRT), of every size."""
+    if backend is BackendKind.AOTI:
+        return _package_loras(spec, weights, skeleton, text_encoder, list(unets.values()))
+    onnx = [directory / manifest.network("unet", size).files["onnx"].name for size in unets]
+    rebuild_with = lambda loras: replace(spec, loras=loras).rebuild_command(backend, None, _built(manifest))
+    return _initializer_loras(spec, weights, skeleton, text_encoder, list(unets.values()), onnx, rebuild_with)
+
+
 def _initializer_loras(
-    spec: EngineSpec, weights, skeleton, text_encoder: torch.nn.Module, runner: NetworkRunner, onnx: Path, rebuild
-):
-    """The swappable weights of an ONNX Runtime / TensorRT folder, holding `spec.loras`: the UNet's ONNX initializers
-    (a new ONNX Runtime session, or a TensorRT refit) from the UNet loaded on the CPU with the first LoRA set."""
+    spec: EngineSpec, weights, skeleton, text_encoder: torch.nn.Module, runners: list[NetworkRunner],
+    onnx: list[Path], rebuild,
+):  # fmt: skip
+    """The swappable weights of an ONNX Runtime / TensorRT folder, holding `spec.loras`: every size's UNet ONNX
+    initializers (a new ONNX Runtime session, or a TensorRT refit) from the UNet loaded on the CPU with the first
+    LoRA set."""
     from .backends.onnx_loras import InitializerLoraWeights
     from .models.loader import load_unet
 
     load = lambda: load_unet(spec, weights, "cpu")
-    lora_weights = InitializerLoraWeights(skeleton, text_encoder, [runner], [onnx], load, rebuild)
+    lora_weights = InitializerLoraWeights(skeleton, text_encoder, runners, onnx, load, rebuild)
     if spec.loras:
         lora_weights.set(spec.loras)
     return lora_weights
@@ -258,19 +298,21 @@ def open_build_folder(
     if spec.loras and not manifest.swappable:  # the UNet's LoRA layers are compiled in; the text encoder's not
         fuse_loras(None, spec.loras, text_encoder=text_encoder)
     skeleton = unet_skeleton(spec, weights)
-    layout = bank_layout(skeleton, spec)
-    expected = layout.network_specs(spec, text_shape(tokenizer, text_encoder))
-    runners = _open_runners(backend, directory, manifest, device, threads)
-    check_io(expected, manifest, runners, directory, rebuild)
-    networks = NamedIOBackend(backend, runners, layout, device, builder=_built(manifest))
-    if manifest.swappable and backend is BackendKind.AOTI:  # LoRAs are runtime state: applied here and by set_loras
-        networks.lora_weights = _package_loras(spec, weights, skeleton, text_encoder, runners["unet"])
-    elif manifest.swappable:
-        onnx = directory / manifest.network("unet").files["onnx"].name
-        rebuild_with = lambda loras: replace(spec, loras=loras).rebuild_command(backend, None, _built(manifest))
-        networks.lora_weights = _initializer_loras(
-            spec, weights, skeleton, text_encoder, runners["unet"], onnx, rebuild_with
-        )
+    text = text_shape(tokenizer, text_encoder)
+    sized = {  # every built size: its runners and bank layout, each size checked three ways
+        size: _open_size(backend, directory, manifest, spec, size, skeleton, text, device, threads, rebuild)
+        for size in manifest.spec.served_sizes
+    }
+    if len(sized) > 1:
+        log.info("%s: frame sizes %s", directory, show_sizes(sized))
+    runners, layout = sized[(spec.height, spec.width)]
+    networks = NamedIOBackend(
+        backend, runners, layout, device, builder=_built(manifest), spec=spec, sized=sized if len(sized) > 1 else None
+    )
+    if manifest.swappable:  # LoRAs are runtime state: applied here and by set_loras, to every size's UNet
+        unets = {size: runners["unet"] for size, (runners, _) in sized.items()}
+        networks.lora_weights = _swappable_weights(backend, directory, manifest, spec, weights, skeleton,
+                                                   text_encoder, unets)  # fmt: skip
     log.info("opened %s (%s, %s) with the %s backend on %s", directory, spec.model, spec.precision.value,
              backend.value, device)  # fmt: skip
     return OpenedBuild(networks, manifest, cfg, PromptEncoder(tokenizer, text_encoder), scheduler)

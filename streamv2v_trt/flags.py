@@ -97,7 +97,7 @@ def add_flags(
         if boolean:
             kwargs["action"] = argparse.BooleanOptionalAction if meta.switch else "store_true"
         else:
-            kwargs.update(metavar=meta.metavar, type=meta.parse or _parser(base))
+            kwargs.update(metavar=meta.metavar, type=_told(meta.parse) if meta.parse else _parser(base))
             kwargs["choices"] = meta.choices or (
                 tuple(e.value for e in type(base)) if isinstance(base, enum.Enum) else None
             )
@@ -142,6 +142,18 @@ def _names(f: dataclasses.Field) -> tuple[str, ...]:
 
 def _dest(f: dataclasses.Field) -> str:
     return _names(f)[0].removeprefix("--").replace("-", "_")
+
+
+def _told(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` whose ValueError argparse prints as it is (it prints only "invalid value" for a plain ValueError)."""
+
+    def typed(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+
+    return typed
 
 
 def _parser(default: Any) -> Callable[[str], Any] | None:

@@ -11,6 +11,10 @@ Layout of a build folder (file names are in the manifest, these are the defaults
     vae_encoder.onnx  vae_encoder.engine
     vae_decoder.onnx  vae_decoder.engine
     unet.pt2  vae_encoder.pt2  vae_decoder.pt2                                          (AOTInductor builds)
+
+A build for several frame sizes (`EngineSpec.sizes`) holds every size's networks, each file named with its size
+(`network_file`): unet-512x512.onnx, unet-768x512.onnx, unet-768x512.engine, ... The manifest lists the spec's
+own size (height x width) under `networks` and the others under `size_networks`, by size (WIDTHxHEIGHT).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .frame_sizes import size_text
 from .layout import NETWORKS, TensorSpec
 from .spec import EngineSpec
 
@@ -27,6 +32,12 @@ FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 # The file kinds a network can have: ONNX (+ external weights), a TensorRT engine, an AOTInductor package.
 FILE_KINDS = ("onnx", "onnx_data", "engine", "package")
+
+
+def network_file(spec: EngineSpec, network: str, size: tuple[int, int], suffix: str) -> str:
+    """The one naming rule of a network's file: `unet.onnx` in a single-size build; `unet-768x512.onnx` for every
+    size of a multi-size build (so no size's file depends on which size a stream starts at)."""
+    return f"{network}-{size_text(size)}{suffix}" if spec.sizes else f"{network}{suffix}"
 
 
 class EngineMismatch(RuntimeError):
@@ -100,22 +111,52 @@ class Manifest:
     # LoRA, any LoRA set is applied when the folder is opened and by `set_loras`. "frozen": compiled into the
     # files; the spec names the LoRAs fused in, and another set is a rebuild. Older manifests: frozen.
     weights: str = "frozen"
+    # A multi-size build: the networks of every size other than the spec's own (height x width), by size text
+    # ("768x512"). Older manifests and single-size builds: {}.
+    size_networks: dict[str, dict[str, NetworkEntry]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
-    def network(self, name: str) -> NetworkEntry:
-        if name not in self.networks:
-            raise KeyError(f"manifest has no network {name!r}; it has {sorted(self.networks)}")
-        return self.networks[name]
+    def network(self, name: str, size: tuple[int, int] | None = None) -> NetworkEntry:
+        """Network `name` at `size` (height, width; default: the spec's own)."""
+        networks = self.networks_at(*size) if size else self.networks
+        if name not in networks:
+            raise KeyError(f"manifest has no network {name!r}; it has {sorted(networks)}")
+        return networks[name]
+
+    def networks_at(self, height: int, width: int) -> dict[str, NetworkEntry]:
+        """The networks of one built size (KeyError for a size the manifest does not list)."""
+        if (height, width) == (self.spec.height, self.spec.width):
+            return self.networks
+        text = size_text((height, width))
+        if text not in self.size_networks:
+            raise KeyError(f"manifest has no networks for {text}; it has {', '.join(self._size_texts())}")
+        return self.size_networks[text]
+
+    def sized_networks(self) -> dict[tuple[int, int], dict[str, NetworkEntry]]:
+        """Every served size's networks, in the spec's size order (what files and tensors are checked over)."""
+        return {size: self.networks_at(*size) for size in self.spec.served_sizes if self._lists(size)}
+
+    def _lists(self, size: tuple[int, int]) -> bool:
+        return size == (self.spec.height, self.spec.width) or size_text(size) in self.size_networks
+
+    def _size_texts(self) -> list[str]:
+        return [size_text((self.spec.height, self.spec.width)), *self.size_networks]
 
     def has(self, kind: str) -> bool:
-        """Whether every network has a file of `kind` ("onnx", "engine", "package")."""
-        return all(kind in self.networks.get(n, NetworkEntry(())).files for n in NETWORKS)
+        """Whether every network of every size has a file of `kind` ("onnx", "engine", "package")."""
+        sized = self.sized_networks()
+        return len(sized) == len(self.spec.served_sizes) and all(
+            kind in networks.get(n, NetworkEntry(())).files for networks in sized.values() for n in NETWORKS
+        )
 
     def to_json(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["spec"] = self.spec.to_json()
         d["ff_layers"] = list(self.ff_layers)
         d["networks"] = {name: net.to_json() for name, net in self.networks.items()}
+        d["size_networks"] = {
+            size: {name: net.to_json() for name, net in nets.items()} for size, nets in self.size_networks.items()
+        }
         return d
 
     @classmethod
@@ -126,8 +167,13 @@ class Manifest:
                 "written by another version of build_engines)"
             )
         networks = {k: NetworkEntry.from_json(v) for k, v in d["networks"].items()}
+        sized = {
+            size: {k: NetworkEntry.from_json(v) for k, v in nets.items()}
+            for size, nets in d.get("size_networks", {}).items()
+        }
         spec = EngineSpec.from_json(d["spec"])
-        return cls(**{**d, "spec": spec, "ff_layers": tuple(d["ff_layers"]), "networks": networks})
+        fields = {"spec": spec, "ff_layers": tuple(d["ff_layers"]), "networks": networks, "size_networks": sized}
+        return cls(**{**d, **fields})
 
     def save(self, directory: Path | str) -> Path:
         """Write `manifest.json` (atomically: a crash mid-write never leaves a half manifest)."""
@@ -152,18 +198,34 @@ class Manifest:
         missing = [n for n in NETWORKS if n not in self.networks]
         if missing:
             diffs.append(f"networks missing from the manifest: {', '.join(missing)}")
+        for size in self.spec.served_sizes:  # the runtime opens every size
+            if size != (self.spec.height, self.spec.width):
+                absent = [n for n in NETWORKS if n not in self.size_networks.get(size_text(size), {})]
+                if absent:
+                    diffs.append(f"networks missing from the manifest at {size_text(size)}: {', '.join(absent)}")
         return diffs
 
     def file_problems(self, directory: Path | str, kinds: tuple[str, ...], *, verify_hashes: bool = True) -> list[str]:
         """Files of `kinds` that the manifest lacks, that are missing, or whose sha256 differs from the manifest's."""
         directory = Path(directory)
         problems = []
-        for name, net in self.networks.items():
+        sized = self.sized_networks()
+        for size, networks in sized.items():
+            at = f" at {size_text(size)}" if len(sized) > 1 else ""
+            problems += self._file_problems(directory, networks, kinds, verify_hashes, at)
+        return problems
+
+    @staticmethod
+    def _file_problems(
+        directory: Path, networks: dict[str, NetworkEntry], kinds: tuple[str, ...], verify_hashes: bool, at: str
+    ) -> list[str]:
+        problems = []
+        for name, net in networks.items():
             for kind in kinds:
                 entry = net.files.get(kind)
                 if entry is None:
                     if kind != "onnx_data":  # external data exists only above 2 GB
-                        problems.append(f"{name}: the build has no {kind} file")
+                        problems.append(f"{name}{at}: the build has no {kind} file")
                     continue
                 path = directory / entry.name
                 if not path.is_file():

@@ -21,10 +21,15 @@ import torch
 
 from .flags import argv, flag
 from .flavours import Builder, build_for
+from .frame_sizes import parse_size, size_text
 from .presets import PRESETS
 
 # Layers whose attention output is fused with the bank: the low-resolution ones (docs/DESIGN.md, "Feature fusion").
 FF_LAYER_PREFIXES = ("mid_block.", "up_blocks.0.", "up_blocks.1.")
+# A build for several frame sizes: every size a multiple of SIZE_STEP pixels (the latent then halves exactly at each
+# UNet level, so every size's bank has whole token counts), at most MAX_SIZES sizes (each is its own set of networks).
+SIZE_STEP = 64
+MAX_SIZES = 32
 PRESET = "the preset's"  # --help's default of the fields `EngineSpec.resolve` fills from the model preset
 ALWAYS_FLAGS = ("model", "precision")  # in every build command: build_engines' precision depends on the builder
 
@@ -181,6 +186,19 @@ class EngineSpec:
             "seed of a preset's random weights (used only without real weights)", names=("--weights-seed", "--seed")
         ),
     )
+    # Every frame size the build serves, (height, width) each, sorted; () = only (height, width). (height, width) is
+    # where a stream starts and one of them. Each size has its own static networks in the one folder.
+    sizes: tuple[tuple[int, int], ...] = field(
+        default=(),
+        metadata=flag(
+            "every frame size the build serves, WIDTHxHEIGHT: a list 512x512,768x512 or a range 256x256-512x512 "
+            f"(every multiple of {SIZE_STEP} between, both dimensions; at most {MAX_SIZES} sizes), multiples of "
+            f"{SIZE_STEP}; --height/--width (where a stream starts) default to the first",
+            metavar="WxH,WxH|WxH-WxH",
+            parse=lambda text: parse_sizes(text),  # defined below the class
+            show=lambda sizes: show_sizes(sizes),
+        ),
+    )
     # Streams batched into one network call (MultiStream slots); 1 for a single stream.
     max_streams: int = field(
         default=1,
@@ -194,6 +212,7 @@ class EngineSpec:
         object.__setattr__(self, "ff_layer_prefixes", tuple(self.ff_layer_prefixes))
         if self.height % 8 or self.width % 8 or self.height < 8 or self.width < 8:
             raise ValueError(f"height and width must be positive multiples of 8, got {self.height}x{self.width}")
+        object.__setattr__(self, "sizes", _check_sizes(self.sizes, (self.height, self.width)))
         if self.steps < 1 or self.max_streams < 1:
             raise ValueError(f"steps and max_streams must be >= 1, got {self.steps} and {self.max_streams}")
         if self.bank is BankKind.DYME and self.bank_frames != 1:
@@ -216,15 +235,21 @@ class EngineSpec:
         """A spec with the model preset's defaults (size, steps) for what is None: the one place CLIs and
         benchmarks fill defaults. A folder or hub id defaults to 512x512, 1 step."""
         preset = PRESETS.get(model)
+        first = tuple(fields["sizes"][0]) if fields.get("sizes") else None  # a multi-size build starts at its first
         return cls(
             model=model,
-            height=height or (preset.height if preset else 512),
-            width=width or (preset.width if preset else 512),
+            height=height or (first[0] if first else preset.height if preset else 512),
+            width=width or (first[1] if first else preset.width if preset else 512),
             steps=steps or (len(preset.t_index_list) if preset else 1),
             **{k: v for k, v in fields.items() if v is not None},
         )
 
     # -- what the spec implies ------------------------------------------------------------------------------
+    @property
+    def served_sizes(self) -> tuple[tuple[int, int], ...]:
+        """Every (height, width) the networks are built for: `sizes`, or the one size."""
+        return self.sizes or ((self.height, self.width),)
+
     @property
     def stream_batch(self) -> int:
         """One stream's UNet (and bank) batch: uncond elements (guidance) + one stream slot per step."""
@@ -255,11 +280,21 @@ class EngineSpec:
         """What differs between this (built) spec and `asked`, field by field, in words.
 
         Guidance is compared by the UNet batch it needs (none and self share a build). LoRAs by file contents
-        and scale. `weights_seed` only matters for random weights; the weights hash check covers it.
+        and scale. `weights_seed` only matters for random weights; the weights hash check covers it. Sizes: a build
+        for sizes S serves every spec whose size and sizes are all in S (it may start at any of them).
         """
         diffs = []
+        if self.sizes or asked.sizes:
+            missing = [s for s in asked.served_sizes if s not in self.served_sizes]
+            if missing:
+                diffs.append(
+                    f"sizes: engines have {show_sizes(self.served_sizes)}, asked {show_sizes(asked.served_sizes)} "
+                    f"({show_sizes(missing)} not built)"
+                )
         for f in dataclasses.fields(self):
-            if f.name in ("cfg_type", "loras", "weights_seed"):
+            if f.name in ("cfg_type", "loras", "weights_seed", "sizes") or (
+                f.name in ("height", "width") and (self.sizes or asked.sizes)
+            ):
                 continue
             have, want = getattr(self, f.name), getattr(asked, f.name)
             if have != want:
@@ -284,14 +319,16 @@ class EngineSpec:
         streams = f"-s{self.max_streams}" if self.max_streams > 1 else ""
         suffix = "-aoti" if builder == Builder.AOTI else ""
         return (
-            f"{name}-{self.width}x{self.height}-b{self.stream_batch}{streams}-{self.bank.value}{self.bank_frames}"
+            f"{name}-{_sizes_label(self.served_sizes)}-b{self.stream_batch}{streams}-{self.bank.value}{self.bank_frames}"
             f"-{self.vae.value}-{self.precision.value}{suffix}"
         )
 
     def build_command(self, out: Path | str | None = None, builder: str | None = None, onnx_only: bool = False) -> str:
         """The exact `python -m build_engines` command that builds this spec (into `out`): the flags of the fields
         that differ from the command's defaults (the preset's size and steps), the model and precision always."""
-        args = ["python", "-m", "build_engines", *argv(self, EngineSpec.resolve(self.model), always=ALWAYS_FLAGS)]
+        # A multi-size build names its start size: parsing defaults it to the first size, not the preset's.
+        always = ALWAYS_FLAGS + (("height", "width") if self.sizes else ())
+        args = ["python", "-m", "build_engines", *argv(self, EngineSpec.resolve(self.model), always=always)]
         if builder:
             args += ["--builder", Builder(builder).value]
         if onnx_only:
@@ -317,6 +354,7 @@ class EngineSpec:
         d.update({k: v.value for k, v in d.items() if isinstance(v, enum.Enum)})
         d["ff_layer_prefixes"] = list(self.ff_layer_prefixes)
         d["loras"] = [lora.record() for lora in self.loras]
+        d["sizes"] = [f"{w}x{h}" for h, w in self.sizes]
         return d
 
     @classmethod
@@ -326,7 +364,74 @@ class EngineSpec:
         if unknown:
             raise ValueError(f"unknown spec fields {unknown}: written by a newer version?")
         loras = tuple(LoraSpec(Path(r["name"]), r["scale"], r["sha256"]) for r in d.get("loras", ()))
-        return cls(**{**d, "loras": loras, "ff_layer_prefixes": tuple(d.get("ff_layer_prefixes", FF_LAYER_PREFIXES))})
+        sizes = tuple(parse_size(text) for text in d.get("sizes", ()))  # older manifests: one size
+        prefixes = tuple(d.get("ff_layer_prefixes", FF_LAYER_PREFIXES))
+        return cls(**{**d, "loras": loras, "ff_layer_prefixes": prefixes, "sizes": sizes})
+
+
+def show_sizes(sizes) -> str:
+    return ",".join(size_text(s) for s in sizes)
+
+
+def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """`--sizes`: '512x512,768x512' (a list) or '256x256-512x512' (every multiple of SIZE_STEP from the first to
+    the second, in both dimensions). (height, width) each, in the order given (a range: smallest first)."""
+    low, sep, high = text.partition("-")
+    if not sep:
+        return tuple(parse_size(part) for part in text.split(",") if part.strip())
+    (h0, w0), (h1, w1) = parse_size(low), parse_size(high)
+    if any(v % SIZE_STEP for v in (h0, w0, h1, w1)) or h0 > h1 or w0 > w1:
+        raise ValueError(
+            f"--sizes {text}: a range goes from the smaller WIDTHxHEIGHT to the larger, both multiples of {SIZE_STEP} "
+            "in each dimension, e.g. 256x256-512x512"
+        )
+    heights, widths = range(h0, h1 + 1, SIZE_STEP), range(w0, w1 + 1, SIZE_STEP)
+    if len(heights) * len(widths) > MAX_SIZES:
+        raise ValueError(
+            f"--sizes {text} is {len(heights) * len(widths)} sizes ({len(widths)} widths x {len(heights)} heights, "
+            f"every multiple of {SIZE_STEP}); a build holds at most {MAX_SIZES}, each its own set of networks: "
+            "narrow the range or list the sizes (512x512,768x512)"
+        )
+    return tuple((h, w) for h in heights for w in widths)
+
+
+def _check_sizes(sizes, start: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """`EngineSpec.sizes`, checked and sorted; one size that is the start size is the single-size spec, ()."""
+    sizes = tuple(sorted((int(h), int(w)) for h, w in sizes))
+    if not sizes or sizes == (start,):
+        return ()
+    shown = show_sizes(sizes)
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"sizes {shown} name a size twice")
+    if len(sizes) > MAX_SIZES:
+        raise ValueError(f"sizes {shown}: a build holds at most {MAX_SIZES} sizes (each its own set of networks)")
+    bad = [s for s in sizes if s[0] % SIZE_STEP or s[1] % SIZE_STEP or min(s) < SIZE_STEP]
+    if bad:
+        raise ValueError(
+            f"sizes {show_sizes(bad)}: a build for several sizes needs multiples of {SIZE_STEP} in both dimensions"
+        )
+    if start not in sizes:
+        raise ValueError(
+            f"the start size {size_text(start)} (--width x --height) is not among the sizes {shown}: add it, or "
+            "leave --height/--width out (they default to the first size)"
+        )
+    return sizes
+
+
+def _sizes_label(sizes: tuple[tuple[int, int], ...]) -> str:
+    """The folder name's size part: '512x512' for one size, '256x256-512x512' for a whole range, up to four sizes
+    joined by '+', else the smallest and largest with the count and a hash of the set (names differ per set)."""
+    if len(sizes) == 1:
+        return size_text(sizes[0])
+    heights, widths = sorted({h for h, _ in sizes}), sorted({w for _, w in sizes})
+    if len(heights) * len(widths) == len(sizes) and all(
+        b - a == SIZE_STEP for values in (heights, widths) for a, b in zip(values, values[1:])
+    ):  # every multiple of SIZE_STEP between the smallest and the largest, in both dimensions
+        return f"{size_text((heights[0], widths[0]))}-{size_text((heights[-1], widths[-1]))}"
+    if len(sizes) <= 4:
+        return "+".join(size_text(s) for s in sizes)
+    digest = hashlib.sha256(show_sizes(sizes).encode()).hexdigest()[:6]
+    return f"{size_text(sizes[0])}+{len(sizes) - 1}more-{digest}"
 
 
 def _show(value) -> str:

@@ -159,7 +159,7 @@ def test_a_package_compiled_with_freezing_has_no_weights_to_replace(tmp_path, fr
     if freezing:
         assert not any(n.endswith(".weight") for n in runner.constant_names)
         with pytest.raises(EngineMismatch, match="--weights swappable"):
-            PackageLoraWeights(module.unet, torch.nn.Linear(1, 1), runner)
+            PackageLoraWeights(module.unet, torch.nn.Linear(1, 1), [runner])
         return
     with torch.no_grad():
         module.unet[0].weight.mul_(2)

@@ -111,6 +111,7 @@ def test_aoti_on_the_cpu_defaults_to_fp32(monkeypatch):
             False,
         ),
         (EngineSpec("tiny", loras=(LoraSpec("styles/a b.safetensors", 0.5), LoraSpec("c.safetensors"))), None, True),
+        (EngineSpec("sd-turbo", 512, 768, sizes=((512, 512), (512, 768), (768, 512))), "aoti", False),
     ],
 )
 def test_build_command_parses_back_into_the_spec(spec, builder, onnx_only):

@@ -145,6 +145,10 @@ FIELD_CASES: dict[str, tuple[dict, tuple[str, ...]]] = {
     "loras": ({"loras": "LORA"}, ("loras: engines were built with no LoRA, asked ", ":0.5 (file contents or scales")),
     "weights_seed": ({"weights_seed": 1}, ("weights_seed: engines have 0, asked 1", "weights hash: engines have ")),
     "max_streams": ({"max_streams": 2}, ("max_streams: engines have 1, asked 2",)),
+    "sizes": (
+        {"height": 64, "width": 64, "sizes": ((64, 64), (64, 128))},
+        ("sizes: engines have 32x32, asked 64x64,128x64 (64x64,128x64 not built)",),
+    ),
 }
 
 

@@ -12,14 +12,18 @@ on the first call.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from ..frame_sizes import size_text
 from ..layout import BankLayout
+from ..spec import EngineSpec, show_sizes
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +74,58 @@ class NamedIOBackend:
 
     Outputs are the runner's: engine runners return their own preallocated buffers (the same tensors every
     call, valid until the next call of that network), so the pipeline consumes a result before calling again.
+
+    A folder built for several frame sizes has runners (and a bank layout) per size: a backend is at one of them
+    (`size`), and `at_size` gives the same networks and weights at another (`sizes`: every built size).
     """
 
     def __init__(
         self, name: str, networks: dict[str, NetworkRunner], layout: BankLayout, device: torch.device,
-        builder: str | None = None,
+        builder: str | None = None, *, spec: EngineSpec | None = None,
+        sized: dict[tuple[int, int], tuple[dict[str, NetworkRunner], BankLayout]] | None = None,
     ) -> None:  # fmt: skip
-        self.name, self.networks, self.layout, self.device = name, networks, layout, device
-        # None: the UNet's weights are compiled into the files, another LoRA set is a rebuild; a folder with swappable
-        # weights gets a PackageLoraWeights (AOTInductor) or an InitializerLoraWeights (ONNX, TensorRT; build_folder.py)
+        self.name, self.device = name, device
+        # None: the UNet's weights are compiled into the files, another LoRA set is a rebuild; a folder with
+        # swappable weights gets a PackageLoraWeights (AOTInductor) or an InitializerLoraWeights (ONNX, TensorRT;
+        # build_folder.py), shared by every size
         self.lora_weights = None
         self.builder = builder  # what built its files (None: --onnx-only): a rebuild keeps the TensorRT flavour
-        self._unet, self._encoder, self._decoder = networks["unet"], networks["vae_encoder"], networks["vae_decoder"]
+        self.spec = spec  # what the folder serves (as asked of it): names the rebuild for a size it lacks
+        self._sized = sized or {}
+        self._use(networks, layout)
         self.dtype = self._unet.input_specs["sample"][1]
+
+    def _use(self, networks: dict[str, NetworkRunner], layout: BankLayout) -> None:
+        self.networks, self.layout = networks, layout
+        self._unet, self._encoder, self._decoder = networks["unet"], networks["vae_encoder"], networks["vae_decoder"]
+        self.size = tuple(networks["vae_encoder"].input_specs["images"][0][2:])  # (height, width) of [K, 3, H, W]
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """Every (height, width) the folder was built for (this backend's own size alone for a single-size one)."""
+        return tuple(self._sized) or (self.size,)
+
+    def at_size(self, height: int, width: int) -> NamedIOBackend:
+        """The same networks and weights (the same `lora_weights`) at another built size: that size's runners and
+        bank layout. Self when already there; a size not built raises ValueError with the rebuild command."""
+        if (height, width) == self.size:
+            return self
+        if (height, width) not in self._sized:
+            raise ValueError(self._not_built(height, width))
+        other = copy.copy(self)  # shares the runners of every size, the weights and the size table
+        other._use(*self._sized[(height, width)])
+        return other
+
+    def _not_built(self, height: int, width: int) -> str:
+        built = show_sizes(self.sizes)
+        said = f"the build folder has frame sizes {built}, not {size_text((height, width))}"
+        if self.spec is None:
+            return f"{said}; rebuild with python -m build_engines --sizes {built},{size_text((height, width))}"
+        try:
+            wanted = replace(self.spec, sizes=(*self.sizes, (height, width)))
+        except ValueError as e:  # e.g. not a multiple of 64, which a multi-size build needs
+            return f"{said}, and no build can add it: {e}"
+        return f"{said}; rebuild: {wanted.rebuild_command(self.name, built=self.builder)}"
 
     def unet(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self._unet.run(inputs)

@@ -24,10 +24,11 @@ import torch
 from ..config import GUIDED_SCALE, BankConfig, SimilarFilterConfig, StreamConfig
 from ..flags import add_flags, field_default, option, values
 from ..flavours import ENGINE_BACKENDS, BackendKind, folder_backend
+from ..frame_sizes import size_text
 from ..manifest import Manifest
 from ..presets import ModelUnavailable
 from ..source import DEFAULT_MODEL, Source
-from ..spec import CfgType, EngineSpec, LoraSpec, Precision, t_index_list_from_strength
+from ..spec import CfgType, EngineSpec, LoraSpec, Precision, show_sizes, t_index_list_from_strength
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,12 @@ def resolve_spec(args: argparse.Namespace, device: torch.device, manifest: Manif
         except ValueError as e:
             raise CliError(str(e)) from e
     built = manifest.spec
+    size = (asked.get("height", built.height), asked.get("width", built.width))
+    if size in built.served_sizes:  # a multi-size folder starts at any size it was built for
+        asked.pop("height", None), asked.pop("width", None)
+        built = dataclasses.replace(built, height=size[0], width=size[1])
+    elif built.sizes:
+        raise CliError(_size_refusal(args, built, size, engine_backend(args, manifest.builder, device), manifest))
     wrong = [
         f"{option(EngineSpec, name)} {_plain(value)} (engines: {_plain(getattr(built, name))})"
         for name, value in asked.items()
@@ -122,6 +129,22 @@ def resolve_spec(args: argparse.Namespace, device: torch.device, manifest: Manif
         )
     spec = built if cfg_type is None else dataclasses.replace(built, cfg_type=cfg_type)
     return dataclasses.replace(spec, loras=loras) if loras or built.loras else spec
+
+
+def _size_refusal(
+    args: argparse.Namespace, built: EngineSpec, size: tuple[int, int], backend: BackendKind, manifest: Manifest
+) -> str:
+    """A multi-size folder asked for a size it was not built for: its sizes, and the build that adds this one."""
+    from ..build_folder import folder_rebuild
+
+    have, want = show_sizes(built.served_sizes), size_text(size)
+    try:
+        wider = dataclasses.replace(built, height=size[0], width=size[1], sizes=(*built.sizes, size))
+    except ValueError as e:  # not a size a multi-size build takes (multiples of 64)
+        return f"the engines in {args.engines} were built for frame sizes {have}, not {want}: pick one ({e})"
+    rebuild = folder_rebuild(wider, args.engines, backend, manifest)
+    said = f"the engines in {args.engines} were built for frame sizes {have}, not {want}"
+    return f"{said}: pick one, or rebuild: {rebuild}"
 
 
 def _plain(value) -> str:
