@@ -48,6 +48,7 @@ import torch
 
 from .bank import NO_UPDATE, BankOp
 from .config import StreamConfig
+from .control_net import control_buffers, run_controlnets
 from .edge import FrameEdge
 from .flavours import CAPTURABLE_BACKENDS
 from .graph_cache import GraphCache, cuda_capture
@@ -109,6 +110,8 @@ class MultiStream:
                 for layer in layout.layers
                 for name in (f"bank_{p}.{layer.index}" for p in layout.parts(layer))
             },
+            # With ControlNets: each slot's control images and scales (its rows), the UNet's residual inputs.
+            **control_buffers(layout, cfg.spec, K * Bu, device, dtype),
         }
         self.images = torch.zeros(K, 3, cfg.height, cfg.width, device=device, dtype=dtype)  # encode input
         self.decode_in = torch.zeros(K, 4, h, w, device=device, dtype=dtype)  # the latents leaving each stream
@@ -260,13 +263,17 @@ class MultiStream:
         priming = [i for i, plan in active.items() if plan.prime]
         for _ in range(self.cfg.steps - 1 if priming else 0):  # rare (a reset with `prime`): not graphed
             for i in priming:
-                self.slots[i].begin(latents[i : i + 1])
+                self.slots[i].begin(latents[i : i + 1], self.images[i : i + 1])
+            self._control()
             out = self.backend.unet(self.inputs)
             for i in priming:
                 self.slots[i].finish(self._rows_of(out, i), NO_UPDATE)
         slots = runs(active)
-        for r in slots:
-            phase(("begin", r), lambda r=r: self._begin(latents, r))
+        for r in slots:  # with ControlNets, the slots' control image kinds pick the computation: part of the key
+            kinds = tuple(self.slots[i].cfg.control_kinds for i in r) if self.cfg.spec.controlnets else ()
+            phase(("begin", r, *kinds), lambda r=r: self._begin(latents, r))
+        if self.cfg.spec.controlnets:  # every slot's ControlNet inputs are in place: one call per ControlNet
+            phase(("control",), self._control)
         out = phase(("unet",), lambda: self.backend.unet(self.inputs))
         for r in slots:
             phase(("finish", r), lambda r=r: self._finish(out, r))
@@ -274,11 +281,25 @@ class MultiStream:
         for op in sorted(updates):
             for r in runs(i for i, plan in active.items() if plan.bank == op):
                 phase(("bank", op, r), lambda op=op, r=r: self._update(out, op, r))
-        return phase(("decode",), lambda: self.backend.decode(self.decode_in))
+        return phase(("decode",), self._decode)
+
+    def _control(self) -> None:
+        n = len(self.cfg.spec.controlnets)
+        conds = [self.inputs[f"controlnet_cond.{j}"] for j in range(n)]
+        scales = [self.inputs[f"conditioning_scale.{j}"] for j in range(n)]
+        residuals = {name: self.inputs[name] for name in self.backend.layout.residual_names()}
+        run_controlnets(self.backend, self.inputs, conds, scales, residuals)
+
+    def _decode(self) -> torch.Tensor:
+        decoded = self.backend.decode(self.decode_in)  # [K, 3, H, W]
+        for i, slot in enumerate(self.slots):  # each slot's "previous" control image (an idle slot's row decodes
+            if slot.previous is not None:  # its last latent again: its last output)
+                slot.previous.copy_(decoded[i : i + 1])
+        return decoded
 
     def _begin(self, latents: torch.Tensor, slots: range) -> None:
-        for i in slots:  # each stream's encoded frame enters its slot 0
-            self.slots[i].begin(latents[i : i + 1])
+        for i in slots:  # each stream's encoded frame enters its slot 0 (with its control images, if any)
+            self.slots[i].begin(latents[i : i + 1], self.images[i : i + 1])
 
     def _finish(self, out: dict[str, torch.Tensor], slots: range) -> None:
         for i in slots:  # the latent leaving each stream -> its row of the decode batch

@@ -157,6 +157,11 @@ def open_networks(source: Source, cfg: StreamConfig | None, runtime: dict | None
 
         cfg = _eager_config(source, cfg, device, runtime or {})
         return Networks(*open_eager(cfg, device, compile=source.compile, channels_last=source.channels_last))
+    if cfg is not None and cfg.spec.controlnets:
+        raise ValueError(
+            f"ControlNets {list(cfg.spec.controlnets)} run on the eager backend only for now: build folders do not "
+            "export ControlNet networks yet. Run Source(model=...) (eager), or drop the ControlNets from the config"
+        )
     from .build_folder import open_build_folder
 
     opened = open_build_folder(
