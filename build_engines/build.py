@@ -171,11 +171,6 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
     from streamv2v_trt.models.loader import find_weights, load_models  # diffusers: seconds to import
     from streamv2v_trt.models.lora import fuse_loras
 
-    if cfg.spec.controlnets:
-        raise ValueError(
-            f"ControlNets {list(cfg.spec.controlnets)} are not exported by the build yet (the eager backend runs "
-            "them): build without ControlNets"
-        )
     t_start = time.perf_counter()
     step = progress or (lambda _desc: None)
     builder, why = choose_builder(cfg)

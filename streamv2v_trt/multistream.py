@@ -8,7 +8,9 @@ rows of the shared batch buffers (its own bank, prompt, noise, frame counter and
       -> decode [K]
 
 A slot without a frame this tick does not begin or finish, so its state does not move (an idle slot costs its
-share of the batch, nothing else). Batch rows are independent, so a slot's frames equal that stream run alone.
+share of the batch, nothing else). With ControlNets, each ControlNet runs once on the whole batch between the begins
+and the UNet (phase ("control",)); a slot's control images and scales are its rows (`slots[i].update_control`), kept
+across `resize` and `set_loras`. Batch rows are independent, so a slot's frames equal that stream run alone.
 Priming (a stream's first frame after a reset, with `prime`) runs extra UNet calls for the slots that need it.
 Frames come in and go out through each slot's own `FrameEdge` (edge.py): validation, staging, the similar-frame
 filter, the last output and the download are the slot's, exactly as for the stream alone.
@@ -18,6 +20,8 @@ occurrence, replayed after, one memory pool). Keys:
 
     ("encode",), ("unet",), ("decode",)      once each
     ("begin", run), ("finish", run)          run: a maximal range of consecutive active slots, e.g. range(0, 4)
+                                             (with ControlNets, begin's key also holds the run's control kinds)
+    ("control",)                             with ControlNets: every ControlNet on the whole batch, once
     ("bank", op, run)                        run: consecutive active slots whose bank update this tick is `op`
 
 A steady tick (active slots consecutive, no bank update) launches 5 graphs whatever K is (per-slot graphs took
@@ -178,7 +182,7 @@ class MultiStream:
         """
         self.cfg = swap_loras(self.backend, self.cfg, lora_specs(loras))
         for slot in self.slots:
-            slot.cfg = self.cfg
+            slot.cfg = self._slot_cfg(slot, self.cfg)
             slot.update_prompt(slot.prompt, negative_prompt=slot.negative_prompt)
             if reset:
                 slot.reset()
@@ -207,7 +211,13 @@ class MultiStream:
             views = [None] * self.streams  # each slot has its rows of these buffers parked too
         self._pending = {}
         for slot, v in zip(self.slots, views):
-            slot.switch_size(backend, cfg, v)
+            slot.switch_size(backend, self._slot_cfg(slot, cfg), v)
+
+    @staticmethod
+    def _slot_cfg(slot: StreamV2V, cfg: StreamConfig) -> StreamConfig:
+        """`cfg` with what is the slot's own: its ControlNet scales and control image kinds (`update_control`)."""
+        own = {"controlnet_scales": slot.cfg.controlnet_scales, "control_kinds": slot.cfg.control_kinds}
+        return dataclasses.replace(cfg, **own)
 
     # -- one tick ---------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -17,6 +17,7 @@ from conftest import tiny_spec
 from streamv2v_trt import StreamConfig, StreamV2V
 from streamv2v_trt.control_net import INPUT_NAMES, run_controlnets
 from streamv2v_trt.layout import bank_layout, controlnet_network, residual_names
+from streamv2v_trt.manifest import EngineMismatch
 from streamv2v_trt.models.controlnets import check_fits, find_controlnet, load_controlnets
 from streamv2v_trt.models.loader import find_weights, load_unet
 from streamv2v_trt.multistream import MultiStream
@@ -181,6 +182,11 @@ def test_previous_output_kind_and_multistream_slots_have_their_own_scales():
         got_prev = (multi.slots[1].previous * 0.5 + 0.5).clamp(0, 1)  # what the next tick's control image is
         assert (got_prev - expected_prev).abs().max() <= 0.5 / 255 + 1e-6  # the output frame's uint8 rounding
     assert multi.slots[1].control_cond[0].abs().sum() > 0
+    multi.resize(64, 96)  # one batch is one size; each slot keeps its own scales and kinds
+    assert [s.cfg.controlnet_scales for s in multi.slots] == [(0.0,), (1.0,)]
+    assert multi.slots[1].cfg.control_kinds == ("previous",) and multi.slots[0].control_scale[0].eq(0).all()
+    out = multi({0: np.zeros((64, 96, 3), np.uint8), 1: np.zeros((64, 96, 3), np.uint8)})
+    assert out[1].shape == (64, 96, 3)
 
 
 def test_spec_flag_json_and_config_checks():
@@ -209,5 +215,40 @@ def test_errors_name_what_is_wrong():
             check_fits("sd15-canny", config, dict(tiny_unet), "tiny")
     assert set(CONTROLNET_PRESETS) == {"tiny", "sd15-canny", "sd-turbo-canny"}
     assert find_controlnet("tiny", 0, 0).hash() != find_controlnet("tiny", 0, 1).hash()  # two random ones differ
-    with pytest.raises(ValueError, match="eager backend only"):
+    with pytest.raises(EngineMismatch, match="eager backend only"):
         open_networks(Source(engines="engines/none"), StreamConfig(tiny_spec(controlnets=("tiny",))))
+
+
+def test_a_build_with_controlnets_is_refused_in_one_line(capsys):
+    from build_engines.__main__ import main
+
+    assert main(["--model", "tiny", "--controlnet", "tiny,tiny", "--onnx-only", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ControlNets ['tiny', 'tiny'] are not exported by the build yet")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_with_controlnets_equals_eager():
+    """Whole frames (control images, both ControlNets, the UNet with their residuals) replayed from CUDA graphs equal
+    the same stream run call by call; a scale change needs no recapture, a control image kind is another graph."""
+    from streamv2v_trt.cuda_graph import CudaGraphStream
+
+    cfg = StreamConfig(tiny_spec(controlnets=("tiny", "tiny"), steps=2), t_index_list=(30, 40))
+    plain = StreamV2V.from_pretrained(cfg, device="cuda", prompt="a cat")
+    graphed = CudaGraphStream(StreamV2V.from_pretrained(cfg, device="cuda", prompt="a cat"))
+    for i, frame in enumerate(clip(24)):
+        if i == 10:
+            for s in (plain, graphed):
+                s.update_control(scales=(0.5, 1.2))
+        if i == 16:
+            for s in (plain, graphed):
+                s.update_control(kinds=("previous", "frame"))
+        if i == 20:
+            for s in (plain, graphed):
+                s.reset()
+        a, b = plain(frame), graphed(frame)
+        # Replayed vs eager kernels on one GPU: the same work, so at most the last bit of a pixel's rounding.
+        assert np.abs(a.astype(np.int16) - b).max() <= 1, f"frame {i}"
+    assert {kinds for _, kinds in graphed.graphs} == {("frame", "frame"), ("previous", "frame")}
