@@ -311,18 +311,23 @@ class StreamV2V:
         ControlNet of the spec, from the next frame on; no reset. Scales are written into the buffers the ControlNets
         read (no recapture); a kind is another computation, which a `CudaGraphStream` captures as another graph."""
         changes = {k: tuple(v) for k, v in (("controlnet_scales", scales), ("control_kinds", kinds)) if v is not None}
-        self.cfg = dataclasses.replace(self.cfg, **changes)  # ValueError: not one per ControlNet; nothing changed
+        cfg = dataclasses.replace(self.cfg, **changes)  # ValueError: not one per ControlNet
+        controls = self._control_makers(cfg)  # ValueError: an unknown kind; nothing has changed yet
+        self.cfg, self._controls = cfg, controls
         self._sync_control()
+
+    def _control_makers(self, cfg: StreamConfig) -> list[FrameControl]:
+        """The control image makers of `cfg`'s kinds at the current size (those already made are kept)."""
+        return [
+            c if c.kind == kind else FrameControl(kind, cfg.height, cfg.width, self.device, self.dtype)
+            for c, kind in zip(self._controls, cfg.control_kinds)
+        ]
 
     def _sync_control(self) -> None:
         """The control buffers and makers of the current size follow `cfg`: scales written, changed kinds made."""
-        cfg, H, W = self.cfg, self.cfg.height, self.cfg.width
-        for buffer, scale in zip(self.control_scale, cfg.controlnet_scales):
+        for buffer, scale in zip(self.control_scale, self.cfg.controlnet_scales):
             buffer.fill_(scale)  # every row of this stream, its uncond elements' too
-        self._controls = [
-            c if c.kind == kind else FrameControl(kind, H, W, self.device, self.dtype)
-            for c, kind in zip(self._controls, cfg.control_kinds)
-        ]
+        self._controls = self._control_makers(self.cfg)
 
     def reset(self) -> None:
         """Forget the stream: empty bank, empty stream batch, fresh noise state. The prompt stays."""

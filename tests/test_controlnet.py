@@ -129,6 +129,12 @@ def test_scale_zero_equals_the_stream_without_controlnet_frame_by_frame(steps):
     with_cn.update_control(scales=(0.0, 0.8))  # live: the next frame differs
     assert not np.array_equal(with_cn(frames[0]), without(frames[0]))
     assert with_cn.cfg.controlnet_scales == (0.0, 0.8)
+    for bad, words in (({"scales": (1.0,)}, "one scale and one control kind each"), ({"kinds": ("x", "frame")}, "x")):
+        with pytest.raises(ValueError, match=words):
+            with_cn.update_control(**bad)
+        assert with_cn.cfg.controlnet_scales == (0.0, 0.8) and with_cn.cfg.control_kinds == ("frame", "frame")
+        for buffer, scale in zip(with_cn.control_scale, (0.0, 0.8)):  # nothing changed
+            assert torch.equal(buffer, torch.full_like(buffer, scale))
 
 
 def test_controlnet_attention_ignores_the_bank():
