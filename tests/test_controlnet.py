@@ -7,6 +7,7 @@ every comparison here would fail if the residuals were dropped, mis-ordered or m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -258,3 +259,28 @@ def test_cuda_graph_replay_with_controlnets_equals_eager():
         # Replayed vs eager kernels on one GPU: the same work, so at most the last bit of a pixel's rounding.
         assert np.abs(a.astype(np.int16) - b).max() <= 1, f"frame {i}"
     assert {kinds for _, kinds in graphed.graphs} == {("frame", "frame"), ("previous", "frame")}
+
+
+def test_controlnets_load_from_a_local_folder_and_a_hub_id_without_network_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    spec = tiny_spec(controlnets=("tiny",))
+    unet_config = load_unet(spec, find_weights(spec)).config
+    (random,) = load_controlnets(spec, unet_config, "cpu")
+    folder = tmp_path / "my-controlnet"
+    random.save_pretrained(folder, safe_serialization=True)
+    (loaded,) = load_controlnets(dataclasses.replace(spec, controlnets=(str(folder),)), unet_config, "cpu")
+    for (name, a), b in zip(random.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    weights = find_controlnet(str(folder), 0, 0)
+    assert not weights.random and weights.hash() == find_controlnet(str(folder), 5, 1).hash()  # by the files alone
+    (folder / "config.json").unlink()
+    with pytest.raises(ModelUnavailable, match="not a diffusers ControlNet folder: no config.json"):
+        find_controlnet(str(folder), 0, 0)
+    # Offline mode stands in for no network: the hub is never asked, so the test cannot hang on a connection.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelUnavailable) as e:
+        find_controlnet("someone/not-cached-controlnet", 0, 0)
+    message = str(e.value)
+    assert "\n" not in message and "ControlNet 'someone/not-cached-controlnet': the Hugging Face hub cannot" in message
+    assert "--controlnet PATH, with config.json" in message and "hf download someone/not-cached-controlnet" in message
