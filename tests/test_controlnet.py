@@ -19,7 +19,7 @@ from streamv2v_trt import StreamConfig, StreamV2V
 from streamv2v_trt.control_net import INPUT_NAMES, run_controlnets
 from streamv2v_trt.layout import bank_layout, controlnet_network, residual_names
 from streamv2v_trt.manifest import EngineMismatch
-from streamv2v_trt.models.controlnets import check_fits, find_controlnet, load_controlnets
+from streamv2v_trt.models.controlnets import check_fits, controlnet_hashes, find_controlnet, load_controlnets
 from streamv2v_trt.models.loader import find_weights, load_unet
 from streamv2v_trt.multistream import MultiStream
 from streamv2v_trt.presets import CONTROLNET_PRESETS, ModelUnavailable
@@ -221,7 +221,9 @@ def test_errors_name_what_is_wrong():
         with pytest.raises(ValueError, match=r"does not fit the UNet of model 'tiny'.*preset tiny"):
             check_fits("sd15-canny", config, dict(tiny_unet), "tiny")
     assert set(CONTROLNET_PRESETS) == {"tiny", "sd15-canny", "sd-turbo-canny"}
-    assert find_controlnet("tiny", 0, 0).hash() != find_controlnet("tiny", 0, 1).hash()  # two random ones differ
+    hashes = controlnet_hashes(tiny_spec(controlnets=("tiny", "tiny")))  # what a manifest will record
+    assert len(set(hashes)) == 2 and hashes == controlnet_hashes(tiny_spec(controlnets=("tiny", "tiny")))
+    assert hashes[0] != controlnet_hashes(tiny_spec(controlnets=("tiny",), weights_seed=1))[0]
     with pytest.raises(EngineMismatch, match="eager backend only"):
         open_networks(Source(engines="engines/none"), StreamConfig(tiny_spec(controlnets=("tiny",))))
 
@@ -284,3 +286,23 @@ def test_controlnets_load_from_a_local_folder_and_a_hub_id_without_network_is_on
     message = str(e.value)
     assert "\n" not in message and "ControlNet 'someone/not-cached-controlnet': the Hugging Face hub cannot" in message
     assert "--controlnet PATH, with config.json" in message and "hf download someone/not-cached-controlnet" in message
+
+
+@pytest.mark.parametrize("preset", list(CONTROLNET_PRESETS.values()), ids=list(CONTROLNET_PRESETS))
+def test_preset_configs_are_controlnets_of_their_unet(preset):
+    """Each shipped controlnet.json is `ControlNetModel.from_unet` of its model's UNet config (the SD1.5 one is
+    lllyasviel/control_v11p_sd15_canny's architecture, the sd-turbo one SD2.1's), and fits it. Meta device: no
+    weights are made."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from streamv2v_trt.presets import PRESETS
+
+    unet_config = json.loads((PRESETS[preset.model].config_dir / "unet.json").read_text())
+    shipped = json.loads(preset.config.read_text())
+    with torch.device("meta"):
+        derived = ControlNetModel.from_unet(UNet2DConditionModel.from_config(unet_config), load_weights_from_unet=False)
+    for key, value in shipped.items():
+        if not key.startswith("_"):
+            got = derived.config[key]
+            assert (list(got) if isinstance(got, tuple) else got) == value, key
+    check_fits(preset.name, shipped, unet_config, preset.model)
