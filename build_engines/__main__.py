@@ -29,7 +29,8 @@ BUILD_MODEL = "sd-turbo"  # the model the project is built for (the runtime comm
 # The spec's flags (help and defaults from EngineSpec's fields); size and steps default to the model preset's, the
 # precision to what the builder runs (fp32 for AOTInductor on the CPU, else fp16).
 SPEC_FLAGS = ("model", "height", "width", "sizes", "cfg_type", "bank", "bank_frames", "ff_threshold", "ff_strength",
-              "ff_layer_prefixes", "vae", "precision", "loras", "weights_seed", "max_streams")  # fmt: skip
+              "ff_layer_prefixes", "vae", "precision", "loras", "controlnets", "weights_seed",
+              "max_streams")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

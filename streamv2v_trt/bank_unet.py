@@ -30,9 +30,11 @@ def install_bank_processors(unet: nn.Module, spec: EngineSpec) -> BankLayout:
 
 
 class BankUNet(nn.Module):
-    """forward(sample, timestep, encoder_hidden_states, bank_valid, *banks) -> (noise_pred, *current).
+    """forward(sample, timestep, encoder_hidden_states, bank_valid, *banks, *residuals) -> (noise_pred, *current).
 
-    `banks` and `current` are flat, in `layout.bank_names()` / `layout.current_names()` order.
+    `banks` and `current` are flat, in `layout.bank_names()` / `layout.current_names()` order. `residuals`: with
+    ControlNets (`layout.residuals`), their summed down-block residuals then the mid-block one
+    (`layout.residual_names()`), added as diffusers adds a ControlNet's; none without.
     """
 
     def __init__(self, unet: nn.Module, spec: EngineSpec) -> None:
@@ -47,18 +49,26 @@ class BankUNet(nn.Module):
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         bank_valid: torch.Tensor,
-        *banks: torch.Tensor,
+        *tensors: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         grouped, i = [], 0
         for n in self._n_parts:
-            grouped.append(banks[i : i + n])
+            grouped.append(tensors[i : i + n])
             i += n
-        if i != len(banks):
-            raise ValueError(f"expected {i} bank tensors for {len(self._n_parts)} layers, got {len(banks)}")
+        residuals = tensors[i:]
+        if len(residuals) != len(self.layout.residuals):
+            raise ValueError(
+                f"expected {i} bank tensors for {len(self._n_parts)} layers and {len(self.layout.residuals)} "
+                f"ControlNet residuals, got {len(tensors)} tensors"
+            )
         io = BankIO(self.layout.kind, bank_valid, grouped)
+        control = {}
+        if residuals:  # summed ControlNet residuals, added where diffusers adds a ControlNet's
+            control = dict(down_block_additional_residuals=residuals[:-1], mid_block_additional_residual=residuals[-1])
         noise_pred = self.unet(
-            sample, timestep, encoder_hidden_states, cross_attention_kwargs={"bank_io": io}, return_dict=False
-        )[0]
+            sample, timestep, encoder_hidden_states, cross_attention_kwargs={"bank_io": io}, return_dict=False,
+            **control,
+        )[0]  # fmt: skip
         return (noise_pred, *io.outputs(len(self._n_parts)))
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@
 A `StreamConfig` holds the spec and never restates it: `cfg.height`, `cfg.steps`, `cfg.stream_batch` read the spec.
 Fields a command line sets carry their flag and help (`flags.flag`), so the CLIs read their defaults from here.
 What is not in the spec is chosen per stream without a rebuild: the timesteps (only their count is compiled),
-the noise seed, the guidance scale, how often the bank is updated and DyMe's random split.
+the noise seed, the guidance scale, how often the bank is updated, DyMe's random split, and each ControlNet's
+scale and control image kind.
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ class StreamConfig:
     resize: bool = False  # resize frames of another size instead of refusing them
     bank: BankConfig = field(default_factory=BankConfig)
     similar_filter: SimilarFilterConfig = field(default_factory=SimilarFilterConfig)
+    # One scale per ControlNet of the spec (() = 1 each): live, `StreamV2V.update_control(scales=...)`; 0 is exact.
+    controlnet_scales: tuple[float, ...] = ()
+    # One control image kind per ControlNet (() = "frame" each): what each ControlNet is shown (control_net.py).
+    control_kinds: tuple[str, ...] = ()
     # Fill the stream batch from the first frame after a reset (steps - 1 extra UNet calls on that frame),
     # so the first output is a full translation instead of a decode of zero latents. docs/FEATURES.md.
     prime: bool = field(
@@ -100,6 +105,16 @@ class StreamConfig:
             )
         if any(not 0 <= t < self.num_inference_steps for t in t_index):
             raise ValueError(f"t_index_list must hold indices in [0, {self.num_inference_steps}), got {t_index}")
+        n = len(self.spec.controlnets)
+        scales = tuple(float(x) for x in self.controlnet_scales) or (1.0,) * n
+        kinds = tuple(str(getattr(k, "value", k)) for k in self.control_kinds) or ("frame",) * n
+        if len(scales) != n or len(kinds) != n:
+            raise ValueError(
+                f"the spec has {n} ControlNet(s) {list(self.spec.controlnets)}: give one scale and one control kind "
+                f"each, got scales {scales} and kinds {kinds}"
+            )
+        object.__setattr__(self, "controlnet_scales", scales)
+        object.__setattr__(self, "control_kinds", kinds)
 
     @classmethod
     def from_spec(cls, spec: EngineSpec, **runtime) -> StreamConfig:
@@ -114,7 +129,9 @@ class StreamConfig:
         """This config with spec fields changed (the timesteps are re-defaulted when the step count changes)."""
         spec = dataclasses.replace(self.spec, **changes)
         t_index = self.t_index_list if spec.steps == self.spec.steps else ()
-        return dataclasses.replace(self, spec=spec, t_index_list=t_index)
+        same = spec.controlnets == self.spec.controlnets  # else the ControlNets' runtime settings are re-defaulted
+        control = {} if same else {"controlnet_scales": (), "control_kinds": ()}
+        return dataclasses.replace(self, spec=spec, t_index_list=t_index, **control)
 
     # The spec's facts, read where they are kept (never copied).
     @property

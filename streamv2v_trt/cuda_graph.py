@@ -10,8 +10,9 @@ two graphs: steady and merge (plus the first frame after a reset).
 
 Everything a graph reads lives in fixed buffers written in place: the input frame (`edge.frame_in`), the
 stream's latents, noise and prompt embeddings, the bank, the DyMe permutation index, the eager weights
-(`set_loras` writes them in place, models/lora_weights.py). So `update_prompt`, `update_seed`, `reset` and
-`set_loras` take effect on the next replay without recapture. `resize` switches to the graphs of the new size
+(`set_loras` writes them in place, models/lora_weights.py), the ControlNet scales. So `update_prompt`,
+`update_seed`, `reset`, `set_loras` and a ControlNet scale take effect on the next replay without recapture (a
+control image kind is another graph). `resize` switches to the graphs of the new size
 (each size has its own buffers and graphs; a size seen before replays its graphs). Backends whose calls cannot be
 captured (onnxruntime synchronises inside `run`) are refused.
 """
@@ -81,6 +82,10 @@ class CudaGraphStream:
     def update_seed(self, seed: SeedBlend) -> None:
         self.stream.update_seed(seed)
 
+    def update_control(self, scales: tuple[float, ...] | None = None, kinds: tuple[str, ...] | None = None) -> None:
+        # Scales: written into the buffers the graphs read. Kinds: the next frame runs (or captures) their graph.
+        self.stream.update_control(scales, kinds)
+
     def set_loras(self, loras: LoraSet, *, reset: bool = False) -> None:
         # In place into the weights the graphs read (queued on the caller's stream, which the next frame waits
         # for, after the last frame's work): the next replay runs the new set, no recapture.
@@ -112,7 +117,9 @@ class CudaGraphStream:
         with torch.cuda.stream(self.cuda_stream):
             edge.upload(frame)  # a bad frame raises FrameError here, before anything changed
             plan = s.plan()
-            out = self.graphs.run(plan, lambda: self._frame(plan))
+            # A control image kind is another computation: with ControlNets the kinds are part of the key.
+            key = (plan, s.cfg.control_kinds) if s.cfg.control_kinds else plan
+            out = self.graphs.run(key, lambda: self._frame(plan))
             s.advance(plan)
             result = edge.emit(out, frame)
         torch.cuda.current_stream(s.device).wait_stream(self.cuda_stream)

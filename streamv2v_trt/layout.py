@@ -1,8 +1,9 @@
 """Which self-attention layers carry a bank, their token counts and channels, and every network's tensors.
 
 `BankLayout` is the engine I/O contract (docs/DESIGN.md, "Engine I/O"): names, shapes and dtypes of the UNet's
-inputs and outputs, and of the VAE encoder's and decoder's. The export, the manifest check and every runner
-compare against `network_specs`.
+inputs and outputs, of the VAE encoder's and decoder's, and of each ControlNet's when the spec has ControlNets (then
+the UNet also takes their summed residuals as inputs). The export, the manifest check and every runner compare
+against `network_specs`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,19 @@ import torch
 
 from .spec import BankKind, EngineSpec
 
-NETWORKS = ("unet", "vae_encoder", "vae_decoder")
+NETWORKS = ("unet", "vae_encoder", "vae_decoder")  # every build; plus `controlnet_network(j)` per ControlNet
+
+
+def controlnet_network(index: int) -> str:
+    """The network name of the spec's `index`-th ControlNet: one network per ControlNet (docs/DESIGN.md)."""
+    return f"controlnet_{index}"
+
+
+def residual_names(count: int) -> list[str]:
+    """The ControlNet residuals the UNet adds, in diffusers' order: `count - 1` down-block residuals, then the
+    mid-block one. The UNet's inputs and every ControlNet's outputs carry these names."""
+    return [*(f"down_residual.{i}" for i in range(count - 1)), "mid_residual"]
+
 
 # The one table of tensor dtypes: layout and manifest name them ("float16"), runners report torch dtypes.
 DTYPES = {
@@ -62,6 +75,8 @@ class BankLayout:
     layers: tuple[BankLayer, ...]
     kind: BankKind
     slots: int  # frames of tokens held: 1 for DyMe, k for FIFO
+    # (C, h, w) of each ControlNet residual the UNet takes (`residual_names`), () without ControlNets.
+    residuals: tuple[tuple[int, int, int], ...] = ()
 
     def bank_shape(self, layer: BankLayer, batch: int) -> tuple[int, int, int]:
         return (batch, self.slots * layer.tokens, layer.channels)  # [B, S*N, C]
@@ -76,8 +91,11 @@ class BankLayout:
     def current_names(self) -> list[str]:
         return [f"cur_{p}.{layer.index}" for layer in self.layers for p in self.parts(layer)]
 
+    def residual_names(self) -> list[str]:
+        return residual_names(len(self.residuals)) if self.residuals else []
+
     def input_names(self) -> list[str]:
-        return ["sample", "timestep", "encoder_hidden_states", "bank_valid", *self.bank_names()]
+        return ["sample", "timestep", "encoder_hidden_states", "bank_valid", *self.bank_names(), *self.residual_names()]
 
     def output_names(self) -> list[str]:
         return ["noise_pred", *self.current_names()]
@@ -94,6 +112,7 @@ class BankLayout:
         for layer in self.layers:
             for p in self.parts(layer):
                 specs.append(TensorSpec(f"bank_{p}.{layer.index}", self.bank_shape(layer, B), f, "bank", layer.name))
+        specs += [TensorSpec(n, (B, *shape), f, "input") for n, shape in zip(self.residual_names(), self.residuals)]
         specs.append(TensorSpec("noise_pred", (B, 4, h, w), f, "output"))
         for layer in self.layers:
             for p in self.parts(layer):
@@ -101,16 +120,32 @@ class BankLayout:
                 specs.append(TensorSpec(f"cur_{p}.{layer.index}", cur, f, "current", layer.name))
         return specs
 
+    def controlnet_specs(self, spec: EngineSpec, text: tuple[int, int]) -> list[TensorSpec]:
+        """One ControlNet's tensors (every ControlNet of a spec has these): the UNet's sample, timestep and prompt
+        embeddings, the control image [B, 3, H, W] in [0, 1] and the scale [B] (one per UNet batch element, so
+        each stream has its own; runtime state, 0 adds exactly nothing) -> the residuals, already scaled."""
+        B, (h, w), f = spec.unet_batch, spec.latent_hw, _float(spec)
+        return [
+            TensorSpec("sample", (B, 4, h, w), f, "input"),
+            TensorSpec("timestep", (B,), "int64", "input"),
+            TensorSpec("encoder_hidden_states", (B, *text), f, "input"),
+            TensorSpec("controlnet_cond", (B, 3, spec.height, spec.width), f, "input"),
+            TensorSpec("conditioning_scale", (B,), f, "input"),
+            *(TensorSpec(n, (B, *shape), f, "output") for n, shape in zip(self.residual_names(), self.residuals)),
+        ]
+
     def network_specs(self, spec: EngineSpec, text: tuple[int, int]) -> dict[str, list[TensorSpec]]:
-        """The I/O of the three networks. The VAEs encode and decode one frame per stream: images [K, 3, H, W] in
-        [-1, 1] <-> latents [K, 4, H/8, W/8], scaled for the UNet (K = max_streams)."""
+        """The I/O of the networks: UNet, VAEs, and one per ControlNet. The VAEs encode and decode one frame per
+        stream: images [K, 3, H, W] in [-1, 1] <-> latents [K, 4, H/8, W/8], scaled for the UNet (K = max_streams)."""
         f, (h, w), K = _float(spec), spec.latent_hw, spec.max_streams
         images = TensorSpec("images", (K, 3, spec.height, spec.width), f, "input")
         latents = TensorSpec("latents", (K, 4, h, w), f, "input")
+        controlnets = {controlnet_network(j): self.controlnet_specs(spec, text) for j in range(len(spec.controlnets))}
         return {
             "unet": self.unet_specs(spec, text),
             "vae_encoder": [images, _as_output(latents)],
             "vae_decoder": [latents, _as_output(images)],
+            **controlnets,
         }
 
 
@@ -152,4 +187,17 @@ def bank_layout(unet, spec: EngineSpec) -> BankLayout:
         layers.append(BankLayer(len(layers), name, hs[level] * ws[level], module.to_k.out_features, spec.fuses(name)))
     if not layers:
         raise ValueError("the UNet has no self-attention (attn1) layers: StreamV2V needs transformer blocks")
-    return BankLayout(tuple(layers), spec.bank, spec.bank_slots)
+    residuals = tuple(_residual_shapes(unet, hs, ws)) if spec.controlnets else ()
+    return BankLayout(tuple(layers), spec.bank, spec.bank_slots, residuals)
+
+
+def _residual_shapes(unet, hs: list[int], ws: list[int]) -> list[tuple[int, int, int]]:
+    """(C, h, w) of every residual a ControlNet adds, in the order of the UNet's skip connections: conv_in's output,
+    each down block's resnet outputs and its downsampler's, then the mid block's output (what diffusers'
+    `down_block_additional_residuals` / `mid_block_additional_residual` must match)."""
+    shapes = [(unet.conv_in.out_channels, hs[0], ws[0])]
+    for level, block in enumerate(unet.down_blocks):
+        shapes += [(resnet.out_channels, hs[level], ws[level]) for resnet in block.resnets]
+        for down in block.downsamplers or ():
+            shapes.append((down.out_channels, hs[level + 1], ws[level + 1]))
+    return [*shapes, (unet.mid_block.resnets[-1].out_channels, hs[-1], ws[-1])]

@@ -8,7 +8,9 @@ rows of the shared batch buffers (its own bank, prompt, noise, frame counter and
       -> decode [K]
 
 A slot without a frame this tick does not begin or finish, so its state does not move (an idle slot costs its
-share of the batch, nothing else). Batch rows are independent, so a slot's frames equal that stream run alone.
+share of the batch, nothing else). With ControlNets, each ControlNet runs once on the whole batch between the begins
+and the UNet (phase ("control",)); a slot's control images and scales are its rows (`slots[i].update_control`), kept
+across `resize` and `set_loras`. Batch rows are independent, so a slot's frames equal that stream run alone.
 Priming (a stream's first frame after a reset, with `prime`) runs extra UNet calls for the slots that need it.
 Frames come in and go out through each slot's own `FrameEdge` (edge.py): validation, staging, the similar-frame
 filter, the last output and the download are the slot's, exactly as for the stream alone.
@@ -18,6 +20,8 @@ occurrence, replayed after, one memory pool). Keys:
 
     ("encode",), ("unet",), ("decode",)      once each
     ("begin", run), ("finish", run)          run: a maximal range of consecutive active slots, e.g. range(0, 4)
+                                             (with ControlNets, begin's key also holds the run's control kinds)
+    ("control",)                             with ControlNets: every ControlNet on the whole batch, once
     ("bank", op, run)                        run: consecutive active slots whose bank update this tick is `op`
 
 A steady tick (active slots consecutive, no bank update) launches 5 graphs whatever K is (per-slot graphs took
@@ -48,6 +52,7 @@ import torch
 
 from .bank import NO_UPDATE, BankOp
 from .config import StreamConfig
+from .control_net import control_buffers, run_controlnets
 from .edge import FrameEdge
 from .flavours import CAPTURABLE_BACKENDS
 from .graph_cache import GraphCache, cuda_capture
@@ -109,6 +114,8 @@ class MultiStream:
                 for layer in layout.layers
                 for name in (f"bank_{p}.{layer.index}" for p in layout.parts(layer))
             },
+            # With ControlNets: each slot's control images and scales (its rows), the UNet's residual inputs.
+            **control_buffers(layout, cfg.spec, K * Bu, device, dtype),
         }
         self.images = torch.zeros(K, 3, cfg.height, cfg.width, device=device, dtype=dtype)  # encode input
         self.decode_in = torch.zeros(K, 4, h, w, device=device, dtype=dtype)  # the latents leaving each stream
@@ -175,7 +182,7 @@ class MultiStream:
         """
         self.cfg = swap_loras(self.backend, self.cfg, lora_specs(loras))
         for slot in self.slots:
-            slot.cfg = self.cfg
+            slot.cfg = self._slot_cfg(slot, self.cfg)
             slot.update_prompt(slot.prompt, negative_prompt=slot.negative_prompt)
             if reset:
                 slot.reset()
@@ -204,7 +211,13 @@ class MultiStream:
             views = [None] * self.streams  # each slot has its rows of these buffers parked too
         self._pending = {}
         for slot, v in zip(self.slots, views):
-            slot.switch_size(backend, cfg, v)
+            slot.switch_size(backend, self._slot_cfg(slot, cfg), v)
+
+    @staticmethod
+    def _slot_cfg(slot: StreamV2V, cfg: StreamConfig) -> StreamConfig:
+        """`cfg` with what is the slot's own: its ControlNet scales and control image kinds (`update_control`)."""
+        own = {"controlnet_scales": slot.cfg.controlnet_scales, "control_kinds": slot.cfg.control_kinds}
+        return dataclasses.replace(cfg, **own)
 
     # -- one tick ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -260,13 +273,17 @@ class MultiStream:
         priming = [i for i, plan in active.items() if plan.prime]
         for _ in range(self.cfg.steps - 1 if priming else 0):  # rare (a reset with `prime`): not graphed
             for i in priming:
-                self.slots[i].begin(latents[i : i + 1])
+                self.slots[i].begin(latents[i : i + 1], self.images[i : i + 1])
+            self._control()
             out = self.backend.unet(self.inputs)
             for i in priming:
                 self.slots[i].finish(self._rows_of(out, i), NO_UPDATE)
         slots = runs(active)
-        for r in slots:
-            phase(("begin", r), lambda r=r: self._begin(latents, r))
+        for r in slots:  # with ControlNets, the slots' control image kinds pick the computation: part of the key
+            kinds = tuple(self.slots[i].cfg.control_kinds for i in r) if self.cfg.spec.controlnets else ()
+            phase(("begin", r, *kinds), lambda r=r: self._begin(latents, r))
+        if self.cfg.spec.controlnets:  # every slot's ControlNet inputs are in place: one call per ControlNet
+            phase(("control",), self._control)
         out = phase(("unet",), lambda: self.backend.unet(self.inputs))
         for r in slots:
             phase(("finish", r), lambda r=r: self._finish(out, r))
@@ -274,11 +291,25 @@ class MultiStream:
         for op in sorted(updates):
             for r in runs(i for i, plan in active.items() if plan.bank == op):
                 phase(("bank", op, r), lambda op=op, r=r: self._update(out, op, r))
-        return phase(("decode",), lambda: self.backend.decode(self.decode_in))
+        return phase(("decode",), self._decode)
+
+    def _control(self) -> None:
+        n = len(self.cfg.spec.controlnets)
+        conds = [self.inputs[f"controlnet_cond.{j}"] for j in range(n)]
+        scales = [self.inputs[f"conditioning_scale.{j}"] for j in range(n)]
+        residuals = {name: self.inputs[name] for name in self.backend.layout.residual_names()}
+        run_controlnets(self.backend, self.inputs, conds, scales, residuals)
+
+    def _decode(self) -> torch.Tensor:
+        decoded = self.backend.decode(self.decode_in)  # [K, 3, H, W]
+        for i, slot in enumerate(self.slots):  # each slot's "previous" control image (an idle slot's row decodes
+            if slot.previous is not None:  # its last latent again: its last output)
+                slot.previous.copy_(decoded[i : i + 1])
+        return decoded
 
     def _begin(self, latents: torch.Tensor, slots: range) -> None:
-        for i in slots:  # each stream's encoded frame enters its slot 0
-            self.slots[i].begin(latents[i : i + 1])
+        for i in slots:  # each stream's encoded frame enters its slot 0 (with its control images, if any)
+            self.slots[i].begin(latents[i : i + 1], self.images[i : i + 1])
 
     def _finish(self, out: dict[str, torch.Tensor], slots: range) -> None:
         for i in slots:  # the latent leaving each stream -> its row of the decode batch

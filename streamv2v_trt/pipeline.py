@@ -8,11 +8,13 @@ A frame is three steps: `plan()` decides on the host what the frame runs (primin
 `render(plan, image)` is the device work and touches no host state, `advance(plan)` moves the host counters.
 `__call__` runs the three; `CudaGraphStream` captures `render` once per plan and replays it.
 Features (docs/FEATURES.md): RCFG none/self/initialize and full CFG, prompt and seed blending, similar-frame
-skip, priming of the stream batch, LoRAs (fused at load; swapped at runtime on eager: `set_loras`).
+skip, priming of the stream batch, LoRAs (fused at load; swapped at runtime on eager: `set_loras`), ControlNets
+(the spec's; their scales and control image kinds live: `update_control`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from os import PathLike
 from typing import TYPE_CHECKING, NamedTuple
@@ -23,6 +25,8 @@ import torch
 from .bank import NO_UPDATE, BankOp, FeatureBank
 from .blending import PromptBlend, SeedBlend, blend_prompts, blend_seeds
 from .config import StreamConfig
+from .control_images import ControlImages, ControlKind
+from .control_net import control_buffers, run_controlnets
 from .edge import FrameEdge
 from .lora_set import LoraSet, lora_specs, swap_loras
 from .prompt import PromptEncoder
@@ -94,7 +98,8 @@ class StreamV2V:
 
     # The buffers of one frame size (`resize` keeps each size's, so its CUDA graphs replay on the buffers they read).
     _SIZED = ("sample", "timestep", "encoder_hidden_states", "latents", "prompt_embeds", "negative_embeds", "bank",
-              "noise", "stock_noise", "_noise_next", "_shift", "edge")  # fmt: skip
+              "noise", "stock_noise", "_noise_next", "_shift", "edge", "control_cond", "control_scale", "residuals",
+              "previous", "_controls", "_cond_shift")  # fmt: skip
 
     def _allocate(self, views: dict[str, torch.Tensor] | None) -> None:
         """Every buffer of the size of `self.cfg`: `views` (rows of a shared batch) or its own. The noise is drawn
@@ -107,6 +112,7 @@ class StreamV2V:
                 "sample": torch.zeros(Bu, 4, h, w, device=device, dtype=dtype),  # [Bu, 4, h, w]
                 "timestep": torch.zeros(Bu, device=device, dtype=torch.long),  # [Bu]
                 "encoder_hidden_states": torch.zeros(Bu, L, D, device=device, dtype=dtype),  # [Bu, 77, D]
+                **control_buffers(self.backend.layout, cfg.spec, Bu, device, dtype),  # with ControlNets
             }
         self.bank = FeatureBank(
             self.backend.layout, cfg.bank, Bu, device, dtype, views=views if "bank_valid" in views else None
@@ -128,6 +134,17 @@ class StreamV2V:
         self.prompt_embeds = self.encoder_hidden_states[self._n_uncond :]  # [B, 77, D]
         self.negative_embeds = self.encoder_hidden_states[: self._n_uncond]  # [Bu - B, 77, D]
         self.edge = FrameEdge(cfg, device, dtype)  # frames in and out: staging, similar-frame filter, last output
+        # ControlNets: per ControlNet j its control images [Bu, 3, H, W] (stream slot i holds the image of the frame
+        # its latent came from, so they move down the slots with the latents) and scales [Bu]; the UNet's summed
+        # residual inputs; the previous output (a "previous" control image); the control image makers.
+        n, H, W = len(cfg.spec.controlnets), cfg.height, cfg.width
+        self.control_cond = [views[f"controlnet_cond.{j}"] for j in range(n)]  # [Bu, 3, H, W] each
+        self.control_scale = [views[f"conditioning_scale.{j}"] for j in range(n)]  # [Bu] each
+        self.residuals = {name: views[name] for name in self.backend.layout.residual_names()}
+        self.previous = torch.zeros(1, 3, H, W, device=device, dtype=dtype) if n else None  # [1, 3, H, W]
+        self._cond_shift = torch.empty(B - 1, 3, H, W, device=device, dtype=dtype) if n and B > 1 else None
+        self._controls = [_control_images(kind, H, W, device, dtype) for kind in cfg.control_kinds]
+        self._sync_control()
 
     @classmethod
     def from_source(
@@ -286,14 +303,50 @@ class StreamV2V:
             for name, value in parked.items():
                 setattr(self, name, value)
             self.update_seed(self.seed)
+            self._sync_control()  # scales and kinds may have changed since too
         self.encoder_hidden_states.copy_(embeds)
         self.reset()
+
+    def update_control(self, scales: tuple[float, ...] | None = None, kinds: tuple[str, ...] | None = None) -> None:
+        """Each ControlNet's scale (0 adds exactly nothing) and control image kind (None keeps them), one per
+        ControlNet of the spec, from the next frame on; no reset. Scales are written into the buffers the ControlNets
+        read (no recapture); a kind is another computation, which a `CudaGraphStream` captures as another graph."""
+        changes = {k: tuple(v) for k, v in (("controlnet_scales", scales), ("control_kinds", kinds)) if v is not None}
+        cfg = dataclasses.replace(self.cfg, **changes)  # ValueError: not one per ControlNet
+        controls = self._control_makers(cfg)  # ValueError: an unknown kind; nothing has changed yet
+        self.cfg, self._controls = cfg, controls
+        self._sync_control()
+
+    def _control_makers(self, cfg: StreamConfig) -> list[ControlImages]:
+        """The control image makers of `cfg`'s kinds at the current size (those already made are kept)."""
+        return [
+            c if c.kind == kind else _control_images(kind, cfg.height, cfg.width, self.device, self.dtype)
+            for c, kind in zip(self._controls, cfg.control_kinds)
+        ]
+
+    def set_control_frame(self, index: int, frame: np.ndarray | torch.Tensor) -> None:
+        """The next frame's control image of ControlNet `index` when its kind is "video": a frame the user made
+        (uint8 HxWx3 at the stream's size, e.g. a depth or pose video's frame). Call it before the frame; a wrong
+        size raises `FrameError` and the previous control frame stays."""
+        if not 0 <= index < len(self._controls):
+            raise IndexError(f"ControlNet {index}: this stream has {len(self._controls)} ControlNet(s)")
+        self._controls[index].set_frame(frame)  # ValueError: its kind is not "video"
+
+    def _sync_control(self) -> None:
+        """The control buffers and makers of the current size follow `cfg`: scales written, changed kinds made."""
+        for buffer, scale in zip(self.control_scale, self.cfg.controlnet_scales):
+            buffer.fill_(scale)  # every row of this stream, its uncond elements' too
+        self._controls = self._control_makers(self.cfg)
 
     def reset(self) -> None:
         """Forget the stream: empty bank, empty stream batch, fresh noise state. The prompt stays."""
         self.bank.reset()
         self.sample.zero_()
         self.stock_noise.zero_()
+        for cond in self.control_cond:
+            cond.zero_()
+        if self.previous is not None:
+            self.previous.zero_()
         self.frame_id = 0
         self.edge.reset()
 
@@ -304,6 +357,7 @@ class StreamV2V:
             "timestep": self.timestep,
             "encoder_hidden_states": self.encoder_hidden_states,
             **self.bank.inputs(),
+            **self.residuals,
         }
 
     # -- one frame --------------------------------------------------------------------------------------------
@@ -339,30 +393,54 @@ class StreamV2V:
             # Frame 0 through steps - 1 stream steps first, so every slot holds it at its own step, exactly as if
             # the stream had shown frame 0 for steps - 1 frames; nothing is stored in the (empty) bank.
             for _ in range(self.cfg.steps - 1):
-                self._stream_step(latent, NO_UPDATE)
-        return self.backend.decode(self._stream_step(latent, plan.bank))
+                self._stream_step(latent, image, NO_UPDATE)
+        out = self.backend.decode(self._stream_step(latent, image, plan.bank))
+        if self.previous is not None:  # the next frame's "previous" control image
+            self.previous.copy_(out)
+        return out
 
     def advance(self, plan: FramePlan) -> None:
         """Host bookkeeping after a frame ran (eagerly or replayed from a graph)."""
         self.bank.advance(plan.bank)
         self.frame_id += 1
 
-    def _stream_step(self, latent: torch.Tensor, bank_op: BankOp) -> torch.Tensor:
-        """One UNet call on the stream batch with `latent` entering slot 0; returns the latent leaving the last
-        slot [1, 4, h, w]. (A MultiStream runs `begin` for every stream, one UNet call, then `finish`.)"""
-        self.begin(latent)
-        return self.finish(self.backend.unet(self.unet_inputs()), bank_op)
+    def _stream_step(self, latent: torch.Tensor, image: torch.Tensor, bank_op: BankOp) -> torch.Tensor:
+        """One UNet call on the stream batch with `latent` (of `image`) entering slot 0; returns the latent leaving
+        the last slot [1, 4, h, w]. (A MultiStream runs `begin` for every stream, the ControlNets and one UNet call
+        on the whole batch, then `finish`.)"""
+        self.begin(latent, image)
+        inputs = self.unet_inputs()
+        if self._controls:  # each ControlNet on the batch the UNet runs: every slot at its own step
+            run_controlnets(self.backend, inputs, self.control_cond, self.control_scale, self.residuals)
+        return self.finish(self.backend.unet(inputs), bank_op)
 
-    def begin(self, latent: torch.Tensor) -> None:
-        """The stream batch before its UNet call: `latent` [1, 4, h, w] enters slot 0 at t_0."""
+    def begin(self, latent: torch.Tensor, image: torch.Tensor | None = None) -> None:
+        """The stream batch before its UNet call: `latent` [1, 4, h, w] enters slot 0 at t_0, and with ControlNets
+        the control images of `image` [1, 3, H, W] in [-1, 1] (the frame `latent` encodes) enter slot 0 too."""
         cfg = self.cfg
         self.latents[0:1].copy_(self.schedule.add_noise(latent, self.noise[0:1], slice(0, 1)))
+        if self._controls:
+            if image is None:
+                raise ValueError("a stream with ControlNets needs the frame's image in begin(latent, image)")
+            self._begin_control(image)
         if cfg.steps > 1:  # stock noise moves one slot down, slot 0 starts from its own noise (in place)
             self._shift.copy_(self.stock_noise[:-1])
             self.stock_noise[1:].copy_(self._shift)
             self.stock_noise[0:1].copy_(self.noise[0:1])
         if self._n_uncond:  # uncond elements see the same latents as their slots (initialize: slot 0; full: all)
             self.sample[: self._n_uncond].copy_(self.latents[: self._n_uncond])
+
+    def _begin_control(self, image: torch.Tensor) -> None:
+        """Every ControlNet's control images move one slot down with the latents; `image`'s enter slot 0."""
+        n = self._n_uncond
+        for cond, control in zip(self.control_cond, self._controls):
+            rows = cond[n:]  # [B, 3, H, W]: the stream slots
+            if self._cond_shift is not None:  # through scratch: an overlapping in-place copy is undefined
+                self._cond_shift.copy_(rows[:-1])
+                rows[1:].copy_(self._cond_shift)
+            rows[0:1].copy_(control(image, self.previous))
+            if n:  # uncond elements see their slots' control images, as their latents
+                cond[:n].copy_(rows[:n])
 
     def finish(self, out: dict[str, torch.Tensor], bank_op: BankOp) -> torch.Tensor:
         """The stream batch after its UNet call (`out`: this stream's rows of the outputs): guidance, LCM step,
@@ -399,3 +477,12 @@ class StreamV2V:
         delta_x = s.step(s.beta * self.stock_noise, eps)
         delta_x = self._alpha_next * delta_x / self._beta_next
         torch.add(self._noise_next, delta_x, out=self.stock_noise)
+
+
+def _control_images(kind: str, height: int, width: int, device: torch.device, dtype: torch.dtype) -> ControlImages:
+    """`ControlImages` of `kind`, or a ValueError naming the kinds there are."""
+    if kind not in {k.value for k in ControlKind}:
+        raise ValueError(
+            f"control image kind {kind!r} is unknown: use one of {', '.join(k.value for k in ControlKind)}"
+        )
+    return ControlImages(kind, height, width, device, dtype)

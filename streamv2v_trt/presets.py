@@ -1,7 +1,8 @@
 """Named model presets: which architecture configs ship in the package and where real weights live.
 
 Plain data in the spec layer: `EngineSpec.resolve` fills a preset's size and steps, the CLIs name the presets,
-and `models/loader.py` builds them from `CONFIG_DIR` (the JSON configs under `models/configs/`)."""
+and `models/loader.py` builds them from `CONFIG_DIR` (the JSON configs under `models/configs/`). ControlNet presets
+(`CONTROLNET_PRESETS`) name a model preset's `controlnet.json` and where real weights of that architecture live."""
 
 from __future__ import annotations
 
@@ -48,5 +49,28 @@ PRESETS: dict[str, ModelPreset] = {
             512,
             (30, 35, 40, 45),
         ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ControlNetPreset:
+    """A ControlNet architecture (the `controlnet.json` beside a model preset's UNet config) and its real weights."""
+
+    name: str
+    model: str  # the model preset whose UNet its residuals fit (its config folder)
+    hub_id: str | None  # real weights, used only when already in the local Hugging Face cache
+
+    @property
+    def config(self) -> Path:
+        return CONFIG_DIR / self.model / "controlnet.json"
+
+
+CONTROLNET_PRESETS: dict[str, ControlNetPreset] = {
+    p.name: p
+    for p in (
+        ControlNetPreset("tiny", "tiny", None),  # ControlNetModel.from_unet of the tiny UNet's config: tests
+        ControlNetPreset("sd15-canny", "sd15", "lllyasviel/control_v11p_sd15_canny"),
+        ControlNetPreset("sd-turbo-canny", "sd-turbo", "thibaud/controlnet-sd21-canny-diffusers"),  # SD2.1 family
     )
 }

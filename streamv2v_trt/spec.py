@@ -1,10 +1,11 @@
 """`EngineSpec`: what a build is specialised for, in one frozen record.
 
 Everything that changes the compiled networks lives here and nowhere else: model and weights, VAE, precision,
-frame size, UNet batch (steps and guidance), the build-time part of the bank (kind, frames, fusion constants)
-and LoRAs. The build config holds a spec (plus where and how to build), the manifest stores it and compares it
-field by field, and a `StreamConfig` holds one (plus what may change at runtime: timesteps, seed, interval,
-guidance scale). This module imports no model library (diffusers, transformers), so reading a spec is cheap.
+frame size, UNet batch (steps and guidance), the build-time part of the bank (kind, frames, fusion constants),
+LoRAs and ControlNets (which ones, not their scales). The build config holds a spec (plus where and how to build),
+the manifest stores it and compares it field by field, and a `StreamConfig` holds one (plus what may change at
+runtime: timesteps, seed, interval, guidance scale, ControlNet scales). This module imports no model library
+(diffusers, transformers), so reading a spec is cheap.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from .flags import argv, flag
 from .flavours import Builder, build_for
 from .frame_sizes import parse_size, size_text
-from .presets import PRESETS
+from .presets import CONTROLNET_PRESETS, PRESETS
 
 # Layers whose attention output is fused with the bank: the low-resolution ones (docs/DESIGN.md, "Feature fusion").
 FF_LAYER_PREFIXES = ("mid_block.", "up_blocks.0.", "up_blocks.1.")
@@ -179,6 +180,20 @@ class EngineSpec:
             repeat=True,
         ),
     )
+    # ControlNets whose residuals the UNet adds (docs/FEATURES.md, "ControlNet"): presets (`CONTROLNET_PRESETS`),
+    # local diffusers folders or hub ids, in order. Their scales and control images are runtime state (StreamConfig).
+    controlnets: tuple[str, ...] = field(
+        default=(),
+        metadata=flag(
+            f"ControlNets ({', '.join(CONTROLNET_PRESETS)}; random weights unless real ones are in the Hugging Face "
+            "cache), local diffusers ControlNet folders or hub ids, comma-separated: the UNet takes their summed "
+            "residuals; scales are set at runtime",
+            names=("--controlnet",),
+            metavar="NAME_OR_PATH[,..]",
+            parse=lambda text: tuple(p for p in text.split(",") if p),
+            show=",".join,
+        ),
+    )
     # Seed of a preset's random weights (used only when no real weights are on disk).
     weights_seed: int = field(
         default=0,
@@ -210,6 +225,9 @@ class EngineSpec:
             object.__setattr__(self, name, kind(getattr(self, name)))
         object.__setattr__(self, "loras", tuple(self.loras))
         object.__setattr__(self, "ff_layer_prefixes", tuple(self.ff_layer_prefixes))
+        object.__setattr__(self, "controlnets", tuple(str(c) for c in self.controlnets))
+        if any(not c for c in self.controlnets):
+            raise ValueError(f"controlnets must name presets, folders or hub ids, got {self.controlnets}")
         if self.height % 8 or self.width % 8 or self.height < 8 or self.width < 8:
             raise ValueError(f"height and width must be positive multiples of 8, got {self.height}x{self.width}")
         object.__setattr__(self, "sizes", _check_sizes(self.sizes, (self.height, self.width)))
@@ -355,6 +373,7 @@ class EngineSpec:
         d["ff_layer_prefixes"] = list(self.ff_layer_prefixes)
         d["loras"] = [lora.record() for lora in self.loras]
         d["sizes"] = [f"{w}x{h}" for h, w in self.sizes]
+        d["controlnets"] = list(self.controlnets)
         return d
 
     @classmethod
@@ -366,7 +385,9 @@ class EngineSpec:
         loras = tuple(LoraSpec(Path(r["name"]), r["scale"], r["sha256"]) for r in d.get("loras", ()))
         sizes = tuple(parse_size(text) for text in d.get("sizes", ()))  # older manifests: one size
         prefixes = tuple(d.get("ff_layer_prefixes", FF_LAYER_PREFIXES))
-        return cls(**{**d, "loras": loras, "ff_layer_prefixes": prefixes, "sizes": sizes})
+        # Manifests older than ControlNet support have no "controlnets": none.
+        controlnets = tuple(d.get("controlnets", ()))
+        return cls(**{**d, "loras": loras, "ff_layer_prefixes": prefixes, "sizes": sizes, "controlnets": controlnets})
 
 
 def show_sizes(sizes) -> str:

@@ -41,6 +41,11 @@ class Stream(Protocol):
         swappable weights: swapped; another build folder raises `EngineMismatch` with the rebuild command)."""
         ...
 
+    def update_control(self, scales: tuple[float, ...] | None = None, kinds: tuple[str, ...] | None = None) -> None:
+        """Each ControlNet's scale and control image kind (one per `cfg.spec.controlnets`; None keeps them) from the
+        next frame on; no reset. A stream without ControlNets takes only empty tuples."""
+        ...
+
     def reset(self) -> None:
         """Forget the stream (empty bank, empty stream batch); the prompt stays."""
         ...

@@ -30,6 +30,7 @@ LAYERS = {
     "streamv2v_trt.control_images": 1,
     "streamv2v_trt.models": 2,
     "streamv2v_trt.bank_unet": 2,
+    "streamv2v_trt.control_net": 2,
     "streamv2v_trt.vae": 2,
     "streamv2v_trt.prompt": 2,
     "streamv2v_trt.pipeline": 3,

@@ -143,24 +143,28 @@ def _cached_snapshot(hub_id: str) -> Path | None:
 LOCAL_LAYOUT = "unet/, vae/, text_encoder/, tokenizer/, scheduler/"  # what a diffusers pipeline folder holds
 
 
-def _download(hub_id: str) -> Path:
+def _download(hub_id: str, what: str = "model", instead: str | None = None) -> Path:
     """`hub_id`'s configs and safetensors weights: from the local Hugging Face cache, else downloaded.
 
     The hub's failures arrive as chains of three exceptions (the connection error, the cache miss, ...), none saying
-    how to run without the hub: they become one ModelUnavailable that does."""
+    how to run without the hub: they become one ModelUnavailable that does. `what` names the thing in the message
+    ("model", "ControlNet"); `instead` says what to pass instead (default: a local pipeline folder or a preset)."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    what_to_do = (
+    instead = instead or (
         f"Pass a local diffusers folder instead (--model PATH, with {LOCAL_LAYOUT}; where there is network, "
-        f"`hf download {hub_id} --local-dir PATH` makes one), or run this once with network (the files are then "
-        f"cached), or use a preset ({', '.join(PRESETS)})."
+        f"`hf download {hub_id} --local-dir PATH` makes one)"
+    )
+    presets = ", ".join(PRESETS) if what == "model" else None
+    what_to_do = f"{instead}, or run this once with network (the files are then cached)" + (
+        f", or use a preset ({presets})." if presets else "."
     )
     try:
         return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:  # the hub answered: no such (visible) model
         raise ModelUnavailable(
-            f"model {hub_id!r} is not on the Hugging Face hub, or is private or gated (log in with `hf auth login`). "
+            f"{what} {hub_id!r} is not on the Hugging Face hub, or is private or gated (log in with `hf auth login`). "
             f"{what_to_do}"
         ) from e
     # No network, offline mode or a refused connection, and the files are not in the cache (the hub falls back to
@@ -174,7 +178,7 @@ def _download(hub_id: str) -> Path:
         if constants.is_offline_mode():
             why = "offline mode: HF_HUB_OFFLINE is set"
         raise ModelUnavailable(
-            f"model {hub_id!r}: the Hugging Face hub cannot be reached ({why}) and its files are not in the local "
+            f"{what} {hub_id!r}: the Hugging Face hub cannot be reached ({why}) and its files are not in the local "
             f"cache. {what_to_do}"
         ) from e
 
