@@ -222,6 +222,7 @@ def main(argv: list[str]) -> int:
             p.error(f"--{name} must be > 0, got {getattr(args, name)}")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aioice").setLevel(logging.WARNING)  # a line per candidate pair and client otherwise
     stats, ready = asyncio.run(run(args))
     hello = ready[0] if ready else {}
     print(f"serve_load --webrtc {args.url}: {args.clients} client(s), {hello.get('width')}x{hello.get('height')} "

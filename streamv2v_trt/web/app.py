@@ -213,9 +213,8 @@ class Session:
         if self.loras:  # told when another page changes the server's LoRA set
             self.loras.pages.add(self.send)
         tasks = [asyncio.create_task(work) for work in (self.receive(), self.push_frames(), self.send_answers())]
-        done: set[asyncio.Task] = set()
         try:  # the session ends when the receiver does (disconnect, idle) or a worker fails (socket gone)
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if self.loras:
                 self.loras.pages.discard(self.send)
@@ -224,7 +223,7 @@ class Session:
             # asyncio.wait, not gather: when the server cancels this task meanwhile, gather would raise a child's
             # CancelledError in place of the server's own, and the server's cancel scope would not recognise it.
             await asyncio.wait(tasks)
-        for task in done:
+        for task in tasks:  # all of them: a worker may fail (peer gone) before its cancel lands, unretrieved
             error = None if task.cancelled() else task.exception()
             if error is not None and not isinstance(error, CLOSED):
                 log.error("a connection failed", exc_info=error)
