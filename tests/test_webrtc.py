@@ -24,7 +24,7 @@ from test_web import K, chromium_page, hub, jpeg, multi, needs_chromium, serve_a
 
 from benchmarks import serve_load_webrtc as rtc  # noqa: E402
 from streamv2v_trt.cli import serve  # noqa: E402
-from streamv2v_trt.web import Limits, create_app  # noqa: E402
+from streamv2v_trt.web import Limits, create_app, webrtc  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -201,6 +201,29 @@ def test_browser_latency_pattern_over_both_transports(rtc_server, hub, transport
         assert 0 < got["p50Ms"] <= got["p99Ms"] < 10_000, got
         text = page.inner_text("#stats")
         assert "p50" in text and "p99" in text and "lost" in text, text
+
+
+@needs_chromium
+def test_browser_camera_over_webrtc(rtc_server, hub):
+    """The fake camera's frames go over WebRTC and come back on the server's track (no stamp: a camera's picture
+    is left as it is)."""
+    with chromium_page(f"{rtc_server(hub())}/?transport=webrtc") as page:
+        page.wait_for_function("window.streamStats && window.streamStats.received >= 5", timeout=60_000)
+        got = page.evaluate("[window.streamStats.source, window.streamStats.errors, window.streamStats.stamped]")
+        assert got == ["camera", 0, 0]
+        assert page.evaluate("document.getElementById('output-video').videoWidth") == 64
+
+
+def test_ice_servers_reach_aiortc_and_the_page(rtc_server, hub):
+    server = webrtc.ice_server("turn:me:s%40cret@turn.example.com:3478?transport=udp")
+    assert (server.urls, server.username, server.credential) == ("turn:turn.example.com:3478?transport=udp", "me",
+                                                                 "s@cret")  # fmt: skip
+    assert webrtc.ice_server("stun:stun.example.com").username is None
+    with pytest.raises(ValueError, match="not a stun:, turn: or turns: URL"):
+        webrtc.ice_server("https://stun.example.com")
+    url = rtc_server(hub())
+    with urllib.request.urlopen(url + "/webrtc/ice", timeout=10) as r:
+        assert json.loads(r.read()) == {"iceServers": []}  # none by default
 
 
 def test_serve_webrtc_flags_are_checked_before_loading(capsys):

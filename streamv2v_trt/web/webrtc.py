@@ -1,5 +1,6 @@
 """`serve --webrtc`: the live page's frames over WebRTC (aiortc), beside the WebSocket, on the same hub and slots.
 
+    GET  /webrtc/ice     -> {"iceServers": [{"urls", "username"?, "credential"?}, ...]}  (serve --ice-server)
     POST /webrtc/offer   {"sdp": "...", "type": "offer"}  ->  {"sdp": "...", "type": "answer"}
                          or {"error": "..."}: 400 unusable offer, 403 Host/Origin refused, 413 too large,
                          503 busy or starting (the same words as the WebSocket's errors)
@@ -13,8 +14,9 @@ frames arrive decoded from the track and leave on the server's track, so no JPEG
 Each offer takes a slot before it is answered (the busy rule) and holds it until the session ends: the peer closes,
 its connection fails, or no frame came for the idle timeout (a page that vanished without closing included). The
 track's frames go into the session's latest-frame-wins slot as the WebSocket's JPEGs do; the server's track sends
-the newest translated frame and never queues. STUN/TURN servers (`serve --ice-server URL`) are given to aiortc;
-without any, host candidates only: loopback and LAN.
+the newest translated frame and never queues. STUN/TURN servers (`serve --ice-server URL`) are given to aiortc
+and, by `/webrtc/ice` (under the same Host/Origin policy), to the page; without any, host candidates only:
+loopback and LAN.
 """
 
 from __future__ import annotations
@@ -243,6 +245,18 @@ class Peers:
             return refused(503, f"server busy: all {self.hub.capacity} streams are in use; try again later")
         return await self.answer(sdp, slot)
 
+    async def ice(self, request: Request) -> JSONResponse:
+        """The ICE servers for the page's RTCPeerConnection (TURN credentials included: a TURN server serves only
+        clients that hold them, and the pages this policy allows are this server's clients)."""
+        refusal = self.access.refusal(request.headers, secure=request.url.scheme == "https")
+        if refusal is not None:
+            return refused(403, refusal)
+        servers = []
+        for server in self.config.iceServers:
+            login = {"username": server.username, "credential": server.credential} if server.username else {}
+            servers.append({"urls": server.urls, **login})
+        return JSONResponse({"iceServers": servers})
+
     async def answer(self, sdp: str, slot: Any) -> JSONResponse:
         """Answer the offer and start its session on `slot`; an unusable offer gives the slot back."""
         pc = RTCPeerConnection(self.config)
@@ -292,7 +306,8 @@ def add_webrtc(
     app: FastAPI, hub: Hub, limits: Limits, access: Access, image_pool: ThreadPoolExecutor,
     loras: LoraPicker | None, ice_urls: tuple[str, ...],
 ) -> Peers:  # fmt: skip
-    """Add `POST /webrtc/offer` to `app`; the sessions it starts, for the app's shutdown to close."""
+    """Add `POST /webrtc/offer` and `GET /webrtc/ice` to `app`; the sessions they start, for the app's shutdown."""
     peers = Peers(hub, limits, access, image_pool, loras, ice_urls)
     app.post("/webrtc/offer")(peers.offer)
+    app.get("/webrtc/ice")(peers.ice)
     return peers
