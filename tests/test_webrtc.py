@@ -22,6 +22,7 @@ pytest.importorskip("fastapi")
 from conftest import wait_until  # noqa: E402
 from test_web import K, chromium_page, hub, jpeg, multi, needs_chromium, serve_args  # noqa: E402, F401
 
+from benchmarks import serve_load  # noqa: E402
 from benchmarks import serve_load_webrtc as rtc  # noqa: E402
 from streamv2v_trt.cli import serve  # noqa: E402
 from streamv2v_trt.web import Limits, create_app, webrtc  # noqa: E402
@@ -112,6 +113,17 @@ def test_offers_from_foreign_origins_and_malformed_offers_are_refused(rtc_server
     wait_until(lambda: spy.closed == spy.opened and spy.server.in_use == 0, "the slot of a bad offer was kept")
     stats, _ = asyncio.run(rtc.run(load_args(url, seconds=2.0)))  # the server keeps serving
     assert stats[0].status == "served" and stats[0].results >= 2 and stats[0].errors == 0, stats[0]
+
+
+def test_serve_load_webrtc_reports_per_client_latency_and_drops(rtc_server, hub, capsys):
+    url = rtc_server(hub())
+    argv = ["--webrtc", "--url", url, "--clients", "2", "--seconds", "2", "--warmup", "1.5", "--fps", "10"]
+    assert serve_load.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "serve_load --webrtc" in out and "p99 ms" in out and "2 served, 0 refused" in out, out
+    with pytest.raises(SystemExit) as exited:  # the WebSocket's address is not the offer's
+        serve_load.main(["--webrtc", "--url", "ws://127.0.0.1:1/ws"])
+    assert exited.value.code == 2 and "give the server's http(s)://HOST:PORT" in capsys.readouterr().err
 
 
 class Talker(rtc.Client):

@@ -80,7 +80,9 @@ class PeerChannel:
         self.reader: asyncio.Task | None = None  # reads the page's video track
 
     def put(self, msg: dict) -> None:
-        if "bytes" in msg and self.inbox.qsize() >= INBOX:  # the receiver is behind: latest wins, here too
+        # The receiver only files each frame into the session's latest-frame-wins slot, so it is behind only when
+        # the event loop is starved; then this frame is dropped unseen rather than queued without bound.
+        if "bytes" in msg and self.inbox.qsize() >= INBOX:
             return
         self.inbox.put_nowait(msg)
 
@@ -109,14 +111,17 @@ class PeerChannel:
             channel.close()
             return
         self.channel = channel
-        # Binary messages are decoded as text, so they get the protocol's answer (an error), not a frame's.
-        text = lambda m: m if isinstance(m, str) else m.decode("utf-8", "replace")  # noqa: E731
-        channel.on("message", lambda m: self.put({"type": "websocket.receive", "text": text(m)}))
+        channel.on("message", self.on_message)
         channel.on("close", lambda: self.put(DISCONNECT))
         if channel.readyState == "open":
             self.opened.set()
         else:
             channel.on("open", self.opened.set)
+
+    def on_message(self, message: str | bytes) -> None:
+        # Binary messages are decoded as text, so they get the protocol's answer (an error), not a frame's.
+        text = message if isinstance(message, str) else message.decode("utf-8", "replace")
+        self.put({"type": "websocket.receive", "text": text})
 
     def on_track(self, track: MediaStreamTrack, out: FrameTrack) -> None:
         if track.kind != "video" or self.reader is not None:  # audio, or a second video track: not read
