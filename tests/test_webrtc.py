@@ -32,20 +32,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def rtc_server():
-    """`rtc_server(hub, limits=Limits())` -> the http URL of uvicorn serving `create_app(hub, webrtc=())`."""
+    """`rtc_server(hub, limits=Limits(), webrtc=())` -> the http URL of uvicorn serving `create_app(hub, ...)`."""
     import uvicorn
 
     servers = []
 
-    def start(hub, limits: Limits | None = None) -> str:
+    def start(hub, limits: Limits | None = None, webrtc: tuple[str, ...] | None = ()) -> str:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
-        app = create_app(hub, limits or Limits(), webrtc=())
+        app = create_app(hub, limits or Limits(), webrtc=webrtc)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         servers.append((server, thread))
-        wait_until(lambda: server.started, "uvicorn did not start")
+        wait_until(lambda: server.started, "uvicorn did not start", 20)
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
     yield start
@@ -224,6 +224,13 @@ def test_browser_camera_over_webrtc(rtc_server, hub):
         got = page.evaluate("[window.streamStats.source, window.streamStats.errors, window.streamStats.stamped]")
         assert got == ["camera", 0, 0]
         assert page.evaluate("document.getElementById('output-video').videoWidth") == 64
+
+
+@needs_chromium
+def test_browser_asking_webrtc_of_a_server_without_it_says_so(rtc_server, hub):
+    with chromium_page(f"{rtc_server(hub(), webrtc=None)}/?transport=webrtc&source=pattern") as page:
+        page.wait_for_function("window.streamStats.errors > 0", timeout=20_000)
+        assert "start serve with --webrtc" in page.evaluate("window.streamStats.lastError")
 
 
 def test_ice_servers_reach_aiortc_and_the_page(rtc_server, hub):
