@@ -3,6 +3,7 @@
     python -m benchmarks.serve_load --url ws://127.0.0.1:7860/ws --clients 4 --seconds 20
     python -m benchmarks.serve_load --url wss://demo.example.com/ws --origin https://demo.example.com \\
         --clients 8 --seconds 60 --size 1280x720 --label "H200, sd-turbo, tensorrt+graphs" --json load.json
+    python -m benchmarks.serve_load --webrtc --url http://127.0.0.1:7860 --clients 4   (benchmarks/serve_load_webrtc.py)
 
 The load is closed-loop: a client sends a frame, waits for that frame's answer (`result` and its JPEG, `dropped` or
 `error`), then sends the next, so each client keeps `--inflight` frames (default 1) at the server and the server's
@@ -357,10 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 30)")  # fmt: skip
     p.add_argument("--label", default="", help="the server's hardware, model and engines, kept in the JSON")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
+    p.add_argument("--webrtc", action="store_true", help="aiortc clients of serve --webrtc (see --webrtc --help)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--webrtc" in argv:  # aiortc clients of serve --webrtc: their own flags (benchmarks/serve_load_webrtc.py)
+        from . import serve_load_webrtc
+
+        return serve_load_webrtc.main([a for a in argv if a != "--webrtc"])
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("clients", "seconds", "inflight", "timeout"):

@@ -7,7 +7,8 @@ and --ssl-keyfile, or reach it through an SSH tunnel (ssh -L 7860:127.0.0.1:7860
 With --ray the same page is served by a Ray Serve application whose stream replicas run on several GPUs or
 machines (streamv2v_trt/web/ray_app.py, docs/SCALING.md). With --lora-dir DIR the page offers the LoRA files in
 DIR, by name, with a strength slider; the slots share their networks, so the LoRA set is the server's: a change by
-one page applies to every client, and every page is told (streamv2v_trt/web/loras.py).
+one page applies to every client, and every page is told (streamv2v_trt/web/loras.py). With --webrtc the page
+may also send its frames over WebRTC (?transport=webrtc; streamv2v_trt/web/webrtc.py), on the same slots.
 """
 
 from __future__ import annotations
@@ -82,6 +83,21 @@ def add_parser(subparsers) -> None:
         "and a strength, never a path). The LoRA set is the server's: a change by one page applies to every "
         "client. Needs weights that swap: the eager backend, or a folder built with --weights swappable",
     )
+    w = p.add_argument_group("WebRTC (pip install 'streamv2v-trt[webrtc]'; docs/SURFACES.md)")
+    w.add_argument(
+        "--webrtc",
+        action="store_true",
+        help="also take WebRTC sessions (POST /webrtc/offer; the page with ?transport=webrtc): a video track each "
+        "way and the same messages on a data channel, on the same slots, busy rule and idle timeout",
+    )
+    w.add_argument(
+        "--ice-server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a STUN or TURN server for WebRTC: stun:HOST[:PORT] or turn:USER:PASSWORD@HOST[:PORT] (repeatable; "
+        "default: none, host candidates only: loopback and LAN)",
+    )
     p.add_argument("--ssl-certfile", help="serve HTTPS (needed for cameras on non-localhost pages)")
     p.add_argument("--ssl-keyfile", help="the private key of --ssl-certfile")
     r = p.add_argument_group("many GPUs and machines: Ray Serve (docs/SCALING.md; pip install 'streamv2v-trt[serve]')")
@@ -153,6 +169,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --allowed-origin: {e}", file=sys.stderr)
         return 1
     try:
+        webrtc = webrtc_of(args)
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
         limits = limits_of(args)
         ray_only = [f"--{k.replace('_', '-')}" for k in ("replicas", "streams_per_replica", "address")
                     if getattr(args, k) is not None]  # fmt: skip
@@ -178,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("%d stream slots (%s backend); open %s://%s:%d in a browser", hub.capacity, multi.backend.name,
                  "https" if args.ssl_certfile else "http", args.host, args.port)  # fmt: skip
         uvicorn.run(
-            create_app(hub, limits, access, loras=picker),
+            create_app(hub, limits, access, loras=picker, webrtc=webrtc),
             host=args.host,
             port=args.port,
             ssl_certfile=args.ssl_certfile,
@@ -187,6 +208,28 @@ def run(args: argparse.Namespace) -> int:
             log_level="info" if args.verbose else "warning",
         )
     return 0
+
+
+def webrtc_of(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """The ICE server URLs of `--webrtc` (checked, aiortc imported, before the model loads); None without it."""
+    if not args.webrtc:
+        if args.ice_server:
+            raise CliError("--ice-server is for WebRTC sessions: add --webrtc")
+        return None
+    if args.ray:
+        raise CliError("--webrtc is not supported with --ray yet; serve without --ray for WebRTC sessions")
+    try:
+        from ..web.webrtc import ice_server
+    except ModuleNotFoundError as e:
+        raise CliError(
+            f"--webrtc needs the webrtc extra ({e.name} is missing): pip install 'streamv2v-trt[webrtc]'"
+        ) from e
+    try:
+        for url in args.ice_server:
+            ice_server(url)
+    except ValueError as e:
+        raise CliError(f"--ice-server: {e}") from e
+    return tuple(args.ice_server)
 
 
 def lora_folder(args: argparse.Namespace):

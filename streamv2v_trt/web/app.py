@@ -7,12 +7,14 @@ the order they arrive, which is the order the page sent them, so both sides agre
                      text:   {"type": "prompt", "prompt": "..."} | {"type": "reset"}
                              {"type": "size", "size": "768x512"}   (WIDTHxHEIGHT, one of ready's "sizes")
                              {"type": "loras", "loras": [{"name", "scale"}, ...]}  (serve --lora-dir: web/loras.py)
+                             {"type": "stamp", "rows": N}  (latency test pattern: the top N rows of each frame come
+                             back over the model's output, so the page can read its frame counter there; 0: off)
     server -> page   {"type": "ready", "width", "height", "prompt", "max_frame_bytes", "sizes": ["512x512", ...]}
                      (+ "lora_files", "loras" with serve --lora-dir)
                      {"type": "result", "seq", "model_ms", "server_ms", "fps", "dropped"} then binary JPEG
                      {"type": "dropped", "seq"}            (a newer frame replaced it while the model was busy)
                      {"type": "error", "seq"?, "message"}  (bad frame or message; the socket stays usable)
-                     {"type": "prompt", "prompt"} | {"type": "reset"}   (acknowledgements)
+                     {"type": "prompt", "prompt"} | {"type": "reset"} | {"type": "stamp", "rows"}   (acks)
                      {"type": "size", "size", "width", "height"}   (from the next frame on; a new scene)
                      {"type": "loras", "loras"}   (the server's LoRA set changed: sent to every page)
 
@@ -28,6 +30,9 @@ so a large frame costs its sender, not the model. Per connection a frame is deco
 pushed to the hub, where one frame per slot waits at most: a newer one replaces it (latest frame wins, the
 replaced one is answered `dropped`), so a slow model drops frames instead of queueing them. What the hub says
 about a slot comes back in its results: a `SlotLost` error ends the session (close 1011).
+
+`serve --webrtc` adds a second transport to the same hub and the same `Session` (web/webrtc.py): frames on a video
+track each way, these text messages on a data channel.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from functools import partial
 from importlib import resources
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, PlainTextResponse
 
@@ -70,20 +76,25 @@ def create_app(
     access: Access | None = None,
     on_shutdown: Callable[[], None] | None = None,
     loras: LoraPicker | None = None,
+    webrtc: tuple[str, ...] | None = None,
 ) -> FastAPI:
     """The demo app, serving from `hub` (a `StreamServer`, or any `Hub`): one slot per connection, for its life.
     The hub belongs to the caller (start and stop it around the app), or, where the app is built inside a server
     process (Ray's ingress), `on_shutdown` stops it when the app shuts down. Default `limits`: `Limits()`;
     default `access`: localhost only. `loras`: the LoRA picker (`serve --lora-dir`; the hub then needs
-    `set_loras`, web/loras.py); None: the page offers none."""
+    `set_loras`, web/loras.py); None: the page offers none. `webrtc`: the ICE (STUN/TURN) server URLs of the
+    WebRTC transport (`serve --webrtc`, web/webrtc.py; () for none); None: no WebRTC (aiortc is not imported)."""
     limits, access = limits or Limits(), access or Access()
     image_pool = ThreadPoolExecutor(max_workers=IMAGE_THREADS, thread_name_prefix="streamv2v-image")
+    peers = None
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         try:
             yield
         finally:
+            if peers is not None:
+                await peers.close_all()
             image_pool.shutdown(wait=False, cancel_futures=True)
             if on_shutdown is not None:
                 on_shutdown()
@@ -132,6 +143,10 @@ def create_app(
         finally:
             hub.close(slot)  # at once, whatever ended the session: the next connection may take the slot
 
+    if webrtc is not None:
+        from .webrtc import add_webrtc  # aiortc only when asked for
+
+        peers = add_webrtc(app, hub, limits, access, image_pool, loras, webrtc)
     return app
 
 
@@ -156,13 +171,17 @@ class BadMessage(ValueError):
 
 
 MALFORMED = 'malformed message: expected a JSON object like {"type": "prompt", "prompt": "..."} or {"type": "reset"}'
+MAX_STAMP_SHARE = 4  # the stamp strip covers at most a quarter of the frame's rows
 CLOSED = (WebSocketDisconnect, RuntimeError, OSError)  # what sending or receiving raises once the peer is gone
 
 
 class Session:
     """One camera on one hub slot, as three tasks: the receiver keeps the newest frame not yet decoded, the pusher
     decodes it on the image pool and pushes it to the hub, the sender turns the hub's answers into messages
-    (encoding results on the image pool). A frame is "in work" from decode to its answer."""
+    (encoding results on the image pool). A frame is "in work" from decode to its answer.
+
+    The transport is `ws` (a WebSocket: receive, send_text, send_bytes, close) and three methods that a WebRTC
+    session overrides (web/webrtc.py): `frame_refusal`, `decode` and `encode`; the messages are the same."""
 
     def __init__(
         self, ws: WebSocket, hub: Hub, slot: Any, image_pool: ThreadPoolExecutor, limits: Limits,
@@ -175,11 +194,12 @@ class Session:
         self.loop = asyncio.get_running_loop()
         self.frame: Latest[tuple[int, bytes, float]] = Latest()  # (seq, data, receive time): the newest not decoded
         self.in_work = 0  # frames decoding, in the hub, or being answered; at most MAX_IN_WORK
-        self.answers: asyncio.Queue[tuple[int, float, Result]] = asyncio.Queue()  # from the hub's thread
+        self.answers: asyncio.Queue[tuple[int, float, np.ndarray | None, Result]] = asyncio.Queue()  # hub thread
         self.wake = asyncio.Event()  # a frame came in, or a frame left work
         self.last_active = time.monotonic()  # when a frame last came in or was answered (the idle timeout)
         self.send_lock = asyncio.Lock()  # a result is two messages (JSON then JPEG) that must stay together
         self.seq = 0
+        self.stamp_rows = 0  # the top rows of each input frame copied over its output ({"type": "stamp"})
         self.dropped = 0
         self.fps = 0.0
         self._last_done: float | None = None
@@ -193,9 +213,8 @@ class Session:
         if self.loras:  # told when another page changes the server's LoRA set
             self.loras.pages.add(self.send)
         tasks = [asyncio.create_task(work) for work in (self.receive(), self.push_frames(), self.send_answers())]
-        done: set[asyncio.Task] = set()
         try:  # the session ends when the receiver does (disconnect, idle) or a worker fails (socket gone)
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if self.loras:
                 self.loras.pages.discard(self.send)
@@ -204,7 +223,7 @@ class Session:
             # asyncio.wait, not gather: when the server cancels this task meanwhile, gather would raise a child's
             # CancelledError in place of the server's own, and the server's cancel scope would not recognise it.
             await asyncio.wait(tasks)
-        for task in done:
+        for task in tasks:  # all of them: a worker may fail (peer gone) before its cancel lands, unretrieved
             error = None if task.cancelled() else task.exception()
             if error is not None and not isinstance(error, CLOSED):
                 log.error("a connection failed", exc_info=error)
@@ -259,12 +278,9 @@ class Session:
     async def on_frame(self, data: bytes) -> None:
         seq, self.seq = self.seq, self.seq + 1
         self.last_active = time.monotonic()
-        if len(data) > self.limits.max_frame_bytes:
-            await self.send({
-                "type": "error", "seq": seq,
-                "message": f"frame of {len(data)} bytes is over the limit of {self.limits.max_frame_bytes} bytes; "
-                "send smaller JPEGs",
-            })  # fmt: skip
+        refusal = self.frame_refusal(data)
+        if refusal is not None:
+            await self.send({"type": "error", "seq": seq, "message": refusal})
             return
         # Replaced before any await, so the pusher never takes a frame that is also answered as dropped.
         replaced = self.frame.put(seq, (seq, data, time.perf_counter()))
@@ -272,6 +288,21 @@ class Session:
         if replaced is not None:  # still not decoded (this connection has MAX_IN_WORK in work): the new one wins
             self.dropped += 1
             await self.send({"type": "dropped", "seq": replaced[0]})
+
+    def frame_refusal(self, data: Any) -> str | None:
+        """Why a received frame is refused before it is decoded, or None."""
+        if len(data) > self.limits.max_frame_bytes:
+            return f"frame of {len(data)} bytes is over the limit of {self.limits.max_frame_bytes} bytes; send " \
+                "smaller JPEGs"  # fmt: skip
+        return None
+
+    def decode(self, data: Any, height: int, width: int) -> np.ndarray:
+        """A received frame -> RGB uint8 [height, width, 3] (on the image pool); BadFrame when it is not one."""
+        return decode_frame(data, self.limits, height, width)
+
+    async def encode(self, frame: np.ndarray) -> bytes | None:
+        """An output frame -> what follows its result message (a JPEG); None: nothing follows."""
+        return await self.loop.run_in_executor(self.image_pool, encode_jpeg, frame, self.limits.jpeg_quality)
 
     async def on_text(self, text: str) -> None:
         """Every text message gets one answer, an acknowledgement or an error; none ends the connection (but a
@@ -317,7 +348,14 @@ class Session:
             return await self.apply_size(msg)
         if kind == "loras":
             return await self.apply_loras(msg)
-        raise BadMessage(f"unknown message type {kind[:100]!r}; expected prompt, reset, size or loras")
+        if kind == "stamp":
+            rows = msg.get("rows")
+            most = self.height // MAX_STAMP_SHARE
+            if not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows <= most:
+                raise BadMessage(f"stamp rows must be a whole number from 0 to {most} (a quarter of the frame)")
+            self.stamp_rows = rows
+            return {"type": "stamp", "rows": rows}
+        raise BadMessage(f"unknown message type {kind[:100]!r}; expected prompt, reset, size, loras or stamp")
 
     async def apply_size(self, msg: dict) -> dict:
         """{"type": "size", "size": "WIDTHxHEIGHT"}: the slot's stream at one of the hub's sizes (a new scene).
@@ -361,24 +399,23 @@ class Session:
             seq, data, received = self.frame.take()
             self.in_work += 1
             try:
-                image = await self.loop.run_in_executor(
-                    self.image_pool, decode_frame, data, self.limits, self.height, self.width
-                )
+                image = await self.loop.run_in_executor(self.image_pool, self.decode, data, self.height, self.width)
                 if self.moving or image.shape[:2] != (self.height, self.width):  # decoded for the old size
                     self.dropped += 1
                     await self.answer({"type": "dropped", "seq": seq})
                     continue
-                self.hub.push(self.slot, image, partial(self.deliver, seq, received))
+                stamp = image[: self.stamp_rows].copy() if self.stamp_rows else None  # the model may change them
+                self.hub.push(self.slot, image, partial(self.deliver, seq, received, stamp))
             except BadFrame as e:
                 await self.answer({"type": "error", "seq": seq, "message": str(e)})
             except Exception as e:  # the hub refused the frame: the page hears it, the connection goes on
                 log.exception("frame %d could not be queued", seq)
                 await self.answer({"type": "error", "seq": seq, "message": f"internal error: {e}"})
 
-    def deliver(self, seq: int, received: float, result: Result) -> None:
+    def deliver(self, seq: int, received: float, stamp: np.ndarray | None, result: Result) -> None:
         """The hub's answer to frame `seq`, on the hub's thread: handed to this connection's event loop."""
         try:
-            self.loop.call_soon_threadsafe(self.answers.put_nowait, (seq, received, result))
+            self.loop.call_soon_threadsafe(self.answers.put_nowait, (seq, received, stamp, result))
         except RuntimeError:  # the event loop has closed (the server is shutting down): nobody is listening
             pass
 
@@ -386,7 +423,7 @@ class Session:
         """The hub's answers in the order they came: dropped, error, or a result (encoded off the model thread).
         An answer that the stream was lost ends the session."""
         while True:
-            seq, received, result = await self.answers.get()
+            seq, received, stamp, result = await self.answers.get()
             if isinstance(result.error, SlotLost):
                 await self.close_lost(result.error)
                 return
@@ -401,10 +438,12 @@ class Session:
                     message = f"internal error: {message}"
                 await self.answer({"type": "error", "seq": seq, "message": message})
                 continue
+            frame = result.frame
+            if stamp is not None and stamp.shape[1:] == frame.shape[1:]:  # not across a size change
+                frame = frame.copy()  # the hub's array may be a view of its own buffer
+                frame[: len(stamp)] = stamp
             try:
-                jpeg = await self.loop.run_in_executor(
-                    self.image_pool, encode_jpeg, result.frame, self.limits.jpeg_quality
-                )
+                data = await self.encode(frame)
             except Exception as e:
                 log.exception("frame %d could not be encoded", seq)
                 await self.answer({"type": "error", "seq": seq, "message": f"internal error: {e}"})
@@ -418,7 +457,7 @@ class Session:
                 "type": "result", "seq": seq, "model_ms": round(result.tick_s * 1e3, 1),
                 "server_ms": round((now - received) * 1e3, 1), "fps": round(self.fps, 2), "dropped": self.dropped,
             }  # fmt: skip
-            await self.answer(stats, jpeg)
+            await self.answer(stats, data)
 
     async def close_lost(self, error: SlotLost) -> None:
         """The hub lost this connection's stream (the process holding it stopped): say why, then close 1011 (the
