@@ -3,11 +3,14 @@
     python -m benchmarks.serve_load --url ws://127.0.0.1:7860/ws --clients 4 --seconds 20
     python -m benchmarks.serve_load --url wss://demo.example.com/ws --origin https://demo.example.com \\
         --clients 8 --seconds 60 --size 1280x720 --label "H200, sd-turbo, tensorrt+graphs" --json load.json
+    python -m benchmarks.serve_load --url ws://127.0.0.1:7860/ws --clients 4 --half-rate 1 --seconds 20
     python -m benchmarks.serve_load --webrtc --url http://127.0.0.1:7860 --clients 4   (benchmarks/serve_load_webrtc.py)
 
 The load is closed-loop: a client sends a frame, waits for that frame's answer (`result` and its JPEG, `dropped` or
 `error`), then sends the next, so each client keeps `--inflight` frames (default 1) at the server and the server's
-speed sets the rate. `--inflight 2` is what the page does, and it keeps a batched server's slots full
+speed sets the rate. `--half-rate N`: the first N clients send at about half that rate (a slow camera or a slow
+link): after each answer, such a client waits as long as that frame's round trip took before it sends the next.
+`--inflight 2` is what the page does, and it keeps a batched server's slots full
 (docs/SCALING.md); with more, the server's latest-frame-wins slot drops frames, and they are counted. Frames are a
 moving pattern (it changes enough between frames that serve's similar-frame filter does not skip them), JPEG-encoded
 once before the run at the size the server's `ready` message announces, or `--size WxH` (the server then resizes
@@ -15,7 +18,9 @@ them).
 
 All clients connect at once. The first `--warmup` seconds are not measured; then, over `--seconds`, per client:
 frames sent, results (answers whose JPEG arrived in the window), FPS (results / seconds), round-trip latency p50/p99
-(frame sent to its JPEG received), the server's own `model_ms` p50 (its batched tick), and dropped frames. Errors
+(frame sent to its JPEG received), the server's own `model_ms` p50 (its batched tick), and dropped frames (replaced
+by a newer frame, or past the server's `--frame-budget-ms`). The p99 spread is the largest served client's p99 over
+the smallest: 1.0 when every stream sees the same tail latency. Errors
 are counted over the whole run: `error` messages, answers that never came (`--timeout`), a connection the server
 closed before the end. A client is `refused` when the server says it is full: close code 1013 or a "busy" error
 before `ready`, or HTTP 429/503 at the handshake; `failed` when the handshake or `ready` went wrong otherwise (a
@@ -36,6 +41,7 @@ import functools
 import io
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -62,6 +68,7 @@ MAX_NOTES = 5  # error messages kept per client
 @dataclass
 class ClientStats:
     client: int
+    rate: str = "full"  # full | half (--half-rate)
     status: str = "unreachable"  # served | refused | failed | unreachable
     sent: int = 0  # frames sent in the measured window
     results: int = 0  # results whose JPEG arrived in the window
@@ -135,7 +142,7 @@ def is_busy(msg: dict) -> bool:
 
 
 async def run_client(i: int, args: argparse.Namespace, window: Window, ready: list) -> ClientStats:
-    stats = ClientStats(i)
+    stats = ClientStats(i, rate="half" if i < args.half_rate else "full")
     try:
         ws = await connect(
             args.url, origin=args.origin, open_timeout=args.timeout, close_timeout=2, max_size=None,
@@ -198,12 +205,13 @@ class Answers:
     inflight: dict[int, float] = field(default_factory=dict)  # seq -> send time (the server numbers from 0 too)
     pending: dict | None = None  # a result whose JPEG comes next
 
-    def take(self, msg: str | bytes, now: float, window: Window, stats: ClientStats) -> None:
+    def take(self, msg: str | bytes, now: float, window: Window, stats: ClientStats) -> float | None:
+        """Count `msg`; returns the send time of the frame it answers (a result's JPEG, dropped, error), else None."""
         if isinstance(msg, bytes):
             if self.pending is None:
                 stats.errors += 1
                 stats.note("a binary message that follows no result")
-                return
+                return None
             result, self.pending = self.pending, None
             sent_at = self.inflight.pop(result.get("seq"), None)
             stats.results_total += 1
@@ -212,18 +220,19 @@ class Answers:
                 stats.latencies_ms.append((now - sent_at) * 1e3)
                 if isinstance(result.get("model_ms"), (int, float)):
                     stats.model_ms.append(result["model_ms"])
-            return
+            return sent_at
         reply = parse(msg)
         kind = reply.get("type")
         if kind == "result":
             self.pending = reply
         elif kind == "dropped":
-            self.inflight.pop(reply.get("seq"), None)
             stats.dropped += now in window
+            return self.inflight.pop(reply.get("seq"), None)
         elif kind == "error":
-            self.inflight.pop(reply.get("seq"), None)
             stats.errors += 1
             stats.note(str(reply.get("message", reply)))
+            return self.inflight.pop(reply.get("seq"), None)
+        return None
 
     def lost(self, timeout: float, stats: ClientStats) -> None:
         """No answer for `timeout` seconds: the frames in flight count as errors, and new ones are sent."""
@@ -239,23 +248,30 @@ async def session(ws: ClientConnection, i: int, args, window: Window, ready: lis
     ready.append(hello)
     clip = pattern_jpegs(*(args.size or (int(hello["width"]), int(hello["height"]))), args.quality)
     answers, seq = Answers(), 0
+    resume = 0.0  # a half-rate client sends nothing before this time
     while True:
-        while len(answers.inflight) < args.inflight:
+        while len(answers.inflight) < args.inflight and time.perf_counter() >= resume:
             await ws.send(clip[(seq + 7 * i) % len(clip)])  # clients start at different frames of the clip
             now = time.perf_counter()
             answers.inflight[seq] = now
             stats.sent += now in window
             seq += 1
-        left = window.end - time.perf_counter()
+        now = time.perf_counter()
+        left = window.end - now
         if left <= 0:
             return
+        pause = resume - now if len(answers.inflight) < args.inflight else math.inf  # a half-rate client's
+        wait = min(left, args.timeout, pause)
         try:
-            msg = await asyncio.wait_for(ws.recv(), min(left, args.timeout))
+            msg = await asyncio.wait_for(ws.recv(), wait)
         except asyncio.TimeoutError:  # cancelling recv loses no message
-            if time.perf_counter() < window.end:
+            if wait != pause and time.perf_counter() < window.end:
                 answers.lost(args.timeout, stats)
             continue
-        answers.take(msg, time.perf_counter(), window, stats)
+        now = time.perf_counter()
+        sent_at = answers.take(msg, now, window, stats)
+        if stats.rate == "half" and sent_at is not None:
+            resume = now + (now - sent_at)  # as long again as the round trip: half the closed-loop rate
 
 
 async def run(args: argparse.Namespace) -> tuple[list[ClientStats], list[dict]]:
@@ -288,10 +304,12 @@ def totals(stats: list[ClientStats], seconds: float) -> dict:
     lat = [v for s in stats for v in s.latencies_ms]
     count = {k: sum(s.status == k for s in stats) for k in ("served", "refused", "failed", "unreachable")}
     p50, p99 = (float(v) for v in np.percentile(lat, [50, 99])) if lat else (None, None)
+    p99s = [s.p99_ms for s in stats if s.status == "served" and s.p99_ms is not None]
     return {
         **count, "results": sum(s.results for s in stats), "fps": sum(s.results for s in stats) / seconds,
         "p50_ms": p50, "p99_ms": p99, "dropped": sum(s.dropped for s in stats),
         "errors": sum(s.errors for s in stats),
+        "p99_spread": max(p99s) / min(p99s) if len(p99s) > 1 else None,  # 1.0: every stream's tail alike
     }  # fmt: skip
 
 
@@ -300,21 +318,23 @@ def _ms(v: float | None) -> str:
 
 
 def table(stats: list[ClientStats], total: dict) -> str:
-    head = (f"{'client':<7} {'status':<11} {'sent':>6} {'results':>7} {'FPS':>7} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'model ms':>8} {'dropped':>7} {'errors':>6}")  # fmt: skip
+    head = (f"{'client':<7} {'rate':<5} {'status':<11} {'sent':>6} {'results':>7} {'FPS':>7} {'p50 ms':>8} "
+            f"{'p99 ms':>8} {'model ms':>8} {'dropped':>7} {'errors':>6}")  # fmt: skip
     rows = [head, "-" * len(head)]
     for s in stats:
         rows.append(
-            f"{s.client:<7} {s.status:<11} {s.sent:>6} {s.results:>7} {s.fps:>7.1f} {_ms(s.p50_ms):>8} "
+            f"{s.client:<7} {s.rate:<5} {s.status:<11} {s.sent:>6} {s.results:>7} {s.fps:>7.1f} {_ms(s.p50_ms):>8} "
             f"{_ms(s.p99_ms):>8} {_ms(s.model_ms_p50):>8} {s.dropped:>7} {s.errors:>6}"
         )
     rows.append("-" * len(head))
     rows.append(
-        f"{'all':<7} {'':<11} {sum(s.sent for s in stats):>6} {total['results']:>7} {total['fps']:>7.1f} "
+        f"{'all':<7} {'':<5} {'':<11} {sum(s.sent for s in stats):>6} {total['results']:>7} {total['fps']:>7.1f} "
         f"{_ms(total['p50_ms']):>8} {_ms(total['p99_ms']):>8} {'':>8} {total['dropped']:>7} {total['errors']:>6}"
     )
     rows.append(f"clients: {total['served']} served, {total['refused']} refused, {total['failed']} failed, "
                 f"{total['unreachable']} unreachable; aggregate {total['fps']:.1f} results/s")  # fmt: skip
+    if total["p99_spread"] is not None:
+        rows.append(f"p99 spread (largest client p99 / smallest): {total['p99_spread']:.2f}")
     for s in stats:
         rows.extend(f"  client {s.client}: {n}" for n in s.notes)
     return "\n".join(rows)
@@ -350,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=10.0, help="measured window (default: 10)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before the window, not measured (default: 2)")
     p.add_argument("--inflight", type=int, default=1, help="frames each client keeps at the server (default: 1)")
+    p.add_argument("--half-rate", type=int, default=0, metavar="N",
+                   help="the first N clients send at about half the rate: after each answer they wait as long as "
+                   "its round trip before sending the next frame (default: 0)")  # fmt: skip
     p.add_argument("--size", type=size, default=None, help="send WxH frames (default: the size `ready` announces)")
     p.add_argument("--quality", type=int, default=85, help="JPEG quality of the frames (default: 85, as the page)")
     p.add_argument("--origin", default=None, help="send this Origin header (default: none, as a script)")
@@ -373,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("clients", "seconds", "inflight", "timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
+    if not 0 <= args.half_rate <= args.clients:
+        parser.error(f"--half-rate must be in 0..--clients ({args.clients}), got {args.half_rate}")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     info = machine()
@@ -386,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     frame = f"{w}x{h}" if w else "no"  # no client got `ready`
     print(
         f"serve_load {args.url}: {args.clients} client(s), {frame} JPEG frames, {args.inflight} in flight each, "
-        f"{args.warmup:g} s warm-up, {args.seconds:g} s measured{f', server: {args.label}' if args.label else ''}"
+        f"{args.half_rate} at half rate, {args.warmup:g} s warm-up, {args.seconds:g} s measured"
+        f"{f', server: {args.label}' if args.label else ''}"
     )
     print(f"client machine: {info['cpu_model']}, {info['logical_cpus']} logical CPUs, load average (1 min) "
           f"{load_before[0]:.2f} before, {load_after[0]:.2f} after")  # fmt: skip

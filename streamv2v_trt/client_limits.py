@@ -40,3 +40,13 @@ class Limits:
         ),
     )
     jpeg_quality: int = 85
+    frame_budget_ms: float = field(
+        default=0.0,  # the StreamServer's deadline of every slot (serving.py): a frame older is dropped, not run
+        metadata=flag(
+            "--frame-budget-ms",
+            "a frame that waited longer than this for the model is dropped, not run (answered `dropped`), and a tick "
+            "waits for other cameras' frames no longer than the first waiting frame's budget; 0 never drops "
+            "(default: %(default)g)",
+            metavar="MS",
+        ),
+    )

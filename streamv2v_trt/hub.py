@@ -21,7 +21,7 @@ class Result:
     seq: int  # the number push() returned
     frame: Any = None  # the output frame (the input's type); None when dropped or failed
     error: BaseException | None = None  # FrameError: the client's frame; SlotLost: the stream is gone; else a fault
-    dropped: bool = False  # replaced by a newer frame before it ran
+    dropped: bool = False  # replaced by a newer frame, or past its slot's deadline (serving.py), before it ran
     latency_s: float = 0.0  # push to result
     tick_s: float = 0.0  # the batched tick that produced it (model time, shared by the tick's frames)
 

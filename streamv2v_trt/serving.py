@@ -8,6 +8,15 @@ a callback must be quick, e.g. `loop.call_soon_threadsafe`). `run(slot, fn)` run
 thread between ticks (prompt changes, resets), so a stream is never changed mid-frame; `set_loras` swaps the
 LoRA set of every slot (they share networks) the same way. It is a `Hub` (hub.py).
 
+Deadlines: a slot may have a latency budget (`frame_budget_s`, the server's, or `open(budget_s=...)`; 0 or None:
+none). The rule: when the loop turns to the waiting frames (after a tick or a job), a frame older than its slot's
+budget is dropped, not run, and delivered as dropped; the tick runs with the frames that are left. The wait for
+the other slots' frames (`gather_s`) ends at the earliest deadline of a waiting frame, so no frame outlives its
+budget there (by more than the thread's wake-up delay), and a slow or absent client holds the others back by at
+most the smallest budget. A frame pushed while the loop waits is fresh; one pushed during a tick is judged when
+that tick ends. Frames of a second size (a moved slot) wait for the first size's tick and are not judged again.
+Without budgets the loop is what it was: every waiting frame runs, and the wait lasts up to `gather_s`.
+
 Sizes: a MultiStream batch is one size, so the server keeps one MultiStream per size, all on the same networks
 (`backend.at_size`), each with the same K slots: the first one's size is where slots open, and another is opened on
 the loop thread the first time a slot asks for its size (`resize`), then kept. The one loop thread ticks each size
@@ -18,6 +27,7 @@ stream at the new size is a fresh one (the old one's prompt, seed and negative p
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -45,14 +55,17 @@ class StreamServer:
 
     def __init__(
         self, multi: MultiStream, *, prompt: str | None = None, gather_s: float = 0.02, name: str = "streamv2v-serve",
-        sizes: tuple[Size, ...] | None = None,
+        sizes: tuple[Size, ...] | None = None, frame_budget_s: float | None = None,
     ) -> None:  # fmt: skip
         """`prompt`: what every opened slot starts with (default: slot 0's now, the one `MultiStream.from_*` gave
         every slot). `gather_s`: how long a tick may wait for the other open slots' frames once one is waiting
         (at most half the last tick's time), so clients that send a frame when their last result arrives share
         ticks instead of alternating between them; 0 ticks at once. `sizes`: the sizes a slot may move to,
         (height, width) each, besides `multi`'s, where slots open (default: the networks' built sizes; eager
-        networks run any multiple of 8, so only `multi`'s size unless given)."""
+        networks run any multiple of 8, so only `multi`'s size unless given). `frame_budget_s`: every slot's latency
+        budget unless `open` gives it one (module docstring; 0 or None: none)."""
+        if frame_budget_s is not None and not frame_budget_s >= 0:
+            raise ValueError(f"frame_budget_s must be >= 0 seconds (0 or None: no deadline), got {frame_budget_s}")
         self.multi = multi
         here, built = (multi.cfg.height, multi.cfg.width), multi.sizes
         offered = [tuple(s) for s in (sizes if sizes is not None else built or ())]
@@ -65,6 +78,8 @@ class StreamServer:
         self._free_at: dict[Size, deque[int]] = {}  # free stream indices per size (all K until a slot takes one)
         self._at: dict[int, tuple[Size, int]] = {}  # open slot -> (its size, its stream's index there)
         self.gather_s = gather_s
+        self.frame_budget_s = frame_budget_s or None
+        self._budget: dict[int, float | None] = {}  # open slot -> its latency budget, None: no deadline
         self._last_tick_s = 0.0
         self.prompt = multi.slots[0].prompt if prompt is None else prompt
         self._cond = threading.Condition()
@@ -95,13 +110,17 @@ class StreamServer:
         with self._cond:
             return len(self._waiting)
 
-    def open(self) -> int | None:
+    def open(self, *, budget_s: float | None = None) -> int | None:
         """A free slot, its stream reset to `prompt` and an empty bank, or None when every slot is taken.
-        Blocks until the loop thread has reset it (at most one tick)."""
+        Blocks until the loop thread has reset it (at most one tick). `budget_s`: its frames' latency budget
+        (module docstring; default: the server's `frame_budget_s`; 0: none)."""
+        if budget_s is not None and not budget_s >= 0:
+            raise ValueError(f"budget_s must be >= 0 seconds (0: no deadline), got {budget_s}")
         with self._cond:
             if self._closed or not self._free:
                 return None
             slot = self._free.popleft()
+            self._budget[slot] = self.frame_budget_s if budget_s is None else budget_s or None
             self._at[slot] = (self.sizes[0], self._free_index(self.sizes[0]).popleft())  # K indices: never empty
             self._waiting[slot] = Latest()
         try:
@@ -123,6 +142,7 @@ class StreamServer:
             if slot not in self._waiting:
                 return
             waiting = self._waiting.pop(slot).take()
+            del self._budget[slot]
             size, index = self._at.pop(slot)
             self._free_at[size].append(index)
             self._free.append(slot)
@@ -261,22 +281,49 @@ class StreamServer:
             raise KeyError(f"slot {slot} is not open: open() one first")
 
     # -- the loop ---------------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        def frames_waiting() -> int:
-            return sum(waiting.item is not None for waiting in self._waiting.values())
+    def _frames_waiting(self) -> int:
+        return sum(waiting.item is not None for waiting in self._waiting.values())
 
+    def _late(self, now: float) -> list[Waiting]:
+        """Take the waiting frames older than their slot's budget (the lock held)."""
+        late = []
+        for slot, waiting in self._waiting.items():
+            budget = self._budget[slot]
+            if budget is not None and waiting.item is not None and now - waiting.item[2] > budget:
+                late.append(waiting.take())
+        return late
+
+    def _first_deadline(self) -> float:
+        """The earliest deadline of a waiting frame, perf_counter time (inf: none has one; the lock held)."""
+        return min((waiting.item[2] + budget for slot, waiting in self._waiting.items()
+                    if waiting.item is not None and (budget := self._budget[slot]) is not None),
+                   default=math.inf)  # fmt: skip
+
+    def _gather(self) -> None:
+        """Wait, when frames wait, for the other open slots' frames (the lock held): a batch is worth a short wait,
+        until every open slot has a frame, a command, the window's end, or the first waiting frame's deadline."""
+        if self._closed or self._jobs or not self._frames_waiting():
+            return
+        until = time.perf_counter() + min(self.gather_s, self._last_tick_s / 2)
+        while not (self._closed or self._jobs) and self._frames_waiting() < len(self._waiting):
+            left = min(until, self._first_deadline()) - time.perf_counter()
+            if left <= 0:
+                break
+            self._cond.wait(left)
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._closed or self._jobs or frames_waiting())
-                # A batch is worth a short wait: every open slot with a frame, a command, or the window's end.
-                window = min(self.gather_s, self._last_tick_s / 2)
-                self._cond.wait_for(
-                    lambda: self._closed or self._jobs or frames_waiting() >= len(self._waiting), timeout=window
-                )
-                if self._closed:
+                self._cond.wait_for(lambda: self._closed or self._jobs or self._frames_waiting())
+                late = self._late(time.perf_counter())
+            self._drop(late)  # answered before the wait: a client may send its next frame in time for this tick
+            jobs: deque = deque()
+            by_size: dict[Size, dict[int, Waiting]] = {}  # the waiting frames of each size, by stream index
+            with self._cond:
+                self._gather()
+                if self._closed:  # stop() answers the frames still waiting
                     return
                 jobs, self._jobs = self._jobs, deque()
-                by_size: dict[Size, dict[int, Waiting]] = {}  # the waiting frames of each size, by stream index
                 if not jobs:  # commands first; waiting frames stay waiting until the next turn
                     for slot, waiting in self._waiting.items():
                         frame = waiting.take()
@@ -291,6 +338,15 @@ class StreamServer:
                         future.set_exception(e)
             for size, frames in by_size.items():  # one tick per size with frames (a batch is one size)
                 self._tick(self._multis[size], frames)
+
+    @staticmethod
+    def _drop(late: list[Waiting]) -> None:
+        now = time.perf_counter()
+        for seq, _, t_push, deliver in late:
+            try:
+                deliver(Result(seq, dropped=True, latency_s=now - t_push))
+            except Exception:  # a client's callback must not stop the loop
+                log.exception("delivering a dropped frame failed")
 
     def _tick(self, multi: MultiStream, frames: dict[int, Waiting]) -> None:
         results = {}

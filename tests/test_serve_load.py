@@ -119,7 +119,8 @@ def test_clients_over_the_limit_are_refused_not_errors(server, tmp_path):
 
 class FakeServer:
     """The protocol's edge cases on demand, by path: /busy refuses as a full server does (busy error, 1013);
-    /die answers three frames, then closes with 1011 (a crashed replica); /quiet answers nothing."""
+    /die answers three frames, then closes with 1011 (a crashed replica); /quiet answers nothing; /paced answers
+    every frame 20 ms after it came (a model's tick)."""
 
     def __init__(self) -> None:
         self.server = ws_serve(self.handle, "127.0.0.1", 0)
@@ -138,6 +139,8 @@ class FakeServer:
             ws.recv()
             if path == "/quiet":
                 continue
+            if path == "/paced":
+                time.sleep(0.02)
             ws.send(
                 json.dumps({"type": "result", "seq": seq, "model_ms": 1.0, "server_ms": 1.0, "fps": 0, "dropped": 0})
             )
@@ -189,3 +192,24 @@ def test_help_names_the_module(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert capsys.readouterr().out.startswith("usage: python -m benchmarks.serve_load")
+
+
+def test_half_rate_clients_send_half_as_often(fake, tmp_path):
+    """`--half-rate 1`: client 0 waits a round trip after each answer, so it sends about half what client 1 sends;
+    each client's p99 and the spread between them are reported."""
+    args = ["--clients", "2", "--half-rate", "1", "--seconds", "2", "--warmup", "0.5"]
+    rc, report = run_load(tmp_path, fake.url + "/paced", *args)
+    assert rc == 0
+    half, full = report["clients"]
+    assert (half["rate"], full["rate"]) == ("half", "full")
+    assert half["errors"] == full["errors"] == 0 and full["sent"] > 20, report["clients"]
+    # Half of the round trips are pauses: 0.5, give or take the scheduling of a loaded 2-core machine.
+    assert 0.3 < half["sent"] / full["sent"] < 0.7, report["clients"]
+    spread = report["totals"]["p99_spread"]
+    assert spread == max(half["p99_ms"], full["p99_ms"]) / min(half["p99_ms"], full["p99_ms"])
+
+
+def test_half_rate_beyond_the_clients_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--url", "ws://127.0.0.1:1/ws", "--clients", "2", "--half-rate", "3"])
+    assert e.value.code == 2 and "--half-rate must be in 0..--clients (2), got 3" in capsys.readouterr().err

@@ -3,6 +3,7 @@ between ticks, errors that reach only their own frames, stop). The web app over 
 
 from __future__ import annotations
 
+import argparse
 import queue
 import threading
 import time
@@ -58,6 +59,7 @@ class Gated:
         self.started: queue.Queue[list[int]] = queue.Queue()
         self.faults: dict[int, Exception] = {}
         self.events: list[tuple] = []  # ("tick", slots) as ticks begin; jobs append their own
+        self.began: list[float] = []  # perf_counter time each tick began
         self._staged: list[int] = []
         self.ticks = 0
 
@@ -68,6 +70,7 @@ class Gated:
     def tick(self):
         slots, self._staged = sorted(self._staged), []
         self.events.append(("tick", slots))
+        self.began.append(time.perf_counter())
         self.started.put(slots)
         assert self.go.wait(TIMEOUT)
         out = self.multi.tick()
@@ -350,3 +353,100 @@ def test_a_lora_swap_reaches_every_size_a_slot_runs(multi, files):  # noqa: F811
             assert np.abs(inbox.get().frame.astype(int) - fused(wide(i))).max() <= 1, i
         server.set_loras([]).result(TIMEOUT)
     assert all(m.cfg.spec.loras == () for m in server.multis.values())
+
+
+# -- deadlines (a slot's latency budget) ---------------------------------------------------------------------------
+
+
+def slow_tick(server: StreamServer, gated: Gated, slot: int, seconds: float) -> None:
+    """Run one tick of `slot` that takes `seconds`: the server's gather window is then min(gather_s, seconds / 2)."""
+    inbox = Inbox()
+    gated.hold()
+    server.push(slot, frame(99), inbox)
+    assert gated.started.get(timeout=TIMEOUT) == [slot]
+    time.sleep(seconds)
+    gated.release()
+    assert inbox.get().frame is not None
+
+
+def test_a_frame_past_its_deadline_is_dropped_not_run_and_reported(multi):
+    with StreamServer(multi, prompt="a photo", frame_budget_s=0.05) as server:
+        a, b = server.open(), server.open(budget_s=0)  # b: no deadline, whatever the server's
+        inbox_a, inbox_b = Inbox(), Inbox()
+        release = hold(server, a)  # the loop is busy: both frames age past 50 ms
+        late = server.push(a, frame(0), inbox_a)
+        kept = server.push(b, frame(1), inbox_b)
+        time.sleep(0.2)
+        release.set()
+        dropped = inbox_a.get()
+        assert dropped.seq == late and dropped.dropped and dropped.frame is None and dropped.latency_s > 0.2
+        result = inbox_b.get()
+        assert result.seq == kept and result.frame is not None and result.latency_s > 0.2  # ran, however late
+        assert multi.slots[a].frame_id == 0 and multi.slots[b].frame_id == 1  # the late frame never ran
+        server.push(a, frame(2), inbox_a)  # a fresh frame of the same slot runs
+        assert inbox_a.get().frame is not None and multi.slots[a].frame_id == 1
+    with pytest.raises(ValueError, match="frame_budget_s must be >= 0"):
+        StreamServer(multi, frame_budget_s=-1)
+
+
+@pytest.mark.parametrize("budget_s", [0.05, None, 0])
+def test_a_tick_waits_for_an_absent_client_no_longer_than_the_deadline(multi, budget_s):
+    """Slot b is open and sends nothing. With a budget, a's frame starts its tick by its deadline; without one
+    (0 or None: today's rule) the tick waits the whole gather window for b, min(gather_s, last tick / 2)."""
+    gated = Gated(multi)
+    with StreamServer(gated, prompt="a photo", gather_s=10, frame_budget_s=budget_s) as server:
+        a, b = server.open(), server.open()
+        slow_tick(server, gated, a, 1.2)  # the window is now >= 0.6 s
+        inbox = Inbox()
+        t0 = time.perf_counter()
+        seq = server.push(a, frame(0), inbox)
+        assert gated.started.get(timeout=TIMEOUT) == [a]
+        waited = gated.began[-1] - t0
+        result = inbox.get()
+        assert result.seq == seq and result.frame is not None  # never dropped: the wait ends at its deadline
+        if budget_s:
+            assert waited < 0.4, waited  # 50 ms, and slack for a loaded machine; far from the 0.6 s window
+        else:
+            assert waited >= 0.6 - 0.01, waited  # 10 ms: perf_counter against the condition's own clock
+        assert multi.slots[b].frame_id == 0
+
+
+def test_a_half_rate_client_does_not_stall_the_full_rate_one(multi):
+    """Slot a sends a frame when its last result arrives, b every other time: a's ticks without b start by a's
+    deadline, not at the end of the 0.8 s gather window; b's frames, when they come, join a's tick and run."""
+    gated = Gated(multi)
+    with StreamServer(gated, prompt="a photo", gather_s=10, frame_budget_s=0.15) as server:
+        a, b = server.open(), server.open()
+        slow_tick(server, gated, a, 1.6)  # the window is now >= 0.8 s
+        inbox_a, inbox_b = Inbox(), Inbox()
+        for i in range(6):
+            if i % 2 == 0:
+                server.push(b, frame(50 + i), inbox_b)
+            t0 = time.perf_counter()
+            server.push(a, frame(i), inbox_a)
+            assert gated.started.get(timeout=TIMEOUT) == ([a, b] if i % 2 == 0 else [a]), i
+            assert gated.began[-1] - t0 < 0.5, i  # 150 ms, and slack for a loaded machine
+            assert inbox_a.get().frame is not None
+            if i % 2 == 0:
+                assert inbox_b.get().frame is not None
+        assert multi.slots[a].frame_id == 7 and multi.slots[b].frame_id == 3  # nothing dropped
+
+
+def test_serve_takes_a_frame_budget_and_refuses_bad_ones(capsys):
+    from streamv2v_trt.cli import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_parser(parser.add_subparsers())
+
+    def args(*flags: str) -> argparse.Namespace:
+        return parser.parse_args(["serve", *flags])
+
+    assert serve.limits_of(args()).frame_budget_ms == 0  # today's rule unless asked
+    assert serve.limits_of(args("--frame-budget-ms", "40")).frame_budget_ms == 40
+    for flags, message in [
+        (["--frame-budget-ms", "-1"], "error: --frame-budget-ms must be a number of milliseconds >= 0 (0: never)"),
+        (["--frame-budget-ms", "40", "--ray"], "error: --frame-budget-ms is not supported with --ray yet"),
+    ]:
+        assert serve.run(args(*flags)) == 1  # before the model loads
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err

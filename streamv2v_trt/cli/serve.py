@@ -55,7 +55,7 @@ def add_parser(subparsers) -> None:
         "holds a slot and its bank; one more is told the server is busy). Default: 4 on a GPU, 2 on the CPU; with "
         "--engines the folder's (python -m build_engines --max-streams K), and another K is refused",
     )
-    for limit in LIMIT_FLAGS:  # --max-frame-bytes, --max-frame-pixels, --idle-timeout: stated in `Limits`
+    for limit in LIMIT_FLAGS:  # --max-frame-bytes, --max-frame-pixels, --idle-timeout, ...: stated in `Limits`
         options = {k: v for k, v in limit.metadata.items() if k != "flag"}
         p.add_argument(limit.metadata["flag"], dest=limit.name, type=type(limit.default), default=limit.default,
                        **options)  # fmt: skip
@@ -135,9 +135,10 @@ def limits_of(args: argparse.Namespace) -> Limits:
         raise CliError(f"--port must be in 0..65535, got {args.port}")
     for limit in LIMIT_FLAGS:
         value = getattr(args, limit.name)
-        if limit.name == "idle_timeout_s":
+        if limit.name in ("idle_timeout_s", "frame_budget_ms"):
             if not (math.isfinite(value) and value >= 0):
-                raise CliError(f"--idle-timeout must be a number of seconds >= 0 (0: never), got {value}")
+                unit = "seconds" if limit.name == "idle_timeout_s" else "milliseconds"
+                raise CliError(f"{limit.metadata['flag']} must be a number of {unit} >= 0 (0: never), got {value}")
         elif value < 1:
             raise CliError(f"{limit.metadata['flag']} must be >= 1, got {value}")
     return Limits(**{limit.name: getattr(args, limit.name) for limit in LIMIT_FLAGS})
@@ -179,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
                     if getattr(args, k) is not None]  # fmt: skip
         if ray_only and not args.ray:
             raise CliError(f"{', '.join(ray_only)} need --ray (serve from Ray Serve)")
+        if args.ray and limits.frame_budget_ms:  # the replicas' StreamServers take no budget yet
+            raise CliError("--frame-budget-ms is not supported with --ray yet; serve without --ray to use it")
         folder = lora_folder(args)
         multi = None if args.ray else open_slots(args)
         picker = None if folder is None else lora_picker(multi, folder)
@@ -195,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     from ..serving import StreamServer
 
     logging.getLogger("uvicorn.error").addFilter(ClientTextErrors())  # kept by uvicorn's logging set-up
-    with StreamServer(multi) as hub:
+    with StreamServer(multi, frame_budget_s=limits.frame_budget_ms / 1e3) as hub:
         log.info("%d stream slots (%s backend); open %s://%s:%d in a browser", hub.capacity, multi.backend.name,
                  "https" if args.ssl_certfile else "http", args.host, args.port)  # fmt: skip
         uvicorn.run(
