@@ -86,6 +86,10 @@ class CudaGraphStream:
         # Scales: written into the buffers the graphs read. Kinds: the next frame runs (or captures) their graph.
         self.stream.update_control(scales, kinds)
 
+    def set_control_frame(self, index: int, frame: np.ndarray | torch.Tensor) -> None:
+        # Uploaded into the buffer the graphs read (ControlImages.frame), before the replay, as the input frame is.
+        self.stream.set_control_frame(index, frame)
+
     def set_loras(self, loras: LoraSet, *, reset: bool = False) -> None:
         # In place into the weights the graphs read (queued on the caller's stream, which the next frame waits
         # for, after the last frame's work): the next replay runs the new set, no recapture.

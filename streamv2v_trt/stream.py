@@ -46,6 +46,11 @@ class Stream(Protocol):
         next frame on; no reset. A stream without ControlNets takes only empty tuples."""
         ...
 
+    def set_control_frame(self, index: int, frame: np.ndarray | torch.Tensor) -> None:
+        """The next frame's control image of ControlNet `index` when its kind is "video": a user-made frame,
+        uint8 HxWx3 RGB of the stream's size (outside a captured graph: a host upload)."""
+        ...
+
     def reset(self) -> None:
         """Forget the stream (empty bank, empty stream batch); the prompt stays."""
         ...

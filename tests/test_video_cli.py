@@ -232,3 +232,116 @@ def test_fit_stream_resizes_to_the_nearest_built_size_unless_one_was_chosen():
     assert out.shape == (48, 80, 3)
     fit_stream(stream, 500, 480)
     assert size() == (64, 64)
+
+
+# -- ControlNet: --controlnet (the networks), --control KIND[:SCALE] (what each is shown), --control-video FILE ----
+CONTROLNET = ["--controlnet", "tiny"]
+
+
+def decoded(path: Path) -> np.ndarray:
+    _, frames = read_all(path)
+    return np.stack([f.image for f in frames]).astype(np.int16)  # [N, H, W, 3]
+
+
+def test_control_scale_reaches_the_stream(clip, tmp_path):
+    runs = {"none": [], "zero": [*CONTROLNET, "--control", "canny:0"], "canny": [*CONTROLNET, "--control", "canny:0.8"]}
+    out = {}
+    for name, flags in runs.items():
+        assert main(["video", str(clip), str(tmp_path / f"{name}.mp4"), "--prompt", "x", *SIZE, *flags]) == 0
+        out[name] = decoded(tmp_path / f"{name}.mp4")
+    assert out["none"].shape == out["canny"].shape == (12, 64, 64, 3)
+    # A scale of 0 adds exactly nothing: the same frames as without a ControlNet, so the same encoded video.
+    assert np.array_equal(out["zero"], out["none"])
+    assert np.abs(out["canny"] - out["none"]).mean() > 1.0  # the ControlNet changes the output
+
+
+def test_control_video_frames_are_the_control_images(clip, tmp_path):
+    # The input itself as the control video: kind video then sees the frames kind frame makes from the input.
+    frame, video = tmp_path / "frame.mp4", tmp_path / "video.mp4"
+    assert main(["video", str(clip), str(frame), "--prompt", "x", *SIZE, *CONTROLNET, "--control", "frame"]) == 0
+    flags = [*CONTROLNET, "--control", "video:1", "--control-video", str(clip)]
+    assert main(["video", str(clip), str(video), "--prompt", "x", *SIZE, *flags]) == 0
+    assert np.array_equal(decoded(video), decoded(frame))
+    # Another control video (the pan in negative) changes the output.
+    other = tmp_path / "negative.mp4"
+    write_clip(other, [255 - f for f in pan_frames(12)])
+    flags[-1] = str(other)
+    assert main(["video", str(clip), str(tmp_path / "o.mp4"), "--prompt", "x", *SIZE, *flags]) == 0
+    assert np.abs(decoded(tmp_path / "o.mp4") - decoded(frame)).mean() > 1.0
+
+
+def test_a_control_video_shorter_than_declared_leaves_a_playable_partial_output(tmp_path, capsys):
+    clip, full = tmp_path / "clip.mp4", tmp_path / "full.mp4"
+    write_clip(clip, pan_frames(24))
+    write_clip(full, [255 - f for f in pan_frames(24)])
+    data_ = full.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data_[: int(len(data_) * 0.8)])  # declares 24 frames, decodes fewer: found mid-run
+    out = tmp_path / "out.mp4"
+    flags = [*CONTROLNET, "--control", "video:1", "--control-video", str(cut)]
+    assert main(["video", str(clip), str(out), "--prompt", "x", *SIZE, *flags]) == 1
+    captured = capsys.readouterr()
+    assert "error:" in captured.err and "Traceback" not in captured.err
+    assert str(cut) in captured.err and "frames before it" in captured.err
+    frames = decoded(out)  # the partial output decodes to the end
+    assert 0 < len(frames) < 24
+    assert f"{len(frames)} frames" in captured.out
+
+
+@pytest.mark.parametrize(
+    "make, flags, said",
+    [
+        (lambda p: write_clip(p, pan_frames(6)), [], "has 6 frames, the input 12"),
+        (lambda p: write_clip(p, [np.zeros((64, 96, 3), np.uint8)] * 12), [], "another aspect ratio"),
+        (lambda p: write_clip(p, pan_frames(12)), ["--control", "frame"], "0 ControlNet(s) of kind video"),
+        (lambda p: p.write_bytes(b"not a video"), [], "control.mp4"),
+    ],
+)
+def test_unusable_control_videos_fail_before_loading(clip, tmp_path, capsys, make, flags, said):
+    control, out = tmp_path / "control.mp4", tmp_path / "out.mp4"
+    make(control)
+    flags = flags or ["--control", "video:0.5"]
+    args = ["video", str(clip), str(out), "--prompt", "x", *SIZE, *CONTROLNET, *flags, "--control-video", str(control)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--control", "canny"], "no ControlNet; add --controlnet"),
+        ([*CONTROLNET, "--control", "canny,frame"], "2 control(s) for 1 ControlNet(s)"),
+        ([*CONTROLNET, "--control", "depth:1"], "control kind 'depth' is unknown"),
+        ([*CONTROLNET, "--control", "canny:x"], "is not a number"),
+        ([*CONTROLNET, "--control", "canny:-1"], "finite number >= 0"),
+        ([*CONTROLNET, "--control", "video"], "1 ControlNet(s) of kind video"),
+    ],
+)
+def test_control_flag_mistakes_are_one_line(clip, tmp_path, capsys, flags, said):
+    assert main(["video", str(clip), str(tmp_path / "o.mp4"), "--prompt", "x", *SIZE, *flags]) == 1
+    err = capsys.readouterr().err
+    assert said in err and err.startswith("error:") and "Traceback" not in err, err
+
+
+def test_a_control_video_that_ends_first_stops_the_run_with_its_frames_written(clip, tmp_path):
+    # A container that does not declare a length is only found short mid-run: translate_video stops there.
+    from streamv2v_trt.cli.video import translate_video
+    from streamv2v_trt.config import StreamConfig
+    from streamv2v_trt.opening import open_stream
+    from streamv2v_trt.source import Source
+    from streamv2v_trt.spec import EngineSpec
+    from streamv2v_trt.video_io import VideoWriter
+
+    spec = EngineSpec.resolve("tiny", height=64, width=64, controlnets=("tiny",))
+    stream = open_stream(Source(device="cpu"), StreamConfig(spec, control_kinds=("video",)), prompt="x")
+    short = tmp_path / "short.mp4"
+    write_clip(short, pan_frames(5))
+    out = tmp_path / "out.mp4"
+    with VideoReader(clip) as reader, VideoReader(short) as control:
+        writer = VideoWriter(out, 64, 64, Fraction(FPS))
+        report = translate_video(stream, reader, writer, controls=[(0, control)])
+    assert "ended after 5 frames" in report.error and str(short) in report.error
+    assert report.frames_in == report.frames_out == 5
+    assert len(decoded(out)) == 5  # playable, every frame that had a control image

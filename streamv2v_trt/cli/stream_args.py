@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import GUIDED_SCALE, BankConfig, SimilarFilterConfig, StreamConfig
+from ..control_images import ControlKind
 from ..flags import add_flags, field_default, option, values
 from ..flavours import ENGINE_BACKENDS, BackendKind, folder_backend
 from ..frame_sizes import size_text
@@ -41,7 +42,7 @@ class CliError(RuntimeError):
 
 # Flags that come from config fields (help and defaults there): what a build fixes (compared with a folder's spec),
 # where the networks come from, and the runtime settings.
-FIXED_FLAGS = ("model", "height", "width", "steps", "bank", "bank_frames", "vae")
+FIXED_FLAGS = ("model", "height", "width", "steps", "bank", "bank_frames", "vae", "controlnets")
 SOURCE_FLAGS = ("engines", "backend", "device", "threads", "compile", "cuda_graphs")
 FOLDER_S = ", or the build folder's"
 
@@ -62,7 +63,41 @@ def add_stream_args(parser: argparse.ArgumentParser, *, live: bool = False) -> N
     add_flags(f, StreamConfig, ["prime"], defaults={"prime": live})
     filter_on = "on, off with --cuda-graphs" if live else "off"
     add_flags(f, SimilarFilterConfig, FILTER_FLAGS, unset=FILTER_FLAGS, defaults={"enabled": filter_on})
+    f.add_argument(
+        "--control",
+        metavar="KIND[:SCALE][,..]",
+        help=f"per --controlnet, in order: what it is shown ({', '.join(k.value for k in ControlKind)}) and its "
+        "conditioning scale (default 1; 0 adds nothing). Default: frame:1 each",
+    )
     parser.set_defaults(live=live)
+
+
+def parse_controls(text: str, controlnets: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """`--control KIND[:SCALE][,..]` -> (kinds, scales), one per ControlNet of `--controlnet`. CliError."""
+    if not controlnets:
+        raise CliError(f"--control {text} has no effect: no ControlNet; add --controlnet NAME_OR_PATH or drop the flag")
+    kinds, scales = [], []
+    for part in text.split(","):
+        kind, _, scale = part.strip().partition(":")
+        if kind not in {k.value for k in ControlKind}:
+            raise CliError(
+                f"--control {text}: control kind {kind!r} is unknown; use one of "
+                f"{', '.join(k.value for k in ControlKind)} (KIND[:SCALE], e.g. canny:0.8)"
+            )
+        try:
+            value = float(scale) if scale else 1.0
+        except ValueError:
+            raise CliError(f"--control {text}: scale {scale!r} of {kind} is not a number (KIND[:SCALE])") from None
+        if not (math.isfinite(value) and value >= 0):
+            raise CliError(f"--control {text}: the scale of {kind} must be a finite number >= 0, got {value}")
+        kinds.append(kind)
+        scales.append(value)
+    if len(kinds) != len(controlnets):
+        raise CliError(
+            f"--control {text} gives {len(kinds)} control(s) for {len(controlnets)} ControlNet(s) "
+            f"{','.join(controlnets)}: give one KIND[:SCALE] per --controlnet, in order"
+        )
+    return tuple(kinds), tuple(scales)
 
 
 def device_of(name: str) -> torch.device:
@@ -177,10 +212,17 @@ def stream_config(args: argparse.Namespace, spec: EngineSpec) -> StreamConfig:
         if not (math.isfinite(chosen[name]) and ok(chosen[name])):  # nan fails every comparison
             raise CliError(f"{option(cls, name)} must be {must}, got {chosen[name]}")
     similar_filter.update(enabled=similar, seed=runtime["seed"])
+    control = {}
+    if args.control is not None:
+        kinds, scales = parse_controls(args.control, spec.controlnets)
+        if ControlKind.VIDEO.value in kinds and not hasattr(args, "control_video"):
+            raise CliError(f"--control {args.control}: kind video takes its frames from --control-video FILE, a flag "
+                           "of the video command; use another kind here")  # fmt: skip
+        control = {"control_kinds": kinds, "controlnet_scales": scales}
     try:
         return StreamConfig(
             spec, t_index_list=t_index, **runtime, bank=BankConfig(seed=runtime["seed"]),
-            similar_filter=SimilarFilterConfig(**similar_filter),
+            similar_filter=SimilarFilterConfig(**similar_filter), **control,
         )  # fmt: skip
     except ValueError as e:
         raise CliError(str(e)) from e

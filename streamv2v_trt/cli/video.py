@@ -6,6 +6,13 @@ ratio first, then area), unless --height/--width name one; otherwise the stream'
 or --height/--width). Any failure prints one `error:` line. A run that fails part-way (a decode error mid-file,
 Ctrl-C) leaves a playable file with the frames translated so far; an input that cannot be opened, or yields no
 frame, leaves no output file at all.
+
+ControlNets (`--controlnet NAME_OR_PATH[,..]`, the networks) are shown what `--control KIND[:SCALE][,..]` says, one
+per ControlNet. Kind video reads user-made control frames (depth, pose, ...) from `--control-video FILE`, one file
+per ControlNet of that kind, in order: frame i of the control video is the control image of input frame i, cropped
+and resized as the input frames are. A control video must have the input's aspect ratio (else the crops would not
+line up) and at least as many frames: a shorter one is refused before loading when the containers declare their
+lengths, and otherwise stops the run where it ends (a playable partial output, as for a decode error).
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ import logging
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +31,13 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ..config import StreamConfig
 from ..console import HelpFormatter, device_and_threads
 from ..frame_sizes import nearest_size, size_text
 from ..images import fit_to_size
 from ..opening import open_stream
 from ..stream import Stream
-from ..video_io import VideoError, VideoReader, VideoWriter, check_output_path
+from ..video_io import VideoError, VideoInfo, VideoReader, VideoWriter, check_output_path
 from .stream_args import CliError, add_stream_args, opening, stream_request
 
 log = logging.getLogger(__name__)
@@ -53,6 +62,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--prompt", required=True, help="what the video should become")
     p.add_argument("--max-frames", type=int, help="stop after this many input frames")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--control-video",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="control frames for a ControlNet of kind video (--control video:SCALE), one FILE per such ControlNet "
+        "in order; repeatable. Same aspect ratio as the input and at least as many frames",
+    )
     add_stream_args(p)
     p.set_defaults(func=run)
 
@@ -86,6 +104,7 @@ def translate_video(
     *,
     max_frames: int | None = None,
     on_frame: Callable[[TranslateReport], None] | None = None,
+    controls: Sequence[tuple[int, VideoReader]] = (),
 ) -> TranslateReport:
     """Translate every frame of `reader` into `writer` with `stream` (any `Stream`); frame i out = frame i in.
 
@@ -93,6 +112,9 @@ def translate_video(
     dropped and the last input frame is pushed again at the end to flush, so the output has exactly the
     input's frames and timestamps. A read error stops the run and is returned in `report.error`; the
     writer is always closed, so the output is playable. KeyboardInterrupt also finalises the output.
+
+    `controls`: (ControlNet index, reader) pairs of control videos (kind video): frame i of each is the control
+    image of input frame i. A control video that ends first stops the run as a read error does.
     """
     cfg = stream.cfg
     delay = cfg.steps - 1
@@ -100,6 +122,7 @@ def translate_video(
     report = TranslateReport()
     start = time.perf_counter()
     last: np.ndarray | None = None
+    control_frames = [(index, c, c.frames()) for index, c in controls]
 
     def push(image: np.ndarray, pts: int | None) -> None:
         t0 = time.perf_counter()
@@ -116,6 +139,14 @@ def translate_video(
     try:
         try:
             for frame in reader.frames(max_frames, on_audio=writer.mux_audio):
+                for index, control, frames in control_frames:  # before the frame counts: it may not run
+                    image = next(frames, None)
+                    if image is None:
+                        raise VideoError(
+                            f"control video {control.info.path} ended after {report.frames_in} frames, before the "
+                            f"input did: give a control video as long as the input (or --max-frames {report.frames_in})"
+                        )
+                    stream.set_control_frame(index, fit_to_size(image.image, cfg.height, cfg.width))
                 report.frames_in += 1
                 last = fit_to_size(frame.image, cfg.height, cfg.width)
                 push(last, frame.pts)
@@ -133,6 +164,38 @@ def translate_video(
         report.seconds = time.perf_counter() - start
         writer.close()
     return report
+
+
+def control_videos(
+    args: argparse.Namespace, cfg: StreamConfig, *, info: VideoInfo, resources: ExitStack
+) -> list[tuple[int, VideoReader]]:
+    """The `--control-video` readers, each paired with its ControlNet (the kind-video ones, in order), opened into
+    `resources` and checked against the input before any model loads: count, aspect ratio, declared length."""
+    indices = [i for i, kind in enumerate(cfg.control_kinds) if kind == "video"]
+    if len(args.control_video) != len(indices):
+        raise CliError(
+            f"{len(args.control_video)} --control-video file(s) for {len(indices)} ControlNet(s) of kind video "
+            f"(--control {args.control or 'not given: frame each'}): give one --control-video FILE per video:SCALE"
+        )
+    needed = min(info.expected_frames, args.max_frames or info.expected_frames)
+    controls = []
+    for index, path in zip(indices, args.control_video):
+        reader = resources.enter_context(VideoReader(path))
+        c = reader.info
+        # fit_to_size crops each video to the stream's aspect ratio around its center: the same region only when
+        # both have one aspect ratio (1%: encoders round odd sizes to even ones).
+        if abs(c.width * info.height - info.width * c.height) > 0.01 * info.width * c.height:
+            raise CliError(
+                f"control video {path} is {c.width}x{c.height}, the input {info.width}x{info.height}: another aspect "
+                "ratio, so their crops would not line up; make the control video from the input (same aspect ratio)"
+            )
+        if c.expected_frames and needed and c.expected_frames < needed:
+            raise CliError(
+                f"control video {path} has {c.expected_frames} frames, the input {needed} to translate: give a "
+                f"control video as long as the input (or --max-frames {c.expected_frames})"
+            )
+        controls.append((index, reader))
+    return controls
 
 
 def fit_stream(stream: Stream, height: int, width: int, *, chosen: bool = False) -> None:
@@ -162,9 +225,10 @@ def run(args: argparse.Namespace) -> int:
         reader = VideoReader(args.input)  # before loading the model: a bad input fails in milliseconds
     except VideoError as e:
         return _fail(str(e))
-    with reader:
+    with reader, ExitStack() as resources:
         try:
             source, cfg = stream_request(args)
+            controls = control_videos(args, cfg, info=reader.info, resources=resources)
             with opening(source.engines, cfg.spec.model):
                 stream = open_stream(source, cfg, prompt=args.prompt, negative_prompt=args.negative_prompt or "")
             info = reader.info
@@ -199,7 +263,9 @@ def run(args: argparse.Namespace) -> int:
                 bar.refresh()
 
             try:
-                report = translate_video(stream, reader, writer, max_frames=args.max_frames, on_frame=on_frame)
+                report = translate_video(
+                    stream, reader, writer, max_frames=args.max_frames, on_frame=on_frame, controls=controls
+                )
             finally:
                 bar.close()
     # The thread count torch runs with: the --threads policy open_stream applied (1 on a CPU by default).
