@@ -191,6 +191,11 @@ def canny(
     return hysteresis(weak, strong, steps)
 
 
+def control_to_uint8(image: torch.Tensor) -> np.ndarray:
+    """A control image [1, 3, H, W] in [0, 1] -> uint8 HxWx3 on the host (to show it: a host sync)."""
+    return (image[0].float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
 class ControlImages:
     """The control image of one stream: [1, 3, H, W] in [0, 1] in a buffer made once, refilled per frame.
 

@@ -56,6 +56,7 @@ class Hub(Protocol):
     height: int
     sizes: tuple[tuple[int, int], ...]  # (height, width) of every size a slot may `resize` to, the opening one first
     prompt: str  # the prompt a freshly opened slot starts with
+    controls: tuple[tuple[str, float], ...]  # each ControlNet's (control kind, scale) in a fresh slot; (): none
 
     def open(self) -> Any | None:
         """A free slot (fresh stream: empty bank, `prompt`), or None when every slot is taken; `NotReady` when
@@ -72,6 +73,14 @@ class Hub(Protocol):
     def update_prompt(self, slot: Any, prompt: str) -> Future: ...
 
     def reset(self, slot: Any) -> Future: ...
+
+    def update_control(self, slot: Any, scales: tuple[float, ...]) -> Future:
+        """The slot's ControlNet scales (one per `controls`) from its next frame on; the other slots keep theirs."""
+        ...
+
+    def control_image(self, slot: Any, index: int) -> Future:
+        """ControlNet `index`'s control image of the slot's newest frame: uint8 HxWx3 (to show it, now and then)."""
+        ...
 
     def resize(self, slot: Any, height: int, width: int) -> Future:
         """The slot's stream at that size from its next frame on, a new scene (prompt kept, bank empty); frames of

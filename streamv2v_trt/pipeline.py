@@ -332,6 +332,13 @@ class StreamV2V:
             raise IndexError(f"ControlNet {index}: this stream has {len(self._controls)} ControlNet(s)")
         self._controls[index].set_frame(frame)  # ValueError: its kind is not "video"
 
+    def control_image(self, index: int) -> torch.Tensor:
+        """ControlNet `index`'s control image of the newest frame that entered: [1, 3, H, W] in [0, 1], the buffer
+        the next frame overwrites (copy it to keep it); zeros before the first frame."""
+        if not 0 <= index < len(self._controls):
+            raise IndexError(f"ControlNet {index}: this stream has {len(self._controls)} ControlNet(s)")
+        return self._controls[index].image
+
     def _sync_control(self) -> None:
         """The control buffers and makers of the current size follow `cfg`: scales written, changed kinds made."""
         for buffer, scale in zip(self.control_scale, self.cfg.controlnet_scales):

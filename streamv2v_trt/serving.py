@@ -5,8 +5,9 @@ Per slot one frame waits at most (`hub.Latest`): a newer push replaces it (lates
 reported as dropped), so a slow tick never builds up latency. The loop takes the waiting frame of every slot, runs
 one batched `MultiStream` tick, and hands each slot its result through its `deliver` callback (on the loop thread:
 a callback must be quick, e.g. `loop.call_soon_threadsafe`). `run(slot, fn)` runs `fn(stream)` on the loop
-thread between ticks (prompt changes, resets), so a stream is never changed mid-frame; `set_loras` swaps the
-LoRA set of every slot (they share networks) the same way. It is a `Hub` (hub.py).
+thread between ticks (prompt changes, resets, ControlNet scales, a control image to show), so a stream is never
+changed mid-frame; `set_loras` swaps the LoRA set of every slot (they share networks) the same way. It is a
+`Hub` (hub.py).
 
 Deadlines: a slot may have a latency budget (`frame_budget_s`, the server's, or `open(budget_s=...)`; 0 or None:
 none). The rule: when the loop turns to the waiting frames (after a tick or a job), a frame older than its slot's
@@ -35,6 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from .control_images import control_to_uint8
 from .frame_sizes import size_text
 from .frames import FrameError
 from .hub import Deliver, Hub, Latest, Result, SizeUnavailable
@@ -130,10 +132,18 @@ class StreamServer:
             raise
         return slot
 
+    @property
+    def controls(self) -> tuple[tuple[str, float], ...]:
+        """Each ControlNet's (control kind, scale) in a freshly opened slot; () without ControlNets."""
+        return tuple(zip(self.multi.cfg.control_kinds, self.multi.cfg.controlnet_scales))
+
     def _fresh(self, stream: StreamV2V) -> None:
-        """A stream as a new client expects it: the starting prompt (the last client may have changed it), empty."""
+        """A stream as a new client expects it: the starting prompt and ControlNet scales (the last client may have
+        changed them), empty."""
         if stream.prompt != self.prompt:
             stream.update_prompt(self.prompt)
+        if stream.cfg.controlnet_scales != self.multi.cfg.controlnet_scales:
+            stream.update_control(scales=self.multi.cfg.controlnet_scales)
         stream.reset()
 
     def close(self, slot: int) -> None:
@@ -177,6 +187,14 @@ class StreamServer:
 
     def update_prompt(self, slot: int, prompt: str) -> Future:
         return self.run(slot, lambda stream: stream.update_prompt(prompt))
+
+    def update_control(self, slot: int, scales: tuple[float, ...]) -> Future:
+        return self.run(slot, lambda stream: stream.update_control(scales=scales))
+
+    def control_image(self, slot: int, index: int) -> Future:
+        """ControlNet `index`'s control image of the slot's newest frame, uint8 HxWx3 (a copy to the host: for a
+        view, not per frame)."""
+        return self.run(slot, lambda stream: control_to_uint8(stream.control_image(index)))
 
     def reset(self, slot: int) -> Future:
         return self.run(slot, lambda stream: stream.reset())
@@ -223,6 +241,7 @@ class StreamServer:
         moved = multi.slots[index]
         moved.update_prompt(stream.prompt, negative_prompt=stream.negative_prompt)
         moved.update_seed(stream.seed)
+        moved.update_control(scales=stream.cfg.controlnet_scales, kinds=stream.cfg.control_kinds)
         moved.reset()
         with self._cond:
             if slot not in self._at:  # closed meanwhile: its old stream went back with it

@@ -155,7 +155,7 @@ def open_session(url: str):
     ws = connect(url)
     msg = json.loads(ws.recv(timeout=TIMEOUT))
     ready = {"type": "ready", "width": 64, "height": 64, "prompt": "a photo", "max_frame_bytes": 2 << 20}
-    assert msg == {**ready, "sizes": ["64x64"]}, msg  # Ray serving runs the replicas' one size
+    assert msg == {**ready, "sizes": ["64x64"], "controls": []}, msg  # Ray serving runs the replicas' one size
     return ws
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -33,6 +35,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from streamv2v_trt import StreamV2V  # noqa: E402
 from streamv2v_trt.cli import serve  # noqa: E402
 from streamv2v_trt.cli.stream_args import CliError  # noqa: E402
+from streamv2v_trt.control_images import ControlImages, control_to_uint8  # noqa: E402
+from streamv2v_trt.frames import uint8_to_image  # noqa: E402
 from streamv2v_trt.hub import NotReady, Result, SlotLost  # noqa: E402
 from streamv2v_trt.images import fit_to_size  # noqa: E402
 from streamv2v_trt.multistream import MultiStream  # noqa: E402
@@ -123,6 +127,7 @@ class SpyHub:
         self.capacity, self.width, self.height = server.capacity, server.width, server.height
         self.sizes = server.sizes
         self.prompt = server.prompt
+        self.controls = server.controls
         self.opened: list[int] = []
         self.closed: list[int] = []
         self.outputs: dict[int, list[np.ndarray]] = defaultdict(list)
@@ -165,6 +170,12 @@ class SpyHub:
 
     def resize(self, slot: int, height: int, width: int):
         return self.server.resize(slot, height, width)
+
+    def update_control(self, slot: int, scales):
+        return self.server.update_control(slot, scales)
+
+    def control_image(self, slot: int, index: int):
+        return self.server.control_image(slot, index)
 
     def set_loras(self, loras):
         return self.server.set_loras(loras)
@@ -229,7 +240,7 @@ def test_page_and_ready_message(hub):
         with client.websocket_connect("/ws") as ws:
             assert ws.receive_json() == {
                 "type": "ready", "width": 64, "height": 64, "prompt": "a photo", "max_frame_bytes": 2 * 1024 * 1024,
-                "sizes": ["64x64"],
+                "sizes": ["64x64"], "controls": [],
             }  # fmt: skip
 
 
@@ -356,7 +367,7 @@ def test_a_session_cancelled_by_its_server_ends_with_the_servers_cancellation():
     closes, at any moment of the session's shutdown; the CancelledError that leaves the session must be the scope's
     own, or it escapes the scope (TestClient then raised CancelledError on leaving a socket)."""
 
-    hub = argparse.Namespace(width=64, height=64, prompt="a photo", sizes=((64, 64),))  # all a session reads here
+    hub = argparse.Namespace(width=64, height=64, prompt="a photo", sizes=((64, 64),), controls=())  # all it reads
 
     async def session(hangup: int, cancel: int) -> bool:
         with anyio.CancelScope() as scope:
@@ -487,7 +498,7 @@ def test_busy_server_and_a_disconnect_frees_its_slot_for_a_fresh_stream(live_ser
         with connect(url) as again:
             assert json.loads(again.recv(timeout=TIMEOUT)) == {
                 "type": "ready", "width": 64, "height": 64, "prompt": "a photo", "max_frame_bytes": 2 * 1024 * 1024,
-                "sizes": ["64x64"],
+                "sizes": ["64x64"], "controls": [],
             }  # fmt: skip
             # the server's prompt, not the last client's
             assert spy.opened[-1] == slot
@@ -773,6 +784,8 @@ def test_serve_refuses_bad_flags_in_one_line_before_loading(capsys):
         (["--idle-timeout", "nan"], "error: --idle-timeout must be a number of seconds >= 0 (0: never), got nan"),
         (["--cuda-graphs", "--device", "cpu"], "error: --cuda-graphs needs a CUDA GPU, the streams run on cpu"),
         (["--backend", "tensorrt"], "error: --backend tensorrt runs a build folder: add --engines DIR"),
+        (["--ray", "--controlnet", "tiny"], "error: --controlnet is not supported with --ray yet"),
+        (["--controlnet", "tiny", "--control", "video"], "error: --control video: kind video takes its frames from"),
     ]:
         assert serve.run(serve_args(*argv)) == 1
         err = capsys.readouterr().err
@@ -996,3 +1009,119 @@ def test_browser_lora_picker(live_server, lora_hub, lora_dir, multi):
         assert "matches no Linear" in page.inner_text("#error") and page.input_value("#lora") == "b.safetensors"
         received = page.evaluate("window.streamStats.received")
         page.wait_for_function(f"window.streamStats.received >= {received + 2}", timeout=30_000)
+
+
+# -- ControlNet: per-connection scales and a view of the control image ({"type": "control"}) -----------------------
+@pytest.fixture(scope="module")
+def control_multi() -> MultiStream:
+    """`serve --controlnet tiny --control canny:0.5` on 2 slots of the tiny model, 64x64, on the CPU."""
+    args = serve_args("--streams", "2", "--height", "64", "--width", "64", "--prompt", "a photo", "--device", "cpu",
+                      "--controlnet", "tiny", "--control", "canny:0.5", "--no-similar-filter")  # fmt: skip
+    return serve.open_slots(args)
+
+
+@pytest.fixture
+def control_hub(control_multi):
+    servers: list[StreamServer] = []
+
+    def make() -> SpyHub:
+        servers.append(StreamServer(control_multi, prompt="a photo"))
+        return SpyHub(servers[-1])
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def test_each_connection_has_its_own_control_scale(control_hub, control_multi):
+    spy = control_hub()
+    # A stream by itself at scale 0: the first connection's frames after its scale message.
+    zero = StreamV2V.from_pretrained(dataclasses.replace(control_multi.cfg, controlnet_scales=(0.0,)), prompt="a photo")
+    with TestClient(make_app(spy)) as client:
+        with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
+            for ws in (a, b):
+                assert ws.receive_json()["controls"] == [{"kind": "canny", "scale": 0.5}]
+            a.send_text('{"type": "control", "scales": [0]}')
+            assert a.receive_json() == {"type": "control", "scales": [0.0], "show": False}
+            first, second = (control_multi.slots[slot] for slot in spy.opened)
+            assert first.cfg.controlnet_scales == (0.0,) and second.cfg.controlnet_scales == (0.5,)
+            for seed in range(2):
+                a.send_bytes(jpeg(seed=seed))
+                receive_result(a)
+                assert_same(spy.outputs[spy.opened[0]][-1], zero(codec.decode_frame(jpeg(seed=seed), Limits(), 64, 64)))
+        wait_until(lambda: len(spy.closed) == 2, "the slots were not given back")
+        # A slot opened again has the server's scale, not the last client's.
+        with client.websocket_connect("/ws") as c, client.websocket_connect("/ws") as d:
+            c.receive_json(), d.receive_json()
+            assert all(control_multi.slots[s].cfg.controlnet_scales == (0.5,) for s in spy.opened[2:])
+
+
+def test_the_control_image_is_shown_on_request(control_hub):
+    spy = control_hub()
+    with TestClient(make_app(spy)) as client, client.websocket_connect("/ws") as ws:
+        ws.receive_json()
+        ws.send_text('{"type": "control", "show": true}')
+        assert ws.receive_json() == {"type": "control", "scales": [0.5], "show": True}
+        ws.send_bytes(jpeg(seed=3))
+        receive_result(ws)
+        msg = ws.receive_json()
+        assert msg["type"] == "control_image" and msg["index"] == 0
+        shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(msg["jpeg"]))))
+        # The canny edges of the frame the slot last took, as the server encodes them (same encoder, same quality).
+        frame = codec.decode_frame(jpeg(seed=3), Limits(), 64, 64)
+        edges = ControlImages("canny", 64, 64)(uint8_to_image(torch.from_numpy(frame), torch.float32))
+        want = codec.encode_jpeg(control_to_uint8(edges), Limits().jpeg_quality)
+        assert np.array_equal(shown, np.asarray(Image.open(io.BytesIO(want))))
+        assert 0 < (control_to_uint8(edges) > 0).mean() < 0.5  # edges, not a blank or full image
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"type": "control"}', 'needs "scales"'),
+        ('{"type": "control", "scales": [0.5, 0.5]}', "a list of 1 number(s) from 0 to 2"),
+        ('{"type": "control", "scales": [3]}', "from 0 to 2"),
+        ('{"type": "control", "scales": [true]}', "from 0 to 2"),
+        ('{"type": "control", "scales": "0.5"}', "from 0 to 2"),
+        ('{"type": "control", "scales": [NaN]}', "from 0 to 2"),
+        ('{"type": "control", "show": 1}', '"show" must be true or false'),
+    ],
+)
+def test_bad_control_messages_change_nothing_and_the_socket_keeps_working(control_hub, control_multi, text, message):
+    spy = control_hub()
+    with TestClient(make_app(spy)) as client, client.websocket_connect("/ws") as ws:
+        ws.receive_json()
+        ws.send_text(text)
+        reply = ws.receive_json()
+        assert reply["type"] == "error" and message in reply["message"], reply
+        assert control_multi.slots[spy.opened[0]].cfg.controlnet_scales == (0.5,)
+        ws.send_bytes(jpeg())
+        assert receive_result(ws)[1].shape == (64, 64, 3)
+
+
+def test_a_server_without_controlnets_says_how_to_run_them(hub):
+    with TestClient(make_app(hub())) as client, client.websocket_connect("/ws") as ws:
+        ws.receive_json()
+        ws.send_text('{"type": "control", "scales": [1]}')
+        reply = ws.receive_json()
+        assert reply["type"] == "error" and "serve --controlnet" in reply["message"]
+
+
+@needs_chromium
+def test_browser_control_slider_and_view(live_server, hub, control_hub, control_multi):
+    """The ControlNet section shows only on a server with ControlNets; its slider sets this connection's scale and
+    the box shows the control image."""
+    with chromium_page(live_server(hub()) + "/?source=pattern") as page:
+        wait_for_output(page, 1)
+        assert page.evaluate("document.getElementById('control-controls').hidden") is True
+    spy = control_hub()
+    with chromium_page(live_server(spy) + "/?source=pattern") as page:
+        wait_for_output(page, 1)
+        assert page.evaluate("document.getElementById('control-controls').hidden") is False
+        page.fill("#control-scale-0", "1.5")  # a range input: sets the value and fires input and change
+        page.wait_for_function("window.streamStats.controlScales[0] === 1.5", timeout=10_000)
+        assert control_multi.slots[spy.opened[0]].cfg.controlnet_scales == (1.5,)
+        page.check("#control-show")
+        page.wait_for_function("window.streamStats.controlImages >= 1", timeout=30_000)
+        page.wait_for_function("document.getElementById('control-image').naturalWidth === 64", timeout=10_000)
+        assert page.evaluate("document.getElementById('control-view').hidden") is False

@@ -182,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"{', '.join(ray_only)} need --ray (serve from Ray Serve)")
         if args.ray and limits.frame_budget_ms:  # the replicas' StreamServers take no budget yet
             raise CliError("--frame-budget-ms is not supported with --ray yet; serve without --ray to use it")
+        if args.ray and args.controlnet:  # the page's control messages would have to reach each replica
+            raise CliError("--controlnet is not supported with --ray yet; serve without --ray to run ControlNets")
         folder = lora_folder(args)
         multi = None if args.ray else open_slots(args)
         picker = None if folder is None else lora_picker(multi, folder)

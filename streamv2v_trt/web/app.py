@@ -9,13 +9,19 @@ the order they arrive, which is the order the page sent them, so both sides agre
                              {"type": "loras", "loras": [{"name", "scale"}, ...]}  (serve --lora-dir: web/loras.py)
                              {"type": "stamp", "rows": N}  (latency test pattern: the top N rows of each frame come
                              back over the model's output, so the page can read its frame counter there; 0: off)
-    server -> page   {"type": "ready", "width", "height", "prompt", "max_frame_bytes", "sizes": ["512x512", ...]}
-                     (+ "lora_files", "loras" with serve --lora-dir)
+                             {"type": "control", "scales": [x, ..]?, "show": bool?}  (serve --controlnet: this
+                             connection's ControlNet scales, one per ready's "controls", each in [0, 2]; show:
+                             send the first ControlNet's control image, at most CONTROL_VIEW_HZ times a second)
+    server -> page   {"type": "ready", "width", "height", "prompt", "max_frame_bytes", "sizes": ["512x512", ...],
+                     "controls": [{"kind", "scale"}, ...]}  (+ "lora_files", "loras" with serve --lora-dir)
                      {"type": "result", "seq", "model_ms", "server_ms", "fps", "dropped"} then binary JPEG
                      {"type": "dropped", "seq"}            (a newer frame replaced it while the model was busy)
                      {"type": "error", "seq"?, "message"}  (bad frame or message; the socket stays usable)
                      {"type": "prompt", "prompt"} | {"type": "reset"} | {"type": "stamp", "rows"}   (acks)
                      {"type": "size", "size", "width", "height"}   (from the next frame on; a new scene)
+                     {"type": "control", "scales", "show"}   (ack)
+                     {"type": "control_image", "index": 0, "jpeg": BASE64}   (while show is on, after results;
+                     in the text message, so it needs no binary slot and travels the WebRTC data channel too)
                      {"type": "loras", "loras"}   (the server's LoRA set changed: sent to every page)
 
 The server closes the socket after an error message in five cases: the request's Host or Origin is not
@@ -38,9 +44,11 @@ track each way, these text messages on a data channel.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +72,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_THREADS = 4  # decode/encode threads shared by all connections; each connection uses at most two at a time
 MAX_IN_WORK = 3  # frames of one connection between decode and answer: one in a tick, one waiting, one answered
+CONTROL_VIEW_HZ = 2.0  # control images a second at most per connection: a view to check, not a second video stream
+MAX_CONTROL_SCALE = 2.0  # the slider's range; diffusers' examples use 0..2
 
 
 def index_html() -> str:
@@ -203,11 +213,16 @@ class Session:
         self.dropped = 0
         self.fps = 0.0
         self._last_done: float | None = None
+        self.control_scales = tuple(scale for _, scale in hub.controls)  # this connection's ({"type": "control"})
+        self.show_control = False  # send the control image now and then ({"type": "control", "show": true})
+        self._control_view: asyncio.Task | None = None  # the control image being fetched and sent, if any
+        self._control_sent_at = 0.0
 
     async def run(self) -> None:
         await self.send({
             "type": "ready", "width": self.hub.width, "height": self.hub.height, "prompt": self.hub.prompt,
             "max_frame_bytes": self.limits.max_frame_bytes, "sizes": [size_text(s) for s in self.hub.sizes],
+            "controls": [{"kind": kind, "scale": scale} for kind, scale in self.hub.controls],
             **(self.loras.ready() if self.loras else {}),
         })  # fmt: skip
         if self.loras:  # told when another page changes the server's LoRA set
@@ -218,6 +233,8 @@ class Session:
         finally:
             if self.loras:
                 self.loras.pages.discard(self.send)
+            if self._control_view is not None:
+                tasks.append(self._control_view)
             for task in tasks:
                 task.cancel()
             # asyncio.wait, not gather: when the server cancels this task meanwhile, gather would raise a child's
@@ -344,10 +361,9 @@ class Session:
         if kind == "reset":
             await asyncio.wrap_future(self.hub.reset(self.slot))
             return {"type": "reset"}
-        if kind == "size":
-            return await self.apply_size(msg)
-        if kind == "loras":
-            return await self.apply_loras(msg)
+        apply = {"size": self.apply_size, "loras": self.apply_loras, "control": self.apply_control}.get(kind)
+        if apply is not None:
+            return await apply(msg)
         if kind == "stamp":
             rows = msg.get("rows")
             most = self.height // MAX_STAMP_SHARE
@@ -355,7 +371,55 @@ class Session:
                 raise BadMessage(f"stamp rows must be a whole number from 0 to {most} (a quarter of the frame)")
             self.stamp_rows = rows
             return {"type": "stamp", "rows": rows}
-        raise BadMessage(f"unknown message type {kind[:100]!r}; expected prompt, reset, size, loras or stamp")
+        raise BadMessage(f"unknown message type {kind[:100]!r}; expected prompt, reset, size, loras, control or stamp")
+
+    async def apply_control(self, msg: dict) -> dict:
+        """{"type": "control", "scales": [..], "show": bool}: this connection's ControlNet scales (its slot's
+        stream only) and whether it sees the control image. A BadMessage changes nothing."""
+        n = len(self.hub.controls)
+        if not n:
+            raise BadMessage("this server runs no ControlNet: start it with serve --controlnet NAME --control KIND")
+        scales, show = msg.get("scales"), msg.get("show")
+        if scales is None and show is None:
+            raise BadMessage('a control message needs "scales" (a list of numbers) or "show" (true or false)')
+        if show is not None and not isinstance(show, bool):
+            raise BadMessage(f'"show" must be true or false, got {str(show)[:40]!r}')
+        if scales is not None:
+            numbers = isinstance(scales, list) and all(
+                isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in scales
+            )
+            if not numbers or len(scales) != n or not all(0 <= x <= MAX_CONTROL_SCALE for x in scales):
+                raise BadMessage(f'"scales" must be a list of {n} number(s) from 0 to {MAX_CONTROL_SCALE:g}, one per '
+                                 "ControlNet (ready's \"controls\")")  # fmt: skip
+            scales = tuple(float(x) for x in scales)
+            await asyncio.wrap_future(self.hub.update_control(self.slot, scales))  # between two ticks
+            self.control_scales = scales
+        if show is not None:
+            self.show_control = show
+        return {"type": "control", "scales": list(self.control_scales), "show": self.show_control}
+
+    def view_control(self) -> None:
+        """After a result: fetch and send the control image, unless one is under way or was sent too recently."""
+        now = time.monotonic()
+        if self._control_view is not None and not self._control_view.done():
+            return
+        if now - self._control_sent_at < 1.0 / CONTROL_VIEW_HZ:
+            return
+        self._control_sent_at = now
+        self._control_view = asyncio.create_task(self.send_control_image())
+
+    async def send_control_image(self) -> None:
+        try:
+            image = await asyncio.wrap_future(self.hub.control_image(self.slot, 0))
+            data = await self.loop.run_in_executor(self.image_pool, encode_jpeg, image, self.limits.jpeg_quality)
+        except SlotLost:  # the frames' answers end the session
+            return
+        except Exception as e:  # the view stops; the stream goes on
+            log.exception("the control image could not be sent")
+            self.show_control = False
+            await self.send({"type": "error", "message": f"control image: internal error: {e}"})
+            return
+        await self.send({"type": "control_image", "index": 0, "jpeg": base64.b64encode(data).decode("ascii")})
 
     async def apply_size(self, msg: dict) -> dict:
         """{"type": "size", "size": "WIDTHxHEIGHT"}: the slot's stream at one of the hub's sizes (a new scene).
@@ -458,6 +522,8 @@ class Session:
                 "server_ms": round((now - received) * 1e3, 1), "fps": round(self.fps, 2), "dropped": self.dropped,
             }  # fmt: skip
             await self.answer(stats, data)
+            if self.show_control:
+                self.view_control()
 
     async def close_lost(self, error: SlotLost) -> None:
         """The hub lost this connection's stream (the process holding it stopped): say why, then close 1011 (the

@@ -128,6 +128,17 @@ class RayHub:
         self._submit(self._push(slot, seq, frame, deliver))
         return seq
 
+    @property
+    def controls(self) -> tuple[tuple[str, float], ...]:
+        """None: `serve --ray` refuses --controlnet (the replicas' StreamServers would need the calls forwarded)."""
+        return ()
+
+    def update_control(self, slot: RaySlot, scales: tuple[float, ...]) -> Future:  # noqa: ARG002
+        return _refused(RuntimeError("the Ray replicas run no ControlNet"))
+
+    def control_image(self, slot: RaySlot, index: int) -> Future:  # noqa: ARG002
+        return _refused(RuntimeError("the Ray replicas run no ControlNet"))
+
     def update_prompt(self, slot: RaySlot, prompt: str) -> Future:
         return asyncio.run_coroutine_threadsafe(self._call(slot, "update_prompt", prompt), self._loop)
 
@@ -350,3 +361,9 @@ def _lost(slot: RaySlot) -> SlotLost:
 
 def _describe(error: BaseException) -> str:
     return type(error).__name__ if isinstance(error, asyncio.TimeoutError) else f"{type(error).__name__}: {error}"
+
+
+def _refused(error: BaseException) -> Future:
+    done: Future = Future()
+    done.set_exception(error)
+    return done
