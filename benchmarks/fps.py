@@ -3,6 +3,7 @@
     python -m benchmarks.fps --model tiny --height 64 --width 64 --backends eager,onnxruntime --frames 200
     python -m benchmarks.fps --model sd-turbo --backends eager,eager+graphs,compiled+graphs,aoti+graphs --soak 3000
     python -m benchmarks.fps --model tiny --height 64 --width 64 --backends eager,onnxruntime --streams 2
+    python -m benchmarks.fps --model tiny --height 64 --width 64 --backends eager --controlnet tiny --control canny
 
 Backends: eager (PyTorch), compiled (eager + torch.compile; channels_last on CUDA), onnxruntime (a build folder's ONNX),
 tensorrt (its TensorRT / TensorRT-RTX engines), aoti (its AOTInductor packages); "+graphs" replays each frame from
@@ -23,11 +24,17 @@ MultiStream of K slots, one batched network call per round (a build folder made 
 its own clip, the same in both. FPS counts all K streams' frames, latency is a round (K frames in, K out), PSNR
 compares every stream's frames with eager's K separate streams, and "multiK/xK" is what batching gains. Every
 stream is opened by the library's `open_stream` / `open_multistream` from a `Source` and the `StreamConfig`.
+
+`--controlnet NAME[,..]` (with `--control KIND[:SCALE][,..]`, as `video`'s) runs every backend twice in the same
+run, on the same frames and threads: without ControlNet, then with them (rows "... +controlnet", compared with eager
++controlnet's frames); "X +controlnet/X" is what the ControlNets cost. Build folders do not export ControlNets yet:
+with --controlnet, run the eager backends.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -39,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from streamv2v_trt.cli.stream_args import CliError
 from streamv2v_trt.console import HelpFormatter, configure_logging, device_and_threads
 from streamv2v_trt.flags import add_flags
 from streamv2v_trt.flavours import ENGINE_BACKENDS, BackendKind, Builder, build_for
@@ -75,6 +83,7 @@ class Result:
     engines: str | None = None
     streams: int = 1  # frames per round: FPS counts all of them, latency is a round
     layout: str = "separate"  # K streams called in turn, or "multi": one MultiStream of K slots
+    controlnets: list[str] = field(default_factory=list)  # the ControlNets this row ran (--controlnet), with kinds
     soak: dict = field(default_factory=dict)
     profile: dict = field(default_factory=dict)  # --profile: benchmarks/frame_profile.py
 
@@ -150,11 +159,16 @@ def open_streams(name: str, layout: str, args, cfg) -> Streams:
     return Streams(lambda fs: [r(f) for r, f in zip(runners, fs)], pipeline.device, pipeline.dtype, folder)
 
 
-def label(name: str, layout: str, streams: int) -> str:
-    """A row's name: the backend alone for one stream, "eager x2" for K separate streams, "eager multi2"."""
+CONTROLNET = " +controlnet"  # the suffix of a row that ran the ControlNets (--controlnet)
+
+
+def label(name: str, layout: str, streams: int, controlnet: bool = False) -> str:
+    """A row's name: the backend alone for one stream, "eager x2" for K separate streams, "eager multi2"; with
+    ControlNets, " +controlnet" after it."""
+    suffix = CONTROLNET if controlnet else ""
     if streams == 1:
-        return name
-    return f"{name} x{streams}" if layout == "separate" else f"{name} multi{streams}"
+        return name + suffix
+    return (f"{name} x{streams}" if layout == "separate" else f"{name} multi{streams}") + suffix
 
 
 def run_backend(name: str, layout: str, args, cfg, clips, reference) -> tuple[Result, list[list[np.ndarray]]]:
@@ -183,7 +197,7 @@ def run_backend(name: str, layout: str, args, cfg, clips, reference) -> tuple[Re
     wall = time.perf_counter() - t0
     lat = timer.latencies_ms()
     result = Result(
-        backend=label(name, layout, args.streams),
+        backend=label(name, layout, args.streams, bool(cfg.spec.controlnets)),
         device=str(streams.device),
         dtype=str(streams.dtype).removeprefix("torch."),
         threads=args.threads,
@@ -199,7 +213,9 @@ def run_backend(name: str, layout: str, args, cfg, clips, reference) -> tuple[Re
         engines=str(streams.folder) if streams.folder else None,
         streams=args.streams,
         layout=layout,
-    )
+        controlnets=[f"{c}:{k}:{s:g}" for c, k, s in zip(cfg.spec.controlnets, cfg.control_kinds,
+                                                          cfg.controlnet_scales)],
+    )  # fmt: skip
     if reference is not None:
         scores = [psnr(a, b) for want, got in zip(reference, outputs) for a, b in zip(want, got)]
         result.psnr_vs_eager_db, result.psnr_min_db = float(np.mean(scores)), float(np.min(scores))
@@ -250,12 +266,16 @@ def fps_ratios(results: list[Result], streams: int) -> dict[str, float]:
     by = {r.backend: r for r in results}
     ratios = {}
     for r in results:
-        eager = by.get(label(EAGER, r.layout, streams))
+        eager = by.get(label(EAGER, r.layout, streams, bool(r.controlnets)))
         if eager is not None and r is not eager:
             ratios[f"{r.backend}/{eager.backend}"] = r.fps / eager.fps
     for r in results:
         if r.layout == "multi":
             ratios[f"{r.backend}/x{streams}"] = r.fps / by[r.backend.replace(f" multi{streams}", f" x{streams}")].fps
+    for r in results:  # what the ControlNets cost: the same backend and layout without them, same run
+        without = by.get(r.backend.removesuffix(CONTROLNET))
+        if r.controlnets and without is not None:
+            ratios[f"{r.backend}/{without.backend}"] = r.fps / without.fps
     return ratios
 
 
@@ -312,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, Source, ["device", "threads"], defaults={"device": "auto"})
     add_flags(p, EngineSpec, ["precision"], unset=["precision"], defaults={"precision": "fp16 on cuda, fp32 on cpu"},
               aliases={"precision": ("--dtype",)})  # fmt: skip
+    add_flags(p, EngineSpec, ["controlnets"])
+    p.add_argument("--control", metavar="KIND[:SCALE][,..]", help="per --controlnet: control kind and scale "
+                   "(canny, frame, previous; default frame:1 each), as the video command's")  # fmt: skip
     p.add_argument("--psnr-floor", type=float, default=30.0, help="a backend whose min PSNR vs eager is lower fails")
     p.add_argument("--engines", type=Path, default=Path("engines"), help="parent folder of the build folders")
     p.add_argument("--prompt", default="a watercolor painting")
@@ -338,26 +361,46 @@ def run_config(args):
     return StreamConfig(spec, t_index_list=t_index)
 
 
+def control_config(args, cfg):
+    """`cfg` with the ControlNets of --controlnet and the kinds and scales of --control, or None without them."""
+    from streamv2v_trt.cli.stream_args import parse_controls
+
+    if not args.controlnet:
+        if args.control:
+            raise SystemExit("--control needs --controlnet NAME_OR_PATH[,..]")
+        return None
+    kinds, scales = parse_controls(args.control, args.controlnet) if args.control else ((), ())
+    if "video" in kinds:
+        raise SystemExit("--control video needs control frames from a file: benchmark canny, frame or previous")
+    return dataclasses.replace(cfg.with_spec(controlnets=args.controlnet), control_kinds=kinds,
+                               controlnet_scales=scales)  # fmt: skip
+
+
 def run_all(args, cfg, backends: list[str]) -> list[Result]:
-    """Every backend (eager first: it is the reference), in each layout, on the same clips."""
+    """Every backend (eager first: it is the reference), in each layout, on the same clips; with --controlnet,
+    all of it again with the ControlNets (eager +controlnet the reference of those rows)."""
     from streamv2v_trt.clips import pattern_clip
 
     spec = cfg.spec
     clips = [pattern_clip(args.warmup + args.frames, spec.height, spec.width, seed=i) for i in range(args.streams)]
     layouts = ("separate",) if args.streams == 1 else ("separate", "multi")
-    results, reference = [], None
+    results = []
     if EAGER not in backends:
         log.warning("no eager backend in this run: outputs are not checked (PSNR needs eager as the reference)")
-    for name in sorted(backends, key=lambda b: b != EAGER):
-        for layout in layouts:
-            row = label(name, layout, args.streams)
-            log.info("running %s: %d warm-up + %d timed frames, %d thread(s)", row, args.warmup, args.frames,
-                     args.threads)  # fmt: skip
-            result, outputs = run_backend(name, layout, args, cfg, clips, reference)
-            if name == EAGER and reference is None:
-                reference = outputs  # eager, K separate streams: what every other row is compared with
-            results.append(result)
-            log.info("%s: %.1f FPS, p50 %.2f ms", row, result.fps, result.p50_ms)
+    for config in (cfg, control_config(args, cfg)):
+        if config is None:
+            continue
+        reference = None
+        for name in sorted(backends, key=lambda b: b != EAGER):
+            for layout in layouts:
+                row = label(name, layout, args.streams, bool(config.spec.controlnets))
+                log.info("running %s: %d warm-up + %d timed frames, %d thread(s)", row, args.warmup, args.frames,
+                         args.threads)  # fmt: skip
+                result, outputs = run_backend(name, layout, args, config, clips, reference)
+                if name == EAGER and reference is None:
+                    reference = outputs  # eager, K separate streams: what every other row is compared with
+                results.append(result)
+                log.info("%s: %.1f FPS, p50 %.2f ms", row, result.fps, result.p50_ms)
     return results
 
 
@@ -373,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = cfg.spec
     try:
         results = run_all(args, cfg, backends)
-    except ModelUnavailable as e:  # its message names the model and says what to do
+    except (ModelUnavailable, CliError) as e:  # its message names what is wrong and says what to do
         print(f"error: {e}", file=sys.stderr)
         return 1
     ratios = fps_ratios(results, args.streams)

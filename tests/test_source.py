@@ -119,3 +119,29 @@ def test_fps_runs_a_multistream_beside_separate_streams(tmp_path):
     assert rows["eager multi2"]["layout"] == "multi" and rows["eager multi2"]["psnr_ok"]  # the same frames
     assert rows["eager multi2"]["psnr_min_db"] >= 40 and set(report["ratios"]) == {"eager multi2/x2"}
     assert torch.get_num_threads() == 1
+
+
+def test_fps_runs_every_backend_with_and_without_controlnets_in_one_run(tmp_path):
+    from benchmarks.fps import main as fps_main
+
+    out = tmp_path / "fps.json"
+    argv = ["--model", "tiny", "--height", "32", "--width", "32", "--backends", "eager", "--streams", "2", "--frames",
+            "3", "--warmup", "1", "--threads", "1", "--device", "cpu", "--json", str(out), "--controlnet", "tiny",
+            "--control", "canny:0.8"]  # fmt: skip
+    assert fps_main(argv) == 0
+    report = json.loads(out.read_text())
+    rows = {r["backend"]: r for r in report["results"]}
+    assert set(rows) == {"eager x2", "eager multi2", "eager x2 +controlnet", "eager multi2 +controlnet"}
+    assert rows["eager x2"]["controlnets"] == [] and rows["eager x2 +controlnet"]["controlnets"] == ["tiny:canny:0.8"]
+    # The batched ControlNet rows are checked against eager's separate streams with the ControlNet.
+    assert rows["eager multi2 +controlnet"]["psnr_ok"] and rows["eager multi2 +controlnet"]["psnr_min_db"] >= 40
+    assert {"eager x2 +controlnet/eager x2", "eager multi2 +controlnet/eager multi2"} <= set(report["ratios"])
+
+
+def test_fps_refuses_a_control_kind_it_cannot_feed(capsys):
+    from benchmarks.fps import main as fps_main
+
+    argv = ["--model", "tiny", "--height", "32", "--width", "32", "--backends", "eager", "--frames", "1", "--device",
+            "cpu", "--controlnet", "tiny", "--control", "depth"]  # fmt: skip
+    assert fps_main(argv) == 1
+    assert "control kind 'depth' is unknown" in capsys.readouterr().err
