@@ -21,6 +21,10 @@ would overrun the budget is killed with its process group (Inductor's compile wo
                dropped while swapping (must be 0), and AOTInductor swappable vs frozen weights FPS (two builds of
                the plan's spec; the frozen one is the aoti path's, the default on CUDA). The dry run measures eager
                only: no further AOTInductor compile on a CPU.
+  controlnet   `python -m benchmarks.controlnet`: eager, the plan's model with its family's canny ControlNet preset
+               (sd-turbo-canny; the dry run: tiny), streams without ControlNet and with kinds canny and previous in
+               lockstep on a panned and zoomed photo clip: the per-frame cost of ControlNet and the warp error of
+               the output beside no ControlNet, at the same strength.
 
 Budget (--budget-s): a step starts only if the time left, less what the later paths, soak and profile need,
 covers what it needs; otherwise it is recorded as skipped with the reason. A started step may use that room.
@@ -53,7 +57,7 @@ from benchmarks.gpu_report import best_path, condense, junit_counts, path_rows, 
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmarks.gpu_check")
-SKIPPABLE = ("pytest", "kernels", "soak", "profile", "sd15", "lora")
+SKIPPABLE = ("pytest", "kernels", "soak", "profile", "sd15", "lora", "controlnet")
 RESERVED = ("path", "soak", "profile")  # what later steps of these kinds need is kept back from earlier steps
 
 
@@ -76,6 +80,7 @@ class Plan:
     sd15_frames: int
     sd15_best: bool  # sd15 runs the best path beside eager (False: eager only)
     lora_backends: tuple[str, ...]  # benchmarks.lora_swap --backends
+    controlnet: str  # benchmarks.controlnet --controlnet: a preset of the plan model's family
     need: dict = field(default_factory=dict)  # step kind -> seconds it needs to be worth starting
     cap: dict = field(default_factory=dict)  # step kind -> most seconds it may take
 
@@ -83,15 +88,17 @@ class Plan:
 GPU = Plan(
     "gpu", "sd-turbo", 512, "cuda", "fp16", None, ("eager+graphs", "compiled+graphs", "aoti+graphs", "tensorrt+graphs"),
     frames=300, warmup=30, soak=3000, profile_frames=8, sd15_model="sd15", sd15_frames=100, sd15_best=True,
-    lora_backends=("eager", "aoti"),
-    need={"pytest": 60, "kernels": 30, "path": 90, "soak": 60, "profile": 60, "sd15": 180, "lora": 300},
+    lora_backends=("eager", "aoti"), controlnet="sd-turbo-canny",
+    need={"pytest": 60, "kernels": 30, "path": 90, "soak": 60, "profile": 60, "sd15": 180, "lora": 300,
+          "controlnet": 120},
     cap={"pytest": 600, "kernels": 300},
 )  # fmt: skip
 DRY = Plan(
     "dry-run", "tiny", 64, "cpu", "fp32", 1, ("onnxruntime", "aoti"),
     frames=6, warmup=2, soak=20, profile_frames=4, sd15_model="tiny", sd15_frames=6, sd15_best=False,
-    lora_backends=("eager",),
-    need={"pytest": 10, "kernels": 5, "path": 15, "soak": 10, "profile": 10, "sd15": 10, "lora": 10},
+    lora_backends=("eager",), controlnet="tiny",
+    need={"pytest": 10, "kernels": 5, "path": 15, "soak": 10, "profile": 10, "sd15": 10, "lora": 10,
+          "controlnet": 10},
     cap={"pytest": 300},
 )  # fmt: skip
 
@@ -141,7 +148,7 @@ class Check:
         self.t0 = time.monotonic()
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         names = [("pytest", "pytest"), ("kernels", "kernels")] + [(f"fps {p}", "path") for p in args.paths]
-        later = [("soak", "soak"), ("profile", "profile"), ("sd15", "sd15"), ("lora", "lora")]
+        later = [(k, k) for k in ("soak", "profile", "sd15", "lora", "controlnet")]
         self.steps = [Step(n, k) for n, k in names + later]
         self.machine: dict = {}  # from the first benchmarks.fps report
 
@@ -279,6 +286,22 @@ class Check:
 
             data = json.loads(report.read_text())
             step.result = {k: data[k] for k in ("swap", "drops", "fps")} | {"table": tables(data), "json": report.name}
+
+    def controlnet(self, step: Step) -> None:
+        if (timeout := self.timeout(step)) is None:
+            return
+        p, report = self.plan, self.out / "controlnet.json"
+        argv = [sys.executable, "-m", "benchmarks.controlnet", "--model", p.model, "--height", str(p.size), "--width",
+                str(p.size), "--device", p.device, "--controlnet", p.controlnet, "--kinds", "canny,previous",
+                "--frames", str(p.frames), "--warmup", str(p.warmup), "--json", str(report)]  # fmt: skip
+        argv += ["--threads", str(p.threads)] if p.threads else []
+        report.unlink(missing_ok=True)
+        self.child(step, argv, timeout)
+        if report.exists():
+            from benchmarks.controlnet import table
+
+            data = json.loads(report.read_text())
+            step.result = {"controls": data["rows"], "table": table(data), "json": report.name}  # not fps "rows"
 
     # -- running and the report ----------------------------------------------------------------------------
     def run_all(self) -> int:

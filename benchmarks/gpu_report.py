@@ -144,6 +144,9 @@ def summary_md(report: dict) -> str:
     lora = steps.get("lora", {}).get("result", {}).get("table")
     if lora:
         lines += ["", "## LoRA swaps (benchmarks.lora_swap)", "", lora]
+    controlnet = steps.get("controlnet", {}).get("result", {}).get("table")
+    if controlnet:
+        lines += ["", "## ControlNet: cost and warp error (benchmarks.controlnet)", "", "```", controlnet, "```"]
     kernels = steps.get("kernels", {}).get("result", {}).get("output")
     if kernels:
         lines += ["", "## DyMe kernels (benchmarks.kernels)", "", "```", *kernels, "```"]

@@ -40,6 +40,27 @@ def pan_clip(frames: int, height: int, width: int, image: str = "astronaut", ste
     return out
 
 
+def zoom_clip(frames: int, height: int, width: int, image: str = "astronaut", rate: float = 0.01) -> list[np.ndarray]:
+    """`frames` uint8 HxWx3 frames zooming into the center of a scikit-image photo (a synthetic pattern if
+    scikit-image is missing): the square window shrinks by `rate` of its side per frame, resized to height x width."""
+    src = _photo(image)
+    src = _synthetic() if src is None else src
+    if src.ndim == 2:
+        src = np.repeat(src[..., None], 3, axis=-1)
+    h, w = src.shape[:2]
+    side = min(h, w)
+    if side * (1 - rate) ** (frames - 1) < 16:
+        raise ValueError(f"{frames} frames at rate {rate} zoom below 16 source pixels; use fewer frames")
+    out = []
+    for i in range(frames):
+        win = round(side * (1 - rate) ** i)
+        y0, x0 = (h - win) // 2, (w - win) // 2
+        crop = torch.from_numpy(np.ascontiguousarray(src[y0 : y0 + win, x0 : x0 + win, :3])).permute(2, 0, 1)
+        crop = F.interpolate(crop[None].float(), size=(height, width), mode="bilinear", antialias=True)[0]
+        out.append(crop.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    return out
+
+
 def pattern_clip(frames: int, height: int, width: int, seed: int = 0) -> list[np.ndarray]:
     """`frames` uint8 HxWx3 frames of a drifting sine pattern with a little noise: consecutive frames are similar,
     as in a camera stream, and any number of frames fits (what benchmarks loop over)."""

@@ -51,7 +51,16 @@ def steps_of(report: dict) -> dict:
 def test_dry_run_measures_every_path_beside_eager(dry_run):
     out, report, proc, paths = dry_run
     steps = steps_of(report)
-    assert list(steps) == ["pytest", "kernels", *(f"fps {p}" for p in paths), "soak", "profile", "sd15", "lora"]
+    assert list(steps) == [
+        "pytest",
+        "kernels",
+        *(f"fps {p}" for p in paths),
+        "soak",
+        "profile",
+        "sd15",
+        "lora",
+        "controlnet",
+    ]
     assert all(s["status"] in STATUSES and (s["status"] == "ok" or s["reason"]) for s in steps.values())
     assert report["mode"] == "dry-run" and report["exit_code"] == proc.returncode
     assert report["machine"]["cpu_model"] and "gpu" not in report["machine"]
@@ -66,7 +75,7 @@ def test_dry_run_measures_every_path_beside_eager(dry_run):
         assert step["result"]["ratios"][f"{path}/eager"] == pytest.approx(rows[path]["fps"] / rows["eager"]["fps"])
         assert json.loads((out / step["result"]["json"]).read_text())["results"][1]["backend"] == path
     kept = {"gpu_check.json", "gpu_check.log", "summary.md", "pytest.xml", "fps_soak.json", "fps_profile.json"}
-    kept |= {"fps_sd15.json", "lora_swap.json"}
+    kept |= {"fps_sd15.json", "lora_swap.json", "controlnet.json"}
     assert {p.name for p in out.iterdir()} == kept | {f"fps_{p}.json" for p in measured}
     # pytest -m gpu ran: on a CPU every gpu test skips, with its reason.
     pt = steps["pytest"]["result"]

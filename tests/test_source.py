@@ -145,3 +145,28 @@ def test_fps_refuses_a_control_kind_it_cannot_feed(capsys):
             "cpu", "--controlnet", "tiny", "--control", "depth"]  # fmt: skip
     assert fps_main(argv) == 1
     assert "control kind 'depth' is unknown" in capsys.readouterr().err
+
+
+def test_controlnet_benchmark_measures_cost_and_warp_error_beside_no_controlnet(tmp_path):
+    from benchmarks.controlnet import main as controlnet_main
+
+    out = tmp_path / "controlnet.json"
+    argv = ["--model", "tiny", "--height", "32", "--width", "32", "--frames", "6", "--warmup", "1", "--device", "cpu",
+            "--kinds", "canny,previous", "--json", str(out)]  # fmt: skip
+    assert controlnet_main(argv) == 0
+    report = json.loads(out.read_text())
+    rows = {r["kind"]: r for r in report["rows"]}
+    assert list(rows) == ["none", "canny", "previous"] and report["config"]["threads"] == 1
+    assert all(r["p50_ms"] > 0 and r["warp_error"] > 0 for r in rows.values())
+    assert rows["none"]["warp_vs_none"] == 1.0 and rows["none"]["cost_ms_vs_none"] == 0.0
+    assert rows["canny"]["warp_vs_none"] == pytest.approx(rows["canny"]["warp_error"] / rows["none"]["warp_error"])
+
+
+def test_zoom_clip_zooms_into_the_center():
+    from streamv2v_trt.clips import zoom_clip
+
+    frames = zoom_clip(5, 32, 48, rate=0.05)
+    assert len(frames) == 5 and all(f.shape == (32, 48, 3) and f.dtype == np.uint8 for f in frames)
+    assert all(np.abs(a.astype(int) - b).mean() > 0.5 for a, b in zip(frames, frames[1:]))  # it moves every frame
+    with pytest.raises(ValueError, match="zoom below 16 source pixels"):
+        zoom_clip(500, 32, 32, rate=0.05)
