@@ -142,9 +142,10 @@ def translate_video(
                 for index, control, frames in control_frames:  # before the frame counts: it may not run
                     image = next(frames, None)
                     if image is None:
+                        n = report.frames_in
                         raise VideoError(
-                            f"control video {control.info.path} ended after {report.frames_in} frames, before the "
-                            f"input did: give a control video as long as the input (or --max-frames {report.frames_in})"
+                            f"control video {control.info.path} ended after {n} frames, before the input did: give "
+                            "a control video as long as the input" + (f" (or --max-frames {n})" if n else "")
                         )
                     stream.set_control_frame(index, fit_to_size(image.image, cfg.height, cfg.width))
                 report.frames_in += 1
