@@ -215,6 +215,7 @@ def test_engine_runtime_flags_are_applied_not_dropped(engines):
         (["--bank", "fifo", "--bank-frames", "2"], "--bank fifo (engines: dyme)"),
         (["--vae", "full"], "--vae full (engines: taesd)"),
         (["--model", "sd15"], "--model sd15 (engines: tiny)"),
+        (["--controlnet", "tiny"], "--controlnet tiny (engines: none)"),
     ],
 )
 def test_flags_the_engines_fix_are_refused_with_the_rebuild_command(engines, flags, named):

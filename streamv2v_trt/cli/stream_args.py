@@ -183,6 +183,8 @@ def _size_refusal(
 
 
 def _plain(value) -> str:
+    if isinstance(value, tuple):  # --controlnet: as the flag takes it
+        return ",".join(map(str, value)) or "none"
     return str(getattr(value, "value", value))
 
 
