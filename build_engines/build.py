@@ -97,6 +97,8 @@ class BuildResult:
             f"builder {builder}{' for ' + target if target else ''} ({self.why}), "
             f"weights {m.weights_hash}{' (random)' if m.random_weights else ''}"
         )
+        if m.controlnets:
+            head += ", ControlNets " + ", ".join(f"{c.name} {c.weights_hash}" for c in m.controlnets)
         return "\n".join([head, *lines, f"total {self.seconds:.1f} s -> {self.out / MANIFEST_FILE}"])
 
 

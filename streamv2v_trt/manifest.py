@@ -11,6 +11,7 @@ Layout of a build folder (file names are in the manifest, these are the defaults
     vae_encoder.onnx  vae_encoder.engine
     vae_decoder.onnx  vae_decoder.engine
     unet.pt2  vae_encoder.pt2  vae_decoder.pt2                                          (AOTInductor builds)
+    controlnet_0.onnx  controlnet_0.engine | controlnet_0.pt2  ...      (one network per ControlNet of the spec)
 
 A build for several frame sizes (`EngineSpec.sizes`) holds every size's networks, each file named with its size
 (`network_file`): unet-512x512.onnx, unet-768x512.onnx, unet-768x512.engine, ... The manifest lists the spec's
