@@ -136,6 +136,20 @@ def test_the_io_check_covers_the_controlnet_tensors(folder, tmp_path):
         StreamV2V.from_engines(copy, "onnxruntime")
 
 
+def test_a_rerun_reuses_the_controlnet_files_and_rebuilds_a_missing_one_alone(folder, tmp_path):
+    from build_engines import BuildConfig, build
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    again = build(BuildConfig(SPEC, onnx_only=True, out=copy))
+    assert again.reused and {a.network for a in again.artifacts} == set(network_names(SPEC))
+    (copy / "controlnet_0.onnx").unlink()
+    third = build(BuildConfig(SPEC, onnx_only=True, out=copy))
+    assert [(a.network, a.reused) for a in third.artifacts if not a.reused] == [("controlnet_0", False)]
+    assert load_manifest(copy).network("controlnet_0").tensors == load_manifest(folder).network("controlnet_0").tensors
+    assert "ControlNets tiny " in third.summary().splitlines()[0]
+
+
 @pytest.mark.slow
 def test_aoti_controlnet_package_matches_eager(tmp_path):
     """One AOTInductor compile (the ControlNet network, as `build_engines --builder aoti` compiles it) run by the
