@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from streamv2v_trt.backends.tensorrt_import import FLAVOURS, import_tensorrt, tensorrt_version
+from streamv2v_trt.build_folder import controlnet_records
 from streamv2v_trt.flavours import Builder
 from streamv2v_trt.frame_sizes import size_text
 from streamv2v_trt.layout import NETWORKS, network_names
 from streamv2v_trt.manifest import (
     MANIFEST_FILE,
-    ControlNetRecord,
     EngineMismatch,
     FileEntry,
     Manifest,
@@ -284,13 +284,6 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
     )
     manifest.save(out)
     return BuildResult(out, manifest, tuple(run.artifacts), time.perf_counter() - t_start, why)
-
-
-def controlnet_records(spec: EngineSpec) -> tuple[ControlNetRecord, ...]:
-    """What the manifest records of each of `spec.controlnets` (name, architecture, weights hash)."""
-    from streamv2v_trt.models.controlnets import controlnet_identities
-
-    return tuple(ControlNetRecord(*identity) for identity in controlnet_identities(spec))
 
 
 def _complete(plan: _Plan, builder: str | None, spec: EngineSpec) -> bool:

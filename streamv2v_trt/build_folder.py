@@ -28,7 +28,7 @@ from .flavours import ENGINE_BACKENDS, BackendKind, Builder, backend_of, build_f
 from .frame_sizes import size_text
 from .layout import BankLayout, TensorSpec, bank_layout, network_names
 from .lora_set import AOTI_HINT
-from .manifest import EngineMismatch, Manifest, load_manifest, mismatch
+from .manifest import ControlNetRecord, EngineMismatch, Manifest, load_manifest, mismatch
 from .prompt import PromptEncoder, text_shape
 from .spec import EngineSpec, LoraSpec, show_sizes
 
@@ -233,8 +233,9 @@ def _initializer_loras(
     return lora_weights
 
 
-def _controlnet_records(spec: EngineSpec):
-    from .manifest import ControlNetRecord
+def controlnet_records(spec: EngineSpec) -> tuple[ControlNetRecord, ...]:
+    """What a manifest records of each of `spec.controlnets` (name, architecture, weights hash): the build writes
+    it, opening a folder compares it. Loads no weights."""
     from .models.controlnets import controlnet_identities
 
     return tuple(ControlNetRecord(*identity) for identity in controlnet_identities(spec))
@@ -287,7 +288,7 @@ def open_build_folder(
     rebuild = folder_rebuild(spec, directory, backend, manifest)  # after the LoRA checks: it hashes their files
     weights = find_weights(spec)
     problems = manifest.differences(
-        spec, weights.hash(spec.vae) if verify_hashes else None, _controlnet_records(spec) if verify_hashes else None
+        spec, weights.hash(spec.vae) if verify_hashes else None, controlnet_records(spec) if verify_hashes else None
     )
     problems += target_problems(manifest, backend, device)
     if not problems:  # files only matter once the build is the right one

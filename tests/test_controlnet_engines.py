@@ -151,28 +151,30 @@ def test_a_rerun_reuses_the_controlnet_files_and_rebuilds_a_missing_one_alone(fo
 
 
 @pytest.mark.slow
-def test_aoti_controlnet_package_matches_eager(tmp_path):
-    """One AOTInductor compile (the ControlNet network, as `build_engines --builder aoti` compiles it) run by the
-    runner the backend uses, against the eager module, at two scales: 0 exact, 0.8 within the UNet's bound."""
-    from build_engines.aoti import compile_aoti
-    from streamv2v_trt.backends.aoti import AotiRunner
+def test_aoti_folder_with_controlnet_matches_eager(tiny_build):
+    """One AOTInductor build (the module's one compile: four packages, about a minute on 2 cores): the stream on it
+    equals eager frame by frame, and its ControlNet package alone equals the eager network at scales 0 (exactly
+    zero residuals) and 0.8 (within the UNet's bound)."""
+    folder = tiny_build(SPEC, builder="aoti")
+    assert load_manifest(folder).network("controlnet_0").files["package"].name == "controlnet_0.pt2"
+    aoti = StreamV2V.from_engines(folder, "aoti", cfg(SPEC, controlnet_scales=(0.8,)), prompt=PROMPT)
+    eager = StreamV2V.from_pretrained(aoti.cfg, prompt=PROMPT)
+    for i, frame in enumerate(video(10)):
+        a, b = eager(frame), aoti(frame)
+        assert np.abs(a.astype(np.int16) - b).max() <= 1, f"frame {i}"
+        torch.testing.assert_close(aoti.latents, eager.latents, atol=LATENT_ATOL, rtol=0, msg=f"latents, frame {i}")
 
     models = load_models(SPEC)
-    controlnets = load_controlnets(SPEC, models.unet.config, "cpu")
-    modules, specs = network_modules(models, SPEC, controlnets)
-    name, module = controlnet_network(0), modules[controlnet_network(0)]
-    inputs = example_inputs(specs[name], seed=1)
-    names_in = [s.name for s in specs[name] if s.is_input]
-    names_out = [s.name for s in specs[name] if not s.is_input]
-    compile_aoti(module, inputs, names_in, names_out, tmp_path / f"{name}.pt2", torch.device("cpu"))
-    runner = AotiRunner(tmp_path / f"{name}.pt2", "cpu")
+    modules, specs = network_modules(models, SPEC, load_controlnets(SPEC, models.unet.config, "cpu"))
+    name = controlnet_network(0)
+    runner, module, inputs = aoti.backend.networks[name], modules[name], example_inputs(specs[name], seed=1)
     assert runner.input_specs == {s.name: (s.shape, DTYPES[s.dtype]) for s in specs[name] if s.is_input}
-    assert list(runner.output_specs) == names_out
     for scale in (0.0, 0.8):
         run = dict(inputs, conditioning_scale=torch.full_like(inputs["conditioning_scale"], scale))
         with torch.no_grad():
             ref = module.run(run)
-        got = runner.run(run)
+        got = aoti.backend.controlnet(0, run)
+        assert list(got) == module.output_names
         for out, t in got.items():
             if scale:
                 assert ref[out].abs().max() > 0.1, out  # real residuals, not zero convolutions
