@@ -194,3 +194,28 @@ def test_tensorrt_rtx_builds_the_controlnet_engines_on_the_cpu(tiny_build, monke
     net = m.network("controlnet_0")
     assert net.files["engine"].name == "controlnet_0.engine" and (built / "controlnet_0.engine").stat().st_size > 0
     assert {t.dtype for t in net.tensors} <= {"float16", "int64"}  # strongly typed: the fp16 graph
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["tensorrt", "aoti"])
+def test_gpu_engines_with_controlnet_match_eager_in_fp16(tiny_build, backend):
+    """The ControlNet engines / packages on the GPU against fp16 eager, by the bound of the UNet's fp16 test
+    (tests/test_gpu_runtime.py: different kernels, same maths), and a CUDA graph replays them as run call by call."""
+    from test_gpu_runtime import psnr, tensorrt_builder
+
+    from streamv2v_trt.cuda_graph import CudaGraphStream
+
+    spec = dataclasses.replace(SPEC, precision="fp16")
+    options = {"builder": tensorrt_builder()} if backend == "tensorrt" else {"builder": "aoti", "device": "cuda"}
+    folder = tiny_build(spec, **options)
+    run = cfg(spec, controlnet_scales=(0.8,))
+    engine = StreamV2V.from_engines(folder, backend, run, device="cuda", prompt=PROMPT)
+    graphed = CudaGraphStream(StreamV2V.from_engines(folder, backend, run, device="cuda", prompt=PROMPT))
+    eager = StreamV2V.from_pretrained(run, device="cuda", prompt=PROMPT)
+    scores = []
+    for i, frame in enumerate(video(12)):
+        a, b, c = eager(frame), engine(frame), graphed(frame)
+        scores.append(psnr(a, b))
+        assert np.abs(b.astype(np.int16) - c).max() <= 1, f"frame {i}"  # the bound of the UNet's graph test
+    assert min(scores) >= 30.0, scores
