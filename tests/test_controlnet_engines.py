@@ -219,3 +219,29 @@ def test_gpu_engines_with_controlnet_match_eager_in_fp16(tiny_build, backend):
         scores.append(psnr(a, b))
         assert np.abs(b.astype(np.int16) - c).max() <= 1, f"frame {i}"  # the bound of the UNet's graph test
     assert min(scores) >= 30.0, scores
+
+
+def test_a_multi_size_build_from_the_command_line_has_every_sizes_controlnet(tmp_path, capsys):
+    """`--sizes` with `--controlnet`: a ControlNet file per size, and a stream resized on the folder runs that size's
+    ControlNet as eager does."""
+    from build_engines.__main__ import main
+
+    out = tmp_path / "sized"
+    argv = ["--model", "tiny", "--sizes", "64x64,128x64", "--controlnet", "tiny", "--steps", "1"]
+    assert main([*argv, "--precision", "fp32", "--onnx-only", "--out", str(out)]) == 0
+    assert "controlnet_0 128x64" in capsys.readouterr().out  # the summary's row for the second size
+    assert {"controlnet_0-64x64.onnx", "controlnet_0-128x64.onnx"} <= {p.name for p in out.iterdir()}
+    m = load_manifest(out)
+    assert set(m.networks_at(64, 128)) == set(network_names(m.spec))
+    run = StreamConfig(m.spec, t_index_list=(32,), controlnet_scales=(0.8,))
+    ort = StreamV2V.from_engines(out, "onnxruntime", run, prompt=PROMPT, threads=1)
+    eager = StreamV2V.from_pretrained(ort.cfg, prompt=PROMPT)
+    for stream in (ort, eager):
+        stream.resize(64, 128)
+    assert ort.backend.networks["controlnet_0"].input_specs["controlnet_cond"][0] == (1, 3, 64, 128)
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        frame = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)
+        a, b = eager(frame), ort(frame)
+        assert np.abs(a.astype(np.int16) - b).max() <= 1, f"frame {i}"
+        torch.testing.assert_close(ort.latents, eager.latents, atol=LATENT_ATOL, rtol=0, msg=f"latents, frame {i}")
