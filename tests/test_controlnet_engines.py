@@ -120,6 +120,23 @@ def test_other_controlnets_are_refused_with_the_rebuild_command(folder):
     assert config_from_args(build_parser().parse_args(shlex.split(command)[3:])).spec == asked
 
 
+def test_other_controlnet_weights_are_refused_with_the_rebuild_command(folder, tmp_path):
+    """The same ControlNet names with other weights (here: the manifest's record changed) are another build."""
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["controlnets"][0]["weights_hash"] = "0123456789abcdef"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineMismatch) as e:
+        StreamV2V.from_engines(copy, "onnxruntime")
+    own = controlnet_identities(SPEC)[0][2]
+    assert f"ControlNet 0 (tiny) weights hash: engines have 0123456789abcdef, asked {own}" in str(e.value)
+    command = str(e.value).split("Rebuild: ", 1)[1]  # the same spec, rebuilt in place
+    rebuild = config_from_args(build_parser().parse_args(shlex.split(command)[3:]))
+    assert (rebuild.spec, rebuild.out) == (SPEC, copy)
+    assert StreamV2V.from_engines(copy, "onnxruntime", verify_hashes=False).backend.name == "onnxruntime"
+
+
 def test_the_io_check_covers_the_controlnet_tensors(folder, tmp_path):
     """A ControlNet tensor recorded otherwise than the layout says is refused, named, with the rebuild command."""
     copy = tmp_path / "copy"
