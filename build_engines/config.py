@@ -32,8 +32,8 @@ class BuildConfig:
     out: Path | None = field(
         default=None,
         metadata=flag(
-            "output folder (default: engines/<model>-<W>x<H>-b<UNet batch>-<bank><frames>-<vae>-<precision>[-aoti], a "
-            "name that changes with everything the networks are specialised for)",
+            "output folder (default: engines/<model>-<W>x<H>-b<UNet batch>-<bank><frames>-<vae>-<precision>"
+            "[-cn-<names>][-aoti], a name that changes with everything the networks are specialised for)",
             metavar="DIR",
             parse=Path,
         ),

@@ -187,7 +187,7 @@ class EngineSpec:
         metadata=flag(
             f"ControlNets ({', '.join(CONTROLNET_PRESETS)}; random weights unless real ones are in the Hugging Face "
             "cache), local diffusers ControlNet folders or hub ids, comma-separated: the UNet takes their summed "
-            "residuals; scales are set at runtime",
+            "residuals (a build compiles each as its own network, controlnet_<j>); scales are set at runtime",
             names=("--controlnet",),
             metavar="NAME_OR_PATH[,..]",
             parse=lambda text: tuple(p for p in text.split(",") if p),
