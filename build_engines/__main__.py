@@ -11,6 +11,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from streamv2v_trt.backends.tensorrt_import import TensorRTUnavailable
 from streamv2v_trt.console import HelpFormatter, configure_logging
 from streamv2v_trt.flags import add_flags, values
+from streamv2v_trt.layout import network_names
 from streamv2v_trt.presets import ModelUnavailable
 from streamv2v_trt.spec import EngineSpec, Precision
 
@@ -88,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         with (
             logging_redirect_tqdm(),
             tqdm(
-                total=len(stages(builder, cfg.spec.served_sizes)), desc="build_engines", unit="stage", file=sys.stderr
+                total=len(stages(builder, cfg.spec.served_sizes, network_names(cfg.spec))),
+                desc="build_engines",
+                unit="stage",
+                file=sys.stderr,
             ) as bar,
         ):
 

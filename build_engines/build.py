@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from streamv2v_trt.backends.tensorrt_import import FLAVOURS, import_tensorrt, tensorrt_version
+from streamv2v_trt.build_folder import controlnet_records
 from streamv2v_trt.flavours import Builder
 from streamv2v_trt.frame_sizes import size_text
-from streamv2v_trt.layout import NETWORKS
+from streamv2v_trt.layout import NETWORKS, network_names
 from streamv2v_trt.manifest import (
     MANIFEST_FILE,
     EngineMismatch,
@@ -96,6 +97,8 @@ class BuildResult:
             f"builder {builder}{' for ' + target if target else ''} ({self.why}), "
             f"weights {m.weights_hash}{' (random)' if m.random_weights else ''}"
         )
+        if m.controlnets:
+            head += ", ControlNets " + ", ".join(f"{c.name} {c.weights_hash}" for c in m.controlnets)
         return "\n".join([head, *lines, f"total {self.seconds:.1f} s -> {self.out / MANIFEST_FILE}"])
 
 
@@ -103,14 +106,15 @@ def _status(a: Artifact) -> str:
     return "reused" if a.reused else "built"
 
 
-def stages(builder: str | None, sizes: tuple[Size, ...] = ()) -> list[str]:
+def stages(builder: str | None, sizes: tuple[Size, ...] = (), names: tuple[str, ...] = NETWORKS) -> list[str]:
     """The stages a build runs, in order (for a progress bar); for a build of several `sizes`, named per size:
-    every size's export and cleanup (or compile), then every size's engine builds."""
+    every size's export and cleanup (or compile), then every size's engine builds. `names`: the build's networks
+    (`layout.network_names(spec)`: the ControlNets after the three)."""
     ats = [f" {size_text(size)}" for size in sizes] if len(sizes) > 1 else [""]
     if builder == Builder.AOTI:
-        return [f"compile {n}{at}" for at in ats for n in NETWORKS]
-    names = [f"{s} {n}{at}" for at in ats for n in NETWORKS for s in ("export", "cleanup")]
-    return names + ([f"build {n}{at}" for at in ats for n in NETWORKS] if builder else [])
+        return [f"compile {n}{at}" for at in ats for n in names]
+    exports = [f"{s} {n}{at}" for at in ats for n in names for s in ("export", "cleanup")]
+    return exports + ([f"build {n}{at}" for at in ats for n in names] if builder else [])
 
 
 @dataclass
@@ -161,7 +165,7 @@ def plan_reuse(
         return _Plan(None)
     # Sizes are compared per file below: a size the previous build has is kept, one it lacks is built.
     same_sizes = replace(cfg.spec, height=old.spec.height, width=old.spec.width, sizes=old.spec.sizes)
-    diffs = old.differences(same_sizes, weights)
+    diffs = old.differences(same_sizes, weights, controlnet_records(cfg.spec))
     if diffs:
         log.info("previous build in %s differs (%s): rebuilding", out, "; ".join(diffs))
         return _Plan(None)
@@ -204,6 +208,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
 
     Raises `TensorRTUnavailable` before any export when the asked builder cannot run here.
     """
+    from streamv2v_trt.models.controlnets import load_controlnets
     from streamv2v_trt.models.loader import find_weights, load_models  # diffusers: seconds to import
     from streamv2v_trt.models.lora import fuse_loras
 
@@ -228,27 +233,28 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
     # The ONNX is the same either way; an --onnx-only rerun over an engine build keeps that build's weights unless
     # --weights asks otherwise.
     kept = builder is None and plan.old is not None and plan.old.builder is not None and cfg.weights is None
-    if _complete(plan, builder, cfg.spec.served_sizes) and (plan.old.swappable == swappable or kept):
+    if _complete(plan, builder, cfg.spec) and (plan.old.swappable == swappable or kept):
         log.info("reusing the build in %s (same spec, weights and builder, files intact); --force rebuilds", out)
-        for desc in stages(builder, cfg.spec.served_sizes):
+        for desc in stages(builder, cfg.spec.served_sizes, network_names(cfg.spec)):
             step(f"{desc} (reused)")
         return _reused(out, plan.old, time.perf_counter() - t_start, why)
 
     run = _Run(cfg, out, plan, step)
     sizes = cfg.spec.served_sizes
-    if builder != Builder.AOTI and all(plan.kept(s, n, "onnx") for s in sizes for n in NETWORKS):
+    if builder != Builder.AOTI and all(plan.kept(s, n, "onnx") for s in sizes for n in network_names(cfg.spec)):
         run.reuse_onnx()  # only engines to build: no model to load (GBs for sd-turbo)
     else:
         device = cfg.aoti_device if builder == Builder.AOTI else torch.device("cpu")
         models = load_models(cfg.spec, device=device)
         if cfg.spec.loras:  # the networks carry them; the manifest records their hashes beside the base weights'
             fuse_loras(models.unet, cfg.spec.loras, text_encoder=models.text_encoder)
+        controlnets = load_controlnets(cfg.spec, models.unet.config, device) if cfg.spec.controlnets else []
         for size in sizes:  # one size's networks after the other, from the one model
             if builder == Builder.AOTI:
-                run.compile_packages(models, options, size)
+                run.compile_packages(models, controlnets, options, size)
             else:
-                run.export_onnx(models, size)
-        del models  # free the torch weights before TensorRT needs its memory
+                run.export_onnx(models, controlnets, size)
+        del models, controlnets  # free the torch weights before TensorRT needs its memory
         gc.collect()
     ff_layers = run.ff_layers
     if builder in FLAVOURS:
@@ -274,18 +280,19 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
         # this run's stage times over the previous build's for what was reused
         timings_s={**(old.timings_s if old else {}), **{k: round(v, 3) for k, v in run.timings.items()}},
         weights="swappable" if swappable else "frozen",
+        controlnets=controlnet_records(cfg.spec),
     )
     manifest.save(out)
     return BuildResult(out, manifest, tuple(run.artifacts), time.perf_counter() - t_start, why)
 
 
-def _complete(plan: _Plan, builder: str | None, sizes: tuple[Size, ...]) -> bool:
+def _complete(plan: _Plan, builder: str | None, spec: EngineSpec) -> bool:
     """Everything `builder` needs is in the previous build, intact. An --onnx-only build over a TensorRT build
     keeps its engines (the manifest stays as it was)."""
     if plan.old is None:
         return False
     kinds = {None: ("onnx",), Builder.AOTI: ("package",)}.get(builder, ("onnx", "engine"))
-    return all(plan.kept(s, n, k) for s in sizes for n in NETWORKS for k in kinds)
+    return all(plan.kept(s, n, k) for s in spec.served_sizes for n in network_names(spec) for k in kinds)
 
 
 class _Run:
@@ -299,6 +306,7 @@ class _Run:
         self.ff_layers: tuple[str, ...] = ()
         self.exporter: str | None = None
         self.sized = bool(cfg.spec.sizes)
+        self.names = network_names(cfg.spec)  # the three, then one per ControlNet
 
     def _at(self, size: Size) -> str:
         """' 768x512' in a build for several sizes (stage names, timings), '' in a single-size one."""
@@ -332,19 +340,19 @@ class _Run:
         old = self.plan.old
         self.ff_layers = old.ff_layers
         for size in self.entries:
-            for name in NETWORKS:
+            for name in self.names:
                 self._reuse(size, name, "onnx", old.network(name, size).tensors)
                 self.step(f"export {name}{self._at(size)} (reused)")
                 self.step(f"cleanup {name}{self._at(size)} (reused)")
 
-    def export_onnx(self, models: Models, size: Size) -> None:
+    def export_onnx(self, models: Models, controlnets: list, size: Size) -> None:
         from .cleanup import cleanup, save_onnx
         from .export import export_network, exporter_name, network_modules, tensor_entries
 
-        modules, specs = network_modules(models, self._spec(size))
+        modules, specs = network_modules(models, self._spec(size), controlnets)
         self.ff_layers = tuple(layer.name for layer in modules["unet"].layout.layers if layer.fuse)
         at = self._at(size)
-        for name in NETWORKS:
+        for name in self.names:
             old = self.plan.old.sized_networks().get(size, {}).get(name) if self.plan.old else None
             if old is not None and self._reuse(size, name, "onnx", old.tensors):
                 self.step(f"export {name}{at} (reused)")
@@ -373,7 +381,7 @@ class _Run:
         from .compile import build_engine
 
         at = self._at(size)
-        for name in NETWORKS:
+        for name in self.names:
             net = self.entries[size][name]
             if self.plan.kept(size, name, "onnx") and self._reuse(size, name, "engine", net.tensors):
                 self.step(f"build {name}{at} (reused)")
@@ -388,15 +396,15 @@ class _Run:
             self._artifact(name, "engine", engine, size, seconds, False)
             self.step(f"build {name}{at}")
 
-    def compile_packages(self, models: Models, options: dict, size: Size) -> None:
+    def compile_packages(self, models: Models, controlnets: list, options: dict, size: Size) -> None:
         from .aoti import compile_aoti
         from .export import example_inputs, network_modules
 
-        modules, specs = network_modules(models, self._spec(size))
+        modules, specs = network_modules(models, self._spec(size), controlnets)
         self.ff_layers = tuple(layer.name for layer in modules["unet"].layout.layers if layer.fuse)
         self.exporter = f"torch {torch.__version__} torch.export + AOTInductor"
         device, at = self.cfg.aoti_device, self._at(size)
-        for name in NETWORKS:
+        for name in self.names:
             tensors = tuple(specs[name])
             if self._reuse(size, name, "package", tensors):
                 self.step(f"compile {name}{at} (reused)")
@@ -415,10 +423,13 @@ class _Run:
         """Files of an earlier build, named by the naming rule, that this manifest does not list would mislead
         (compiled files) or waste space (another size's ONNX): remove them."""
         listed = {f.name for nets in self.entries.values() for net in nets.values() for f in net.files.values()}
-        ours = re.compile(rf"({'|'.join(NETWORKS)})(-\d+x\d+)?\.(engine|pt2)")
-        sized_onnx = re.compile(rf"({'|'.join(NETWORKS)})-\d+x\d+\.onnx(\.data)?")
+        names = "|".join((*NETWORKS, r"controlnet_\d+"))  # another build's ControlNets too
+        ours = re.compile(rf"({names})(-\d+x\d+)?\.(engine|pt2)")
+        sized_onnx = re.compile(rf"({names})-\d+x\d+\.onnx(\.data)?")
+        controlnet_onnx = re.compile(r"controlnet_\d+\.onnx(\.data)?")  # a build with more ControlNets
         for stale in self.out.iterdir():
-            if (ours.fullmatch(stale.name) or sized_onnx.fullmatch(stale.name)) and stale.name not in listed:
+            named = (ours, sized_onnx, controlnet_onnx)
+            if any(p.fullmatch(stale.name) for p in named) and stale.name not in listed:
                 log.info("removing %s: not part of this build", stale)
                 stale.unlink()
 

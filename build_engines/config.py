@@ -32,8 +32,8 @@ class BuildConfig:
     out: Path | None = field(
         default=None,
         metadata=flag(
-            "output folder (default: engines/<model>-<W>x<H>-b<UNet batch>-<bank><frames>-<vae>-<precision>[-aoti], a "
-            "name that changes with everything the networks are specialised for)",
+            "output folder (default: engines/<model>-<W>x<H>-b<UNet batch>-<bank><frames>-<vae>-<precision>"
+            "[-cn-<names>][-aoti], a name that changes with everything the networks are specialised for)",
             metavar="DIR",
             parse=Path,
         ),
@@ -67,12 +67,6 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "builder", Builder(self.builder))
-        if self.spec.controlnets:
-            raise ValueError(
-                f"ControlNets {list(self.spec.controlnets)} are not exported by the build yet (the eager backend runs "
-                "them: python -m streamv2v_trt's eager streams, StreamConfig.controlnet_scales): build without "
-                "--controlnet"
-            )
         if self.out is not None:
             object.__setattr__(self, "out", Path(self.out))
         if self.onnx_only and self.builder is Builder.AOTI:

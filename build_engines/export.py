@@ -1,4 +1,5 @@
-"""ONNX export of the eager modules: `BankUNet` (bank as explicit I/O) and `VaeEncoder` / `VaeDecoder`.
+"""ONNX export of the eager modules: `BankUNet` (bank as explicit I/O), `VaeEncoder` / `VaeDecoder`, and one
+`ControlNet` per ControlNet of the spec.
 
 The exported graphs are traced from the same modules the eager backend runs, so there is one copy of the
 algorithm. Shapes are static (one graph per resolution and UNet batch). We use the dynamo exporter: it traces
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 
 from streamv2v_trt.bank_unet import BankUNet
-from streamv2v_trt.layout import DTYPES, TensorSpec
+from streamv2v_trt.control_net import ControlNet
+from streamv2v_trt.layout import DTYPES, TensorSpec, controlnet_network
 from streamv2v_trt.models.loader import Models
 from streamv2v_trt.prompt import text_shape
 from streamv2v_trt.spec import EngineSpec
@@ -38,10 +40,17 @@ def exporter_name() -> str:
     return f"torch {torch.__version__} dynamo, opset {OPSET}"
 
 
-def network_modules(models: Models, spec: EngineSpec) -> tuple[dict[str, nn.Module], dict[str, list[TensorSpec]]]:
-    """The three modules to export (the very ones the eager backend runs) and their I/O contract."""
+def network_modules(
+    models: Models, spec: EngineSpec, controlnets: list | None = None
+) -> tuple[dict[str, nn.Module], dict[str, list[TensorSpec]]]:
+    """The modules to export (the very ones the eager backend runs) and their I/O contract: the three, and with
+    `controlnets` (`spec.controlnets` loaded, models/controlnets.py) one `ControlNet` network each."""
+    controlnets = controlnets or []
+    if len(controlnets) != len(spec.controlnets):
+        raise ValueError(f"the spec names {len(spec.controlnets)} ControlNet(s), {len(controlnets)} were given")
     unet = BankUNet(models.unet, spec).eval()
     modules = {"unet": unet, "vae_encoder": VaeEncoder(models.vae).eval(), "vae_decoder": VaeDecoder(models.vae).eval()}
+    modules |= {controlnet_network(j): ControlNet(c).eval() for j, c in enumerate(controlnets)}
     return modules, unet.layout.network_specs(spec, text_shape(models.tokenizer, models.text_encoder))
 
 
@@ -60,6 +69,8 @@ def example_inputs(specs: list[TensorSpec], *, bank_valid: float = 1.0, seed: in
             out[s.name] = torch.full(s.shape, bank_valid, dtype=dtype)
         elif s.name == "images":
             out[s.name] = (torch.rand(s.shape, generator=gen) * 2 - 1).to(dtype)
+        elif s.name in ("controlnet_cond", "conditioning_scale"):  # a control image in [0, 1], a scale in [0, 1)
+            out[s.name] = torch.rand(s.shape, generator=gen).to(dtype)
         else:
             out[s.name] = torch.randn(s.shape, generator=gen).to(dtype)
     return out

@@ -26,9 +26,9 @@ from .backends.named_io import NamedIOBackend, NetworkRunner
 from .config import StreamConfig
 from .flavours import ENGINE_BACKENDS, BackendKind, Builder, backend_of, build_for, folder_backend
 from .frame_sizes import size_text
-from .layout import NETWORKS, BankLayout, TensorSpec, bank_layout
+from .layout import BankLayout, TensorSpec, bank_layout, network_names
 from .lora_set import AOTI_HINT
-from .manifest import EngineMismatch, Manifest, load_manifest, mismatch
+from .manifest import ControlNetRecord, EngineMismatch, Manifest, load_manifest, mismatch
 from .prompt import PromptEncoder, text_shape
 from .spec import EngineSpec, LoraSpec, show_sizes
 
@@ -126,7 +126,7 @@ def check_io(
     folder's sizes (height, width) `expected` and `runners` are (default: the manifest spec's own)."""
     problems = []
     at = f" at {size_text(size)}" if size and manifest.spec.sizes else ""
-    for name in NETWORKS:
+    for name in expected:  # the three networks, and one per ControlNet
         want = {t.name: (t.shape, t.dtype, t.is_input) for t in expected[name]}
         recorded = {t.name: (t.shape, t.dtype, t.is_input) for t in manifest.network(name, size).tensors}
         runner = runners[name]
@@ -162,7 +162,8 @@ def _open_runners(
     size: tuple[int, int] | None = None,
 ) -> dict[str, NetworkRunner]:
     kind = backend.info.files[0]
-    files = {name: directory / manifest.network(name, size).files[kind].name for name in NETWORKS}
+    names = network_names(manifest.spec)  # the three, and one per ControlNet
+    files = {name: directory / manifest.network(name, size).files[kind].name for name in names}
     if backend is BackendKind.ONNXRUNTIME:
         from .backends.onnxruntime import OnnxRunner
 
@@ -232,6 +233,14 @@ def _initializer_loras(
     return lora_weights
 
 
+def controlnet_records(spec: EngineSpec) -> tuple[ControlNetRecord, ...]:
+    """What a manifest records of each of `spec.controlnets` (name, architecture, weights hash): the build writes
+    it, opening a folder compares it. Loads no weights."""
+    from .models.controlnets import controlnet_identities
+
+    return tuple(ControlNetRecord(*identity) for identity in controlnet_identities(spec))
+
+
 def open_build_folder(
     directory: str | PathLike,
     backend: str | BackendKind | None = None,
@@ -278,7 +287,9 @@ def open_build_folder(
 
     rebuild = folder_rebuild(spec, directory, backend, manifest)  # after the LoRA checks: it hashes their files
     weights = find_weights(spec)
-    problems = manifest.differences(spec, weights.hash(spec.vae) if verify_hashes else None)
+    problems = manifest.differences(
+        spec, weights.hash(spec.vae) if verify_hashes else None, controlnet_records(spec) if verify_hashes else None
+    )
     problems += target_problems(manifest, backend, device)
     if not problems:  # files only matter once the build is the right one
         problems = manifest.file_problems(directory, backend.info.files, verify_hashes=verify_hashes)

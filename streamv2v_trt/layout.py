@@ -22,6 +22,11 @@ def controlnet_network(index: int) -> str:
     return f"controlnet_{index}"
 
 
+def network_names(spec: EngineSpec) -> tuple[str, ...]:
+    """Every network a build of `spec` holds: the three of `NETWORKS`, then one per ControlNet, in the spec's order."""
+    return (*NETWORKS, *(controlnet_network(j) for j in range(len(spec.controlnets))))
+
+
 def residual_names(count: int) -> list[str]:
     """The ControlNet residuals the UNet adds, in diffusers' order: `count - 1` down-block residuals, then the
     mid-block one. The UNet's inputs and every ControlNet's outputs carry these names."""

@@ -11,6 +11,7 @@ Layout of a build folder (file names are in the manifest, these are the defaults
     vae_encoder.onnx  vae_encoder.engine
     vae_decoder.onnx  vae_decoder.engine
     unet.pt2  vae_encoder.pt2  vae_decoder.pt2                                          (AOTInductor builds)
+    controlnet_0.onnx  controlnet_0.engine | controlnet_0.pt2  ...      (one network per ControlNet of the spec)
 
 A build for several frame sizes (`EngineSpec.sizes`) holds every size's networks, each file named with its size
 (`network_file`): unet-512x512.onnx, unet-768x512.onnx, unet-768x512.engine, ... The manifest lists the spec's
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .frame_sizes import size_text
-from .layout import NETWORKS, TensorSpec
+from .layout import TensorSpec, network_names
 from .spec import EngineSpec
 
 FORMAT_VERSION = 2
@@ -89,6 +90,15 @@ class NetworkEntry:
 
 
 @dataclass(frozen=True)
+class ControlNetRecord:
+    """One ControlNet of a build (`EngineSpec.controlnets`, in order; its network is `controlnet_<j>`)."""
+
+    name: str  # as the spec names it: a preset, a folder or a hub id
+    architecture: str  # the config that makes its residuals fit the UNet, in words
+    weights_hash: str  # `models.controlnets.ControlNetWeights.hash`
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything `build_engines` produced, and from what. Saved as JSON beside the files it lists."""
 
@@ -114,6 +124,9 @@ class Manifest:
     # A multi-size build: the networks of every size other than the spec's own (height x width), by size text
     # ("768x512"). Older manifests and single-size builds: {}.
     size_networks: dict[str, dict[str, NetworkEntry]] = field(default_factory=dict)
+    # The ControlNets compiled beside the UNet (networks controlnet_0, ...), in the spec's order. Older manifests
+    # and builds without ControlNets: ().
+    controlnets: tuple[ControlNetRecord, ...] = ()
     format_version: int = FORMAT_VERSION
 
     def network(self, name: str, size: tuple[int, int] | None = None) -> NetworkEntry:
@@ -146,13 +159,16 @@ class Manifest:
         """Whether every network of every size has a file of `kind` ("onnx", "engine", "package")."""
         sized = self.sized_networks()
         return len(sized) == len(self.spec.served_sizes) and all(
-            kind in networks.get(n, NetworkEntry(())).files for networks in sized.values() for n in NETWORKS
+            kind in networks.get(n, NetworkEntry(())).files
+            for networks in sized.values()
+            for n in network_names(self.spec)
         )
 
     def to_json(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["spec"] = self.spec.to_json()
         d["ff_layers"] = list(self.ff_layers)
+        d["controlnets"] = [vars(c) for c in self.controlnets]
         d["networks"] = {name: net.to_json() for name, net in self.networks.items()}
         d["size_networks"] = {
             size: {name: net.to_json() for name, net in nets.items()} for size, nets in self.size_networks.items()
@@ -172,7 +188,9 @@ class Manifest:
             for size, nets in d.get("size_networks", {}).items()
         }
         spec = EngineSpec.from_json(d["spec"])
+        controlnets = tuple(ControlNetRecord(**c) for c in d.get("controlnets", ()))
         fields = {"spec": spec, "ff_layers": tuple(d["ff_layers"]), "networks": networks, "size_networks": sized}
+        fields["controlnets"] = controlnets
         return cls(**{**d, **fields})
 
     def save(self, directory: Path | str) -> Path:
@@ -187,20 +205,36 @@ class Manifest:
     def swappable(self) -> bool:
         return self.weights == "swappable"
 
-    def differences(self, asked: EngineSpec, weights_hash: str | None = None) -> list[str]:
-        """Every difference between what was built and `asked` (spec field by field, then the weights). The LoRAs
-        of a swappable build are runtime state, not compared."""
+    def differences(
+        self,
+        asked: EngineSpec,
+        weights_hash: str | None = None,
+        controlnets: tuple[ControlNetRecord, ...] | None = None,
+    ) -> list[str]:
+        """Every difference between what was built and `asked` (spec field by field, then the weights; with
+        `controlnets`, the asked ControlNets' records, by weights hash). The LoRAs of a swappable build are runtime
+        state, not compared."""
         diffs = self.spec.differences(replace(asked, loras=self.spec.loras) if self.swappable else asked)
         if self.random_weights and self.spec.weights_seed != asked.weights_seed:  # also without hashing
             diffs.append(f"weights_seed: engines have {self.spec.weights_seed}, asked {asked.weights_seed}")
         if weights_hash is not None and weights_hash != self.weights_hash:
             diffs.append(f"weights hash: engines have {self.weights_hash}, asked {weights_hash}")
-        missing = [n for n in NETWORKS if n not in self.networks]
+        if controlnets is not None and self.spec.controlnets == asked.controlnets:  # else the names differ already
+            for j, (have, want) in enumerate(zip(self.controlnets, controlnets)):
+                if have.weights_hash != want.weights_hash:
+                    diffs.append(
+                        f"ControlNet {j} ({want.name}) weights hash: engines have {have.weights_hash}, asked "
+                        f"{want.weights_hash}"
+                    )
+            if len(self.controlnets) != len(controlnets):
+                diffs.append(f"ControlNet records: the manifest has {len(self.controlnets)}, asked {len(controlnets)}")
+        names = network_names(self.spec)
+        missing = [n for n in names if n not in self.networks]
         if missing:
             diffs.append(f"networks missing from the manifest: {', '.join(missing)}")
         for size in self.spec.served_sizes:  # the runtime opens every size
             if size != (self.spec.height, self.spec.width):
-                absent = [n for n in NETWORKS if n not in self.size_networks.get(size_text(size), {})]
+                absent = [n for n in names if n not in self.size_networks.get(size_text(size), {})]
                 if absent:
                     diffs.append(f"networks missing from the manifest at {size_text(size)}: {', '.join(absent)}")
         return diffs

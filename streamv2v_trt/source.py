@@ -158,14 +158,6 @@ def open_networks(source: Source, cfg: StreamConfig | None, runtime: dict | None
         cfg = _eager_config(source, cfg, device, runtime or {})
         return Networks(*open_eager(cfg, device, compile=source.compile, channels_last=source.channels_last))
     from .build_folder import open_build_folder
-    from .manifest import EngineMismatch
-
-    if cfg is not None and cfg.spec.controlnets:
-        raise EngineMismatch(
-            f"build folder {source.engines}: ControlNets {list(cfg.spec.controlnets)} run on the eager backend only "
-            "for now (build folders do not export ControlNet networks yet). Run them eagerly (Source(model=...)), or "
-            "drop the ControlNets from the config to run this folder"
-        )
 
     opened = open_build_folder(
         source.engines, source.backend, cfg, device=source.device, loras=source.loras,

@@ -187,7 +187,7 @@ class EngineSpec:
         metadata=flag(
             f"ControlNets ({', '.join(CONTROLNET_PRESETS)}; random weights unless real ones are in the Hugging Face "
             "cache), local diffusers ControlNet folders or hub ids, comma-separated: the UNet takes their summed "
-            "residuals; scales are set at runtime",
+            "residuals (a build compiles each as its own network, controlnet_<j>); scales are set at runtime",
             names=("--controlnet",),
             metavar="NAME_OR_PATH[,..]",
             parse=lambda text: tuple(p for p in text.split(",") if p),
@@ -336,9 +336,11 @@ class EngineSpec:
         name = Path(self.model).name or "model"
         streams = f"-s{self.max_streams}" if self.max_streams > 1 else ""
         suffix = "-aoti" if builder == Builder.AOTI else ""
+        # ControlNets add networks and UNet inputs: their own folder, named by the last part of each name
+        control = f"-cn-{'+'.join(Path(c).name for c in self.controlnets)}" if self.controlnets else ""
         return (
             f"{name}-{_sizes_label(self.served_sizes)}-b{self.stream_batch}{streams}-{self.bank.value}{self.bank_frames}"
-            f"-{self.vae.value}-{self.precision.value}{suffix}"
+            f"-{self.vae.value}-{self.precision.value}{control}{suffix}"
         )
 
     def build_command(self, out: Path | str | None = None, builder: str | None = None, onnx_only: bool = False) -> str:

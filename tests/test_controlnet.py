@@ -18,12 +18,10 @@ from conftest import tiny_spec
 from streamv2v_trt import StreamConfig, StreamV2V
 from streamv2v_trt.control_net import INPUT_NAMES, run_controlnets
 from streamv2v_trt.layout import bank_layout, controlnet_network, residual_names
-from streamv2v_trt.manifest import EngineMismatch
 from streamv2v_trt.models.controlnets import check_fits, controlnet_hashes, find_controlnet, load_controlnets
 from streamv2v_trt.models.loader import find_weights, load_unet
 from streamv2v_trt.multistream import MultiStream
 from streamv2v_trt.presets import CONTROLNET_PRESETS, ModelUnavailable
-from streamv2v_trt.source import Source, open_networks
 from streamv2v_trt.spec import EngineSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -224,17 +222,6 @@ def test_errors_name_what_is_wrong():
     hashes = controlnet_hashes(tiny_spec(controlnets=("tiny", "tiny")))  # what a manifest will record
     assert len(set(hashes)) == 2 and hashes == controlnet_hashes(tiny_spec(controlnets=("tiny", "tiny")))
     assert hashes[0] != controlnet_hashes(tiny_spec(controlnets=("tiny",), weights_seed=1))[0]
-    with pytest.raises(EngineMismatch, match="eager backend only"):
-        open_networks(Source(engines="engines/none"), StreamConfig(tiny_spec(controlnets=("tiny",))))
-
-
-def test_a_build_with_controlnets_is_refused_in_one_line(capsys):
-    from build_engines.__main__ import main
-
-    assert main(["--model", "tiny", "--controlnet", "tiny,tiny", "--onnx-only", "--out", "unused"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ControlNets ['tiny', 'tiny'] are not exported by the build yet")
-    assert err.count("\n") == 1
 
 
 @pytest.mark.gpu

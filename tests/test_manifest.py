@@ -149,8 +149,8 @@ FIELD_CASES: dict[str, tuple[dict, tuple[str, ...]]] = {
         {"height": 64, "width": 64, "sizes": ((64, 64), (64, 128))},
         ("sizes: engines have 32x32, asked 64x64,128x64 (64x64,128x64 not built)",),
     ),
-    # No build exports ControlNets yet: refused before the folder is compared, without a rebuild command.
-    "controlnets": ({"controlnets": ("tiny",)}, ("ControlNets ['tiny'] run on the eager backend only",)),
+    # A folder without ControlNets asked for one: rebuilt with --controlnet into the folder named for it.
+    "controlnets": ({"controlnets": ("tiny",)}, ("controlnets: engines have (), asked ('tiny',)",)),
 }
 
 
@@ -176,9 +176,6 @@ def test_each_spec_field_is_refused_with_a_rebuild_command(tiny_build, lora_file
     asked = replace(base, **changes)
     message = refused(folder, cfg=StreamConfig(asked))
     assert all(words in message for words in fragments), message
-    if case == "controlnets":
-        assert f"build folder {folder}: " in message and "Rebuild" not in message
-        return
     assert f"build folder {folder} does not match" in message
     # one field asked differently, one difference named (plus what it implies: the UNet batch, the weights)
     assert message.count(": engines ") == (2 if case in ("model", "steps", "vae", "weights_seed") else 1), message

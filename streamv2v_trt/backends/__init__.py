@@ -7,7 +7,7 @@ its UNet was built with), `unet(inputs: dict[str, Tensor]) -> dict[str, Tensor]`
 compiled into the files), `sizes` (the frame sizes it was built for, (height, width) each; None: any multiple
 of 8, eager) and `at_size(height, width)` (the same networks and weights at another size: that size's runners
 and layout; `StreamV2V.resize` uses it).
-With ControlNets in the spec (eager only so far): `controlnet(index, inputs) -> residuals` (control_net.py), and the
+With ControlNets in the spec (every backend): `controlnet(index, inputs) -> residuals` (control_net.py), and the
 UNet's inputs include their summed residuals (`layout.residual_names()`).
 
 Backends: `eager` (PyTorch, eager.py), and on a build folder (`build_folder.py` opens it) `onnxruntime` (its

@@ -1,4 +1,5 @@
-"""Backends made of three compiled networks with named I/O (onnxruntime, tensorrt, aoti).
+"""Backends made of compiled networks with named I/O (onnxruntime, tensorrt, aoti): the UNet, the VAE encoder and
+decoder, and one network per ControlNet of the spec.
 
 Each network is a runner with `path`, `input_specs` and `output_specs` (name -> (shape, torch dtype), as the
 compiled file itself reports them) and `run(inputs) -> outputs` by name. The build folder opener
@@ -22,7 +23,7 @@ from typing import Protocol
 import torch
 
 from ..frame_sizes import size_text
-from ..layout import BankLayout
+from ..layout import BankLayout, controlnet_network
 from ..spec import EngineSpec, show_sizes
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ class InputBinder:
 
 
 class NamedIOBackend:
-    """The UNet, VAE encoder and VAE decoder runners of one build folder, behind the `Backend` interface.
+    """The UNet, VAE encoder and VAE decoder runners of one build folder (and its ControlNets'), behind the `Backend`
+    interface.
 
     Outputs are the runner's: engine runners return their own preallocated buffers (the same tensors every
     call, valid until the next call of that network), so the pipeline consumes a result before calling again.
@@ -129,6 +131,11 @@ class NamedIOBackend:
 
     def unet(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self._unet.run(inputs)
+
+    def controlnet(self, index: int, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """ControlNet `index` (the spec's order; network `controlnet_<index>`): `BankLayout.controlnet_specs`
+        inputs -> its scaled residuals (the runner's buffers: `run_controlnets` sums them before the next call)."""
+        return self.networks[controlnet_network(index)].run(inputs)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self._encoder.run({"images": images})["latents"]

@@ -166,3 +166,15 @@ def load_controlnets(spec: EngineSpec, unet_config: dict, device: torch.device |
 def controlnet_hashes(spec: EngineSpec) -> list[str]:
     """The weights hash of each of `spec.controlnets` (what a manifest records beside the UNet's)."""
     return [find_controlnet(name, spec.weights_seed, i).hash() for i, name in enumerate(spec.controlnets)]
+
+
+def controlnet_identities(spec: EngineSpec) -> list[tuple[str, str, str]]:
+    """(name, architecture, weights hash) of each of `spec.controlnets`, what a build's manifest records. The
+    architecture is what makes its residuals fit a UNet (`FIT_KEYS`), in words; reading it loads no weights."""
+    out = []
+    for i, name in enumerate(spec.controlnets):
+        weights = find_controlnet(name, spec.weights_seed, i)
+        config = _config(weights)
+        arch = ", ".join(f"{key} {_show(config.get(key))}" for key in FIT_KEYS)
+        out.append((name, f"{config.get('_class_name', 'ControlNetModel')}: {arch}", weights.hash()))
+    return out
