@@ -31,6 +31,7 @@ from streamv2v_trt.control_images import HYSTERESIS_STEPS, ControlImages, canny
 from streamv2v_trt.frames import uint8_to_image
 from streamv2v_trt.images import fit_to_size
 
+from .kernels import graphed
 from .measure import machine
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
@@ -55,19 +56,6 @@ def timed(fn: Callable[[], object], repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def graph_of(fn: Callable[[], object]) -> Callable[[], object]:
-    """`fn` captured once as a CUDA graph (after a warm-up on a side stream); returns its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def measure(name: str, args: argparse.Namespace) -> dict:
     """One photo's check against cv2.Canny and its timings."""
     device = torch.device(args.device)
@@ -87,7 +75,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         "control_images_ms": timed(lambda: control(image), args.repeats, cuda),
     }
     if cuda:
-        row["control_images_graph_ms"] = timed(graph_of(lambda: control(image)), args.repeats, cuda)
+        row["control_images_graph_ms"] = timed(graphed(lambda: control(image)), args.repeats, cuda)
     return row
 
 

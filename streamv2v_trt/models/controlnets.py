@@ -52,14 +52,9 @@ class ControlNetWeights:
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"ControlNet {self.name!r}: no .safetensors weights in {self.folder}")
-        for path in files:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-                h.update(f"{path.name}:{size}:".encode() + f.read(min(header_len, size)))
-                for i in range(64):
-                    f.seek(i * size // 64)
-                    h.update(f.read(1 << 16))
+        from .loader import hash_safetensors  # diffusers loads with the loader: only for real weights
+
+        hash_safetensors(h, files, lambda path: path.name)
         return h.hexdigest()[:16]
 
 
