@@ -31,28 +31,22 @@ from streamv2v_trt.control_images import HYSTERESIS_STEPS, ControlImages, canny
 from streamv2v_trt.frames import uint8_to_image
 from streamv2v_trt.images import fit_to_size
 
-from .kernels import graphed
+from .kernels import graphed, time_ms
 from .measure import machine
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
 
 
 def timed(fn: Callable[[], object], repeats: int, cuda: bool) -> float:
-    """Median ms of `repeats` calls after two warm-up calls (CUDA events on the GPU)."""
+    """Median ms of `repeats` calls after two warm-up calls (CUDA events on the GPU: `kernels.time_ms`)."""
+    if cuda:
+        return time_ms(fn, 2, repeats)
     fn(), fn()
     times = []
     for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
