@@ -215,6 +215,16 @@ def receive_result(ws) -> tuple[dict, np.ndarray]:
     return msg, np.asarray(Image.open(io.BytesIO(ws.receive_bytes())))
 
 
+def connect(client: TestClient, stack: contextlib.ExitStack, n: int) -> tuple[list, list[dict]]:
+    """`n` sockets and their "ready" messages. Each "ready" is received before the next socket connects: slots
+    open on worker threads, so only then is `spy.opened[k]` the k-th socket's slot."""
+    sockets, readies = [], []
+    for _ in range(n):
+        sockets.append(stack.enter_context(client.websocket_connect("/ws")))
+        readies.append(sockets[-1].receive_json())
+    return sockets, readies
+
+
 def assert_same(got: np.ndarray, want: np.ndarray) -> None:
     """The same frame, up to rounding (a batch of several streams may round differently from a batch of one)."""
     assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 1
@@ -302,8 +312,8 @@ def test_connections_at_once_each_get_their_own_stream(hub, reference):
     touches no other."""
     spy = hub()
     with TestClient(make_app(spy)) as client, contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(client.websocket_connect("/ws")) for _ in range(K)]
-        assert [ws.receive_json()["type"] for ws in sockets] == ["ready"] * K and len(set(spy.opened)) == K
+        sockets, readies = connect(client, stack, K)
+        assert [r["type"] for r in readies] == ["ready"] * K and len(set(spy.opened)) == K
         refs = [reference.sibling() for _ in range(K)]
         sockets[0].send_text('{"type": "prompt", "prompt": "a watercolor"}')
         assert sockets[0].receive_json() == {"type": "prompt", "prompt": "a watercolor"}
@@ -897,10 +907,9 @@ def test_a_lora_picked_on_one_page_runs_for_every_client_and_every_page_is_told(
     spy = lora_hub()
     app = create_app(spy, Limits(), TEST_HOSTS, loras=LoraPicker(LoraFolder(lora_dir)))
     with TestClient(app) as client:
-        with client.websocket_connect("/ws") as one, client.websocket_connect("/ws") as two:
-            for ws in (one, two):
-                ready = ws.receive_json()
-                assert ready["lora_files"] == LISTED and ready["loras"] == []
+        with contextlib.ExitStack() as stack:
+            (one, two), readies = connect(client, stack, 2)
+            assert all(r["lora_files"] == LISTED and r["loras"] == [] for r in readies)
             send_loras(one, ("a.safetensors", 0.8))
             told = {"type": "loras", "loras": [{"name": "a.safetensors", "scale": 0.8}]}
             assert one.receive_json() == told and two.receive_json() == told
@@ -1038,9 +1047,9 @@ def test_each_connection_has_its_own_control_scale(control_hub, control_multi):
     # A stream by itself at scale 0: the first connection's frames after its scale message.
     zero = StreamV2V.from_pretrained(dataclasses.replace(control_multi.cfg, controlnet_scales=(0.0,)), prompt="a photo")
     with TestClient(make_app(spy)) as client:
-        with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
-            for ws in (a, b):
-                assert ws.receive_json()["controls"] == [{"kind": "canny", "scale": 0.5}]
+        with contextlib.ExitStack() as stack:
+            (a, _), readies = connect(client, stack, 2)
+            assert all(r["controls"] == [{"kind": "canny", "scale": 0.5}] for r in readies)
             a.send_text('{"type": "control", "scales": [0]}')
             assert a.receive_json() == {"type": "control", "scales": [0.0], "show": False}
             first, second = (control_multi.slots[slot] for slot in spy.opened)
