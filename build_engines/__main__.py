@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         with (
             logging_redirect_tqdm(),
             tqdm(
-                total=len(stages(builder, cfg.spec.served_sizes, network_names(cfg.spec))),
+                total=len(stages(builder, cfg.stage_sizes, network_names(cfg.spec))),
                 desc="build_engines",
                 unit="stage",
                 file=sys.stderr,

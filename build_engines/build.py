@@ -2,7 +2,8 @@
 
 Stages per network and frame size: ONNX export + cleanup, then (TensorRT builders) the engine build; or
 (AOTInductor) one compile to a `.pt2` package. A build for several sizes (`EngineSpec.sizes`) runs them for every
-size into the one folder, each file named with its size (`manifest.network_file`).
+size into the one folder, each file named with its size (`manifest.network_file`); with `--shapes dynamic`, once
+per network: one ONNX with symbolic height and width, one engine with an optimisation profile spanning the sizes.
 
 The cache is the manifest: a file is reused when the previous build was for the
 same spec and weights, the file still hashes to what the manifest says, and (engines, packages) the same
@@ -27,7 +28,7 @@ from streamv2v_trt.backends.tensorrt_import import FLAVOURS, import_tensorrt, te
 from streamv2v_trt.build_folder import controlnet_records
 from streamv2v_trt.flavours import Builder
 from streamv2v_trt.frame_sizes import size_text
-from streamv2v_trt.layout import NETWORKS, network_names
+from streamv2v_trt.layout import NETWORKS, bank_layout, network_names
 from streamv2v_trt.manifest import (
     MANIFEST_FILE,
     EngineMismatch,
@@ -40,6 +41,9 @@ from streamv2v_trt.manifest import (
 from streamv2v_trt.spec import EngineSpec, show_sizes
 
 from .config import BuildConfig, choose_builder
+
+if TYPE_CHECKING:
+    from .compile import Profile
 
 if TYPE_CHECKING:
     from streamv2v_trt.models.loader import Models
@@ -166,6 +170,14 @@ def plan_reuse(
     # Sizes are compared per file below: a size the previous build has is kept, one it lacks is built.
     same_sizes = replace(cfg.spec, height=old.spec.height, width=old.spec.width, sizes=old.spec.sizes)
     diffs = old.differences(same_sizes, weights, controlnet_records(cfg.spec))
+    if old.shapes != cfg.shapes:
+        diffs.append(f"shapes: the folder has {old.shapes}, asked {cfg.shapes}")
+    elif cfg.dynamic and (old.spec.height, old.spec.width, old.spec.sizes) != (
+        cfg.spec.height, cfg.spec.width, cfg.spec.sizes
+    ):  # fmt: skip
+        # one file serves every size, and its profile spans them (tuned at the start size): another set is new files
+        diffs.append(f"sizes of a dynamic-shape build: the folder has {show_sizes(old.spec.served_sizes)}, asked "
+                     f"{show_sizes(cfg.spec.served_sizes)}")  # fmt: skip
     if diffs:
         log.info("previous build in %s differs (%s): rebuilding", out, "; ".join(diffs))
         return _Plan(None)
@@ -185,22 +197,22 @@ def plan_reuse(
         for name, net in networks.items():
             keep = plan.keep.setdefault((size, name), {})
             if (
-                _named(cfg.spec, name, size, net.files.get("onnx"), ".onnx")
+                _named(cfg, name, size, net.files.get("onnx"), ".onnx")
                 and _intact(out, net.files["onnx"])
                 and ("onnx_data" not in net.files or _intact(out, net.files["onnx_data"]))
             ):
                 keep.update({k: net.files[k] for k in ("onnx", "onnx_data") if k in net.files})
             compiled = net.files.get(kind)
             suffix = ".pt2" if kind == "package" else ".engine"
-            if compiled_ok and (kind == "package" or "onnx" in keep) and _named(cfg.spec, name, size, compiled, suffix):
+            if compiled_ok and (kind == "package" or "onnx" in keep) and _named(cfg, name, size, compiled, suffix):
                 if _intact(out, compiled):
                     keep[kind] = compiled
     return plan
 
 
-def _named(spec: EngineSpec, name: str, size: Size, entry: FileEntry | None, suffix: str) -> bool:
+def _named(cfg: BuildConfig, name: str, size: Size, entry: FileEntry | None, suffix: str) -> bool:
     """The file follows this build's naming rule (a single-size build's `unet.onnx` is not a sized build's)."""
-    return entry is not None and entry.name == network_file(spec, name, size, suffix)
+    return entry is not None and entry.name == network_file(cfg.spec, name, size, suffix, cfg.dynamic)
 
 
 def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
@@ -235,7 +247,7 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
     kept = builder is None and plan.old is not None and plan.old.builder is not None and cfg.weights is None
     if _complete(plan, builder, cfg.spec) and (plan.old.swappable == swappable or kept):
         log.info("reusing the build in %s (same spec, weights and builder, files intact); --force rebuilds", out)
-        for desc in stages(builder, cfg.spec.served_sizes, network_names(cfg.spec)):
+        for desc in stages(builder, cfg.stage_sizes, network_names(cfg.spec)):
             step(f"{desc} (reused)")
         return _reused(out, plan.old, time.perf_counter() - t_start, why)
 
@@ -249,7 +261,9 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
         if cfg.spec.loras:  # the networks carry them; the manifest records their hashes beside the base weights'
             fuse_loras(models.unet, cfg.spec.loras, text_encoder=models.text_encoder)
         controlnets = load_controlnets(cfg.spec, models.unet.config, device) if cfg.spec.controlnets else []
-        for size in sizes:  # one size's networks after the other, from the one model
+        if cfg.dynamic:
+            run.export_onnx_dynamic(models, controlnets)
+        for size in () if cfg.dynamic else sizes:  # one size's networks after the other, from the one model
             if builder == Builder.AOTI:
                 run.compile_packages(models, controlnets, options, size)
             else:
@@ -257,7 +271,9 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
         del models, controlnets  # free the torch weights before TensorRT needs its memory
         gc.collect()
     ff_layers = run.ff_layers
-    if builder in FLAVOURS:
+    if builder in FLAVOURS and cfg.dynamic:
+        run.build_dynamic_engines(builder, profiles(cfg.spec, weights, run.entries), refit=swappable)
+    elif builder in FLAVOURS:
         for size in sizes:
             run.build_engines(builder, size, refit=swappable)
     run.remove_stale()
@@ -274,13 +290,15 @@ def build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
         build_options=options,
         exporter=run.exporter or (old.exporter if old else ""),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        build_command=cfg.spec.build_command(out, builder=builder, onnx_only=builder is None),
+        build_command=cfg.spec.build_command(out, builder=builder, onnx_only=builder is None)
+        + (" --shapes dynamic" if cfg.dynamic else ""),
         networks=run.entries[start],
         size_networks={size_text(s): run.entries[s] for s in sizes if s != start},
         # this run's stage times over the previous build's for what was reused
         timings_s={**(old.timings_s if old else {}), **{k: round(v, 3) for k, v in run.timings.items()}},
         weights="swappable" if swappable else "frozen",
         controlnets=controlnet_records(cfg.spec),
+        shapes=cfg.shapes,
     )
     manifest.save(out)
     return BuildResult(out, manifest, tuple(run.artifacts), time.perf_counter() - t_start, why)
@@ -293,6 +311,29 @@ def _complete(plan: _Plan, builder: str | None, spec: EngineSpec) -> bool:
         return False
     kinds = {None: ("onnx",), Builder.AOTI: ("package",)}.get(builder, ("onnx", "engine"))
     return all(plan.kept(s, n, k) for s in spec.served_sizes for n in network_names(spec) for k in kinds)
+
+
+def profiles(spec: EngineSpec, weights, entries: dict[Size, dict[str, NetworkEntry]]) -> dict[str, Profile]:
+    """Each network's optimisation profile for `--shapes dynamic`: every input's shapes at the smallest height and
+    width of the sizes (min), at the start size (opt: TensorRT tunes its kernels there) and at the largest (max).
+    The corners, not each dimension's extremes: a bank's token count is the latent height times width, and a profile
+    whose max pairs one size's height with another's token count is not self-consistent (TensorRT-RTX says so).
+    The layout comes from the UNet's structure alone, so an engine build over a reused ONNX loads no weights."""
+    from streamv2v_trt.models.loader import unet_skeleton  # diffusers: seconds to import
+
+    start = (spec.height, spec.width)
+    text = next(t.shape[1:] for t in entries[start]["unet"].tensors if t.name == "encoder_hidden_states")
+    skeleton = unet_skeleton(spec, weights)
+    corner = {}
+    for label, pick in (("min", min), ("max", max)):
+        h, w = pick(h for h, _ in entries), pick(w for _, w in entries)
+        at = replace(spec, height=h, width=w, sizes=())
+        corner[label] = bank_layout(skeleton, at).network_specs(at, tuple(text))
+    result = {}
+    for name, net in entries[start].items():
+        shape = {label: {t.name: t.shape for t in corner[label][name]} for label in corner}
+        result[name] = {t.name: (shape["min"][t.name], t.shape, shape["max"][t.name]) for t in net.inputs()}
+    return result
 
 
 class _Run:
@@ -313,7 +354,7 @@ class _Run:
         return f" {size_text(size)}" if self.sized else ""
 
     def _file(self, name: str, size: Size, suffix: str) -> Path:
-        return self.out / network_file(self.cfg.spec, name, size, suffix)
+        return self.out / network_file(self.cfg.spec, name, size, suffix, self.cfg.dynamic)
 
     def _spec(self, size: Size) -> EngineSpec:
         return replace(self.cfg.spec, height=size[0], width=size[1])
@@ -322,7 +363,9 @@ class _Run:
         nbytes = path.stat().st_size
         if kind == "onnx" and path.with_name(path.name + ".data").is_file():
             nbytes += path.with_name(path.name + ".data").stat().st_size
-        at = size_text(size) if self.sized else ""
+        at = size_text(size) if self.sized and not self.cfg.dynamic else ""  # dynamic: one file for every size
+        if any(a.path == path for a in self.artifacts):
+            return
         self.artifacts.append(Artifact(name, kind, path, nbytes, seconds, reused, size=at, **kw))
 
     def _reuse(self, size: Size, name: str, kind: str, tensors) -> bool:
@@ -342,8 +385,11 @@ class _Run:
         for size in self.entries:
             for name in self.names:
                 self._reuse(size, name, "onnx", old.network(name, size).tensors)
-                self.step(f"export {name}{self._at(size)} (reused)")
-                self.step(f"cleanup {name}{self._at(size)} (reused)")
+        for size in self.cfg.stage_sizes or [None]:  # a dynamic-shape build: one file per network for every size
+            for name in self.names:
+                at = self._at(size) if size else ""
+                self.step(f"export {name}{at} (reused)")
+                self.step(f"cleanup {name}{at} (reused)")
 
     def export_onnx(self, models: Models, controlnets: list, size: Size) -> None:
         from .cleanup import cleanup, save_onnx
@@ -376,6 +422,72 @@ class _Run:
             seconds = self.timings[f"export {name}{at}"] + self.timings[f"cleanup {name}{at}"]
             self._artifact(name, "onnx", path, size, seconds, False, nodes=report.nodes)
             self.step(f"cleanup {name}{at}")
+
+    def export_onnx_dynamic(self, models: Models, controlnets: list) -> None:
+        """`--shapes dynamic`: one ONNX per network for every size, traced at the start size with every dimension
+        the sizes change symbolic; each size's manifest entry names that file with the size's own shapes."""
+        from .cleanup import cleanup, save_onnx
+        from .export import dynamic_dims, export_network, exporter_name, network_modules, tensor_entries, varying_dims
+
+        start = (self.cfg.spec.height, self.cfg.spec.width)
+        # Every size's I/O; the start size's modules last: each installs the bank processors of its size on the one
+        # UNet, and the export traces the start size's.
+        others = [size for size in self.entries if size != start]
+        specs = {size: network_modules(models, self._spec(size), controlnets)[1] for size in others}
+        modules, specs[start] = network_modules(models, self._spec(start), controlnets)
+        self.ff_layers = tuple(layer.name for layer in modules["unet"].layout.layers if layer.fuse)
+        old = self.plan.old
+        for name in self.names:
+            if old is not None and all(self.plan.kept(size, name, "onnx") for size in self.entries):
+                for size in self.entries:
+                    self._reuse(size, name, "onnx", old.network(name, size).tensors)
+                self.step(f"export {name} (reused)")
+                self.step(f"cleanup {name} (reused)")
+                continue
+            t0 = time.perf_counter()
+            by_size = [specs[size][name] for size in self.entries]
+            model = export_network(modules[name], specs[start][name], self.cfg.spec.weights_seed, dynamic_dims(by_size))
+            self.exporter = exporter_name()
+            self.timings[f"export {name}"] = time.perf_counter() - t0
+            self.step(f"export {name}")
+            t1 = time.perf_counter()
+            model, report = cleanup(model, name)
+            varying = varying_dims(by_size)
+            tensors = {size: tensor_entries(model, specs[size][name], varying) for size in self.entries}
+            path = self._file(name, start, ".onnx")
+            data = save_onnx(model, path)
+            del model
+            gc.collect()
+            self.timings[f"cleanup {name}"] = time.perf_counter() - t1
+            files = {"onnx": FileEntry.of(path)} | ({"onnx_data": FileEntry.of(data)} if data else {})
+            for size in self.entries:
+                self.entries[size][name] = NetworkEntry(tensors[size], files)
+            seconds = self.timings[f"export {name}"] + self.timings[f"cleanup {name}"]
+            self._artifact(name, "onnx", path, start, seconds, False, nodes=report.nodes)
+            self.step(f"cleanup {name}")
+
+    def build_dynamic_engines(self, builder: str, profiles: dict[str, Profile], refit: bool = False) -> None:
+        """`--shapes dynamic`: one engine per network, its optimisation profile spanning the sizes (`profiles`)."""
+        from .compile import build_engine
+
+        start = (self.cfg.spec.height, self.cfg.spec.width)
+        for name in self.names:
+            net = self.entries[start][name]
+            if all(self.plan.kept(s, name, "onnx") and self.plan.kept(s, name, "engine") for s in self.entries):
+                for size in self.entries:
+                    self._reuse(size, name, "engine", self.entries[size][name].tensors)
+                self.step(f"build {name} (reused)")
+                continue
+            engine = self._file(name, start, ".engine")
+            onnx_path = self.out / net.files["onnx"].name
+            seconds = build_engine(onnx_path, engine, flavour=builder, workspace_gib=self.cfg.workspace_gib,
+                                   refit=refit, profile=profiles[name])  # fmt: skip
+            self.timings[f"build {name}"] = seconds
+            entry = FileEntry.of(engine)
+            for entries in self.entries.values():
+                entries[name] = NetworkEntry(entries[name].tensors, {**entries[name].files, "engine": entry})
+            self._artifact(name, "engine", engine, start, seconds, False)
+            self.step(f"build {name}")
 
     def build_engines(self, builder: str, size: Size, refit: bool = False) -> None:
         from .compile import build_engine
@@ -426,9 +538,10 @@ class _Run:
         names = "|".join((*NETWORKS, r"controlnet_\d+"))  # another build's ControlNets too
         ours = re.compile(rf"({names})(-\d+x\d+)?\.(engine|pt2)")
         sized_onnx = re.compile(rf"({names})-\d+x\d+\.onnx(\.data)?")
-        controlnet_onnx = re.compile(r"controlnet_\d+\.onnx(\.data)?")  # a build with more ControlNets
+        # a build with more ControlNets, or a dynamic-shape build's (or a single size's) before a static multi-size one
+        plain_onnx = re.compile(rf"({names})\.onnx(\.data)?")
         for stale in self.out.iterdir():
-            named = (ours, sized_onnx, controlnet_onnx)
+            named = (ours, sized_onnx, plain_onnx)
             if any(p.fullmatch(stale.name) for p in named) and stale.name not in listed:
                 log.info("removing %s: not part of this build", stale)
                 stale.unlink()

@@ -82,10 +82,17 @@ def mark_refittable(network, onnx_path: Path) -> list[str]:
     return marked
 
 
+Shape = tuple[int, ...]
+Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max) shapes
+
+
 def build_engine(
-    onnx_path: Path, engine_path: Path, *, flavour: str, workspace_gib: float = 4.0, refit: bool = False
-) -> float:
+    onnx_path: Path, engine_path: Path, *, flavour: str, workspace_gib: float = 4.0, refit: bool = False,
+    profile: Profile | None = None,
+) -> float:  # fmt: skip
     """Parse `onnx_path` (external data next to it is found by the parser), build, write `engine_path`.
+    `profile`: the optimisation profile of an ONNX with dynamic shapes (`--shapes dynamic`), every input's
+    (min, opt, max); the engine runs any shapes within it, its kernels tuned for opt.
 
     Returns the build time in seconds. Raises with the parser's errors if the graph is rejected.
     """
@@ -101,6 +108,11 @@ def build_engine(
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"{flavour} could not parse {onnx_path}: {errors}")
     config = builder_config(trt, builder, workspace_gib=workspace_gib, refit=refit)
+    if profile:
+        shapes = builder.create_optimization_profile()
+        for name, (low, opt, high) in profile.items():
+            shapes.set_shape(name, low, opt, high)
+        config.add_optimization_profile(shapes)
     if refit:
         mark_refittable(network, onnx_path)
     with _prints_through_logging(f"building {engine_path.name}"):

@@ -16,6 +16,7 @@ from streamv2v_trt.flavours import Builder
 from streamv2v_trt.spec import EngineSpec
 
 WEIGHTS = ("swappable", "frozen")
+SHAPES = ("static", "dynamic")
 # `--weights` when not given, for the builders that compile an ONNX (AOTInductor: aoti.py). An ONNX file holds its
 # weights as initializers either way; a swappable one holds the base weights and ONNX Runtime swaps LoRAs into a new
 # session: measured at the same speed as a folder with the LoRA fused (docs/BENCHMARKS.md, "Swappable weights"), so
@@ -64,6 +65,15 @@ class BuildConfig:
             "tensorrt and tensorrt-rtx: frozen",
         ),
     )
+    shapes: str = field(
+        default="static",
+        metadata=flag(
+            "with --sizes: static (one file per network and size, each compiled for its shapes) or dynamic (one ONNX "
+            "per network with symbolic height and width, and one TensorRT engine with an optimisation profile "
+            "spanning the sizes: the weights are held once; TensorRT builders and --onnx-only)",
+            choices=SHAPES,
+        ),
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "builder", Builder(self.builder))
@@ -77,6 +87,28 @@ class BuildConfig:
             )
         if self.weights not in (None, *WEIGHTS):
             raise ValueError(f"--weights is one of {WEIGHTS}, not {self.weights!r}")
+        if self.shapes not in SHAPES:
+            raise ValueError(f"--shapes is one of {SHAPES}, not {self.shapes!r}")
+        if self.dynamic and not self.spec.sizes:
+            raise ValueError(
+                "--shapes dynamic makes one network serve several frame sizes: name them with --sizes (e.g. --sizes "
+                "512x512,768x512); a single-size build is static"
+            )
+        if self.dynamic and self.builder is Builder.AOTI:
+            raise ValueError(
+                "--shapes dynamic is for ONNX and TensorRT builds (one engine with an optimisation profile); "
+                'AOTInductor compiles one package per size (docs/BUILD.md, "Frame sizes"): drop --shapes dynamic, '
+                "or build with --builder tensorrt, --builder tensorrt-rtx or --onnx-only"
+            )
+
+    @property
+    def dynamic(self) -> bool:
+        return self.shapes == "dynamic"
+
+    @property
+    def stage_sizes(self) -> tuple[tuple[int, int], ...]:
+        """The sizes the build's stages run per (`build.stages`): every size, or none when one file serves all."""
+        return () if self.dynamic else self.spec.served_sizes
 
     @property
     def aoti_device(self) -> torch.device:

@@ -5,7 +5,8 @@
                   -> the text encoder (PyTorch; runs only on a prompt change), LoRA text layers fused
                   -> one runner per network, and the one I/O check: names, shapes and dtypes of every tensor,
                      as the layout expects them, as the manifest records them, as each runner reports them
-                     (a folder built for several frame sizes: every size's runners, each checked)
+                     (a folder built for several frame sizes: every size's runners, each checked; with dynamic
+                     shapes, every size's runner of a network shares its one session or engine)
 
 Any difference raises `EngineMismatch` naming all of them and the exact command that rebuilds the folder.
 A build folder is code: TensorRT engines and AOTInductor packages are native code that runs when loaded. Open
@@ -55,7 +56,10 @@ def folder_rebuild(spec: EngineSpec, directory: Path | str, backend: BackendKind
     if same and manifest.spec.sizes:  # the folder serves it: rebuilt with all its sizes, not only those asked
         spec = replace(spec, sizes=manifest.spec.sizes)
     command = spec.rebuild_command(backend, directory if same or manifest is None else None, _built(manifest))
-    if swappable and build_for(backend, _built(manifest))[0] == _built(manifest):
+    own_builder = build_for(backend, _built(manifest))[0] == _built(manifest)
+    if manifest is not None and manifest.dynamic and own_builder and spec.sizes:
+        command = command.replace(_BUILD, f"{_BUILD} --shapes dynamic", 1)
+    if swappable and own_builder:
         return command.replace(_BUILD, f"{_BUILD} --weights swappable", 1)
     return command
 
@@ -160,10 +164,30 @@ def _open_runners(
     device: torch.device,
     threads: int | None,
     size: tuple[int, int] | None = None,
+    opened: dict[Path, NetworkRunner] | None = None,
 ) -> dict[str, NetworkRunner]:
+    """The runners of one size. A dynamic-shape folder's file serves every size: a runner at this size's shapes on
+    the session or engine of the first size's runner of that file (`opened`, by file; filled here)."""
     kind = backend.info.files[0]
     names = network_names(manifest.spec)  # the three, and one per ControlNet
     files = {name: directory / manifest.network(name, size).files[kind].name for name in names}
+    if manifest.dynamic and backend is not BackendKind.AOTI:
+        opened = {} if opened is None else opened
+        runners = {}
+        for name, path in files.items():
+            shapes = {t.name: t.shape for t in manifest.network(name, size).tensors}
+            first = opened.get(path)
+            if first is not None:
+                runners[name] = first.at_shapes(shapes)
+            elif backend is BackendKind.ONNXRUNTIME:
+                from .backends.onnxruntime import OnnxRunner
+
+                runners[name] = opened[path] = OnnxRunner(path, device, threads, shapes)
+            else:
+                from .backends.tensorrt import TrtRunner
+
+                runners[name] = opened[path] = TrtRunner(path, device, manifest.builder, shapes)
+        return runners
     if backend is BackendKind.ONNXRUNTIME:
         from .backends.onnxruntime import OnnxRunner
 
@@ -180,11 +204,12 @@ def _open_runners(
 def _open_size(
     backend: BackendKind, directory: Path, manifest: Manifest, spec: EngineSpec, size: tuple[int, int], skeleton,
     text: tuple[int, int], device: torch.device, threads: int | None, rebuild: str,
+    opened: dict[Path, NetworkRunner] | None = None,
 ) -> tuple[dict[str, NetworkRunner], BankLayout]:  # fmt: skip
     """One built size's runners and bank layout, their I/O checked against the layout and the manifest."""
     at = replace(spec, height=size[0], width=size[1], sizes=manifest.spec.sizes)
     layout = bank_layout(skeleton, at)
-    runners = _open_runners(backend, directory, manifest, device, threads, size)
+    runners = _open_runners(backend, directory, manifest, device, threads, size, opened)
     check_io(layout.network_specs(at, text), manifest, runners, directory, rebuild, size)
     return runners, layout
 
@@ -310,8 +335,9 @@ def open_build_folder(
         fuse_loras(None, spec.loras, text_encoder=text_encoder)
     skeleton = unet_skeleton(spec, weights)
     text = text_shape(tokenizer, text_encoder)
+    opened: dict[Path, NetworkRunner] = {}  # a dynamic-shape folder's runners by file: each opened once
     sized = {  # every built size: its runners and bank layout, each size checked three ways
-        size: _open_size(backend, directory, manifest, spec, size, skeleton, text, device, threads, rebuild)
+        size: _open_size(backend, directory, manifest, spec, size, skeleton, text, device, threads, rebuild, opened)
         for size in manifest.spec.served_sizes
     }
     if len(sized) > 1:

@@ -16,6 +16,9 @@ Layout of a build folder (file names are in the manifest, these are the defaults
 A build for several frame sizes (`EngineSpec.sizes`) holds every size's networks, each file named with its size
 (`network_file`): unet-512x512.onnx, unet-768x512.onnx, unet-768x512.engine, ... The manifest lists the spec's
 own size (height x width) under `networks` and the others under `size_networks`, by size (WIDTHxHEIGHT).
+A build with dynamic shapes (`shapes: "dynamic"`, `build_engines --shapes dynamic`) has one file per network for
+every size (unet.onnx with symbolic height and width, unet.engine with one optimisation profile): each size's
+entry names the same files, with that size's tensor shapes.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ MANIFEST_FILE = "manifest.json"
 FILE_KINDS = ("onnx", "onnx_data", "engine", "package")
 
 
-def network_file(spec: EngineSpec, network: str, size: tuple[int, int], suffix: str) -> str:
-    """The one naming rule of a network's file: `unet.onnx` in a single-size build; `unet-768x512.onnx` for every
-    size of a multi-size build (so no size's file depends on which size a stream starts at)."""
-    return f"{network}-{size_text(size)}{suffix}" if spec.sizes else f"{network}{suffix}"
+def network_file(spec: EngineSpec, network: str, size: tuple[int, int], suffix: str, dynamic: bool = False) -> str:
+    """The one naming rule of a network's file: `unet.onnx` in a single-size build and in a build with dynamic
+    shapes (one file serves every size); `unet-768x512.onnx` for every size of a static multi-size build (so no
+    size's file depends on which size a stream starts at)."""
+    return f"{network}-{size_text(size)}{suffix}" if spec.sizes and not dynamic else f"{network}{suffix}"
 
 
 class EngineMismatch(RuntimeError):
@@ -127,6 +131,9 @@ class Manifest:
     # The ControlNets compiled beside the UNet (networks controlnet_0, ...), in the spec's order. Older manifests
     # and builds without ControlNets: ().
     controlnets: tuple[ControlNetRecord, ...] = ()
+    # "dynamic": one file per network serves every size (symbolic height and width in the ONNX; a TensorRT engine
+    # with one optimisation profile spanning the sizes, weights held once). "static": a file per size. Older: static.
+    shapes: str = "static"
     format_version: int = FORMAT_VERSION
 
     def network(self, name: str, size: tuple[int, int] | None = None) -> NetworkEntry:
@@ -205,6 +212,10 @@ class Manifest:
     def swappable(self) -> bool:
         return self.weights == "swappable"
 
+    @property
+    def dynamic(self) -> bool:
+        return self.shapes == "dynamic"
+
     def differences(
         self,
         asked: EngineSpec,
@@ -242,17 +253,19 @@ class Manifest:
     def file_problems(self, directory: Path | str, kinds: tuple[str, ...], *, verify_hashes: bool = True) -> list[str]:
         """Files of `kinds` that the manifest lacks, that are missing, or whose sha256 differs from the manifest's."""
         directory = Path(directory)
-        problems = []
+        problems: list[str] = []
         sized = self.sized_networks()
+        checked: set[FileEntry] = set()  # a dynamic-shape build lists one file under every size: hashed once
         for size, networks in sized.items():
             at = f" at {size_text(size)}" if len(sized) > 1 else ""
-            problems += self._file_problems(directory, networks, kinds, verify_hashes, at)
+            problems += self._file_problems(directory, networks, kinds, verify_hashes, at, checked)
         return problems
 
     @staticmethod
     def _file_problems(
-        directory: Path, networks: dict[str, NetworkEntry], kinds: tuple[str, ...], verify_hashes: bool, at: str
-    ) -> list[str]:
+        directory: Path, networks: dict[str, NetworkEntry], kinds: tuple[str, ...], verify_hashes: bool, at: str,
+        checked: set[FileEntry],
+    ) -> list[str]:  # fmt: skip
         problems = []
         for name, net in networks.items():
             for kind in kinds:
@@ -261,6 +274,9 @@ class Manifest:
                     if kind != "onnx_data":  # external data exists only above 2 GB
                         problems.append(f"{name}{at}: the build has no {kind} file")
                     continue
+                if entry in checked:
+                    continue
+                checked.add(entry)
                 path = directory / entry.name
                 if not path.is_file():
                     problems.append(f"{name}: file {path} is missing")

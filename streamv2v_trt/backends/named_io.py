@@ -39,6 +39,22 @@ class NetworkRunner(Protocol):
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
+def resolve_shape(where: str, name: str, shape, given: tuple[int, ...] | None) -> tuple[int, ...]:
+    """A tensor's shape: the file's own, with its symbolic dimensions (str or None in ONNX Runtime's and TensorRT's
+    reports, or -1) taken from `given` (a dynamic-shape build's shapes at one size)."""
+    shape = [d if isinstance(d, int) and d >= 0 else None for d in shape]
+    if given is None:
+        if None in shape:
+            raise ValueError(
+                f"{where}: tensor {name} has dynamic shape {shape} and no size was given for it: open the build "
+                "folder it is in (StreamV2V.from_engines), whose manifest (--shapes dynamic) lists every size's shapes"
+            )
+        return tuple(shape)
+    if len(given) != len(shape) or any(d is not None and d != g for d, g in zip(shape, given)):
+        raise ValueError(f"{where}: tensor {name} has shape {shape}, the size asks {list(given)}")
+    return tuple(given)
+
+
 class InputBinder:
     def __init__(
         self, where: str, specs: dict[str, Spec], device: torch.device, bind: Callable[[str, torch.Tensor], None]

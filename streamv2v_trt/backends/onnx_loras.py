@@ -53,7 +53,12 @@ class InitializerLoraWeights(LoraWeights):
         super().__init__(unet, text_encoder)
         if len(runners) != len(onnx) or not runners:
             raise ValueError(f"one ONNX file per UNet runner: {len(runners)} runners, {len(onnx)} files")
-        self.runners, self.onnx, self._load, self.rebuild = list(runners), list(onnx), load, rebuild
+        # A dynamic-shape folder's sizes share one session or engine (the runner's `owner`): written once.
+        targets: dict[int, tuple[WeightRunner, Path]] = {}
+        for runner, path in zip(runners, onnx):
+            targets.setdefault(id(getattr(runner, "owner", runner)), (runner, path))
+        self.runners, self.onnx = [r for r, _ in targets.values()], [path for _, path in targets.values()]
+        self._load, self.rebuild = load, rebuild
         self.maps: list[WeightMap] = []  # per runner, built with the first set (it needs the base weights)
         self._names: dict[nn.Module, str] = {}
 

@@ -8,6 +8,10 @@ between calls. An input of another dtype or device is copied into a staging buff
 
 CPU provider here; the CUDA provider where onnxruntime-gpu is installed (it runs on the current torch
 stream, see `_providers`).
+
+An ONNX with dynamic shapes (`build_engines --shapes dynamic`) has one runner per frame size: each is given its
+size's shapes and binds its own outputs, and all share one session (`OnnxRunner.at_shapes`), so the weights are
+held once.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import onnxruntime as ort
 import torch
 
 from ..layout import DTYPES, dtype_name
-from .named_io import InputBinder, Spec
+from .named_io import InputBinder, Spec, resolve_shape
 
 _ONNX_TYPE_NAMES = {"float": "float32", "double": "float64"}  # ORT reports "tensor(float)"; the rest match DTYPES
 
@@ -43,14 +47,28 @@ def _providers(device: torch.device) -> list:
 
 
 class OnnxRunner:
-    """One ONNX model behind I/O binding: named torch tensors in, preallocated named torch tensors out."""
+    """One ONNX model behind I/O binding: named torch tensors in, preallocated named torch tensors out.
 
-    def __init__(self, path: str | PathLike, device: torch.device, threads: int | None = None) -> None:
+    `shapes`: every tensor's shape (name -> shape) where the model's are symbolic (a dynamic-shape build; the
+    manifest's shapes at one size); a static model's own shapes must not be contradicted."""
+
+    def __init__(
+        self, path: str | PathLike, device: torch.device, threads: int | None = None,
+        shapes: dict[str, tuple[int, ...]] | None = None, *, session_of: OnnxRunner | None = None,
+    ) -> None:  # fmt: skip
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model {self.path} not found; build it with python -m build_engines")
-        self.device, self.threads = device, threads
-        self.session = self._session(str(self.path))
+        self.device, self.threads, self.shapes = device, threads, shapes or {}
+        # The runner that made the session, and every runner at another size that uses it (a weight swap makes
+        # one new session for all of them).
+        self.owner = session_of.owner if session_of is not None else self
+        self.sharers: list[OnnxRunner] = []
+        if self.owner is self:
+            self.session = self._session(str(self.path))
+        else:
+            self.session = self.owner.session
+            self.owner.sharers.append(self)
         self.binding = self.session.io_binding()
         self.input_specs = {i.name: self._spec(i) for i in self.session.get_inputs()}
         self.output_specs = {o.name: self._spec(o) for o in self.session.get_outputs()}
@@ -81,12 +99,7 @@ class OnnxRunner:
         dtype = DTYPES.get(_ONNX_TYPE_NAMES.get(name, name))
         if dtype is None:
             raise TypeError(f"{self.path.name}: tensor {arg.name} has type {arg.type}, not supported by this runtime")
-        if not all(isinstance(d, int) and d > 0 for d in arg.shape):
-            raise ValueError(
-                f"{self.path.name}: tensor {arg.name} has dynamic shape {arg.shape}; engines have static shapes "
-                "(one per resolution and batch). Re-export it with python -m build_engines."
-            )
-        return tuple(arg.shape), dtype
+        return resolve_shape(self.path.name, arg.name, arg.shape, self.shapes.get(arg.name)), dtype
 
     @staticmethod
     def _bind(bind, name: str, t: torch.Tensor) -> None:
@@ -108,16 +121,26 @@ class OnnxRunner:
         """
         from .onnx_weights import with_initializers
 
+        if self.owner is not self:  # one session for every size: made (and swapped) by the runner that owns it
+            return self.owner.prepare_weights(values, base)
         session = self._session(with_initializers(self.path, values))
-        binding = session.io_binding()
-        for name, t in self.outputs.items():
-            self._bind(binding.bind_output, name, t)
+        bindings = []
+        for runner in (self, *self.sharers):
+            binding = session.io_binding()
+            for name, t in runner.outputs.items():
+                runner._bind(binding.bind_output, name, t)
+            bindings.append((runner, binding))
 
         def swap() -> None:
-            self.session, self.binding = session, binding
-            self.bind_inputs.bound.clear()
+            for runner, binding in bindings:
+                runner.session, runner.binding = session, binding
+                runner.bind_inputs.bound.clear()
 
         return swap
+
+    def at_shapes(self, shapes: dict[str, tuple[int, ...]]) -> OnnxRunner:
+        """A runner of the same session at other shapes (a dynamic-shape ONNX at another frame size)."""
+        return OnnxRunner(self.path, self.device, self.threads, shapes, session_of=self)
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.bind_inputs(inputs)
