@@ -346,6 +346,7 @@ def open_build_folder(
     networks = NamedIOBackend(
         backend, runners, layout, device, builder=_built(manifest), spec=spec, sized=sized if len(sized) > 1 else None
     )
+    networks.rebuild = lambda wanted: folder_rebuild(wanted, directory, backend, manifest)
     if manifest.swappable:  # LoRAs are runtime state: applied here and by set_loras, to every size's UNet
         unets = {size: runners["unet"] for size, (runners, _) in sized.items()}
         networks.lora_weights = _swappable_weights(backend, directory, manifest, spec, weights, skeleton,

@@ -23,6 +23,7 @@ import torch
 from conftest import tiny_spec
 from test_build_cli import parse
 from test_lora_swap import files  # noqa: F401  (the module's LoRA fixture)
+from test_manifest import rebuild_config, refused
 from test_sizes import PROMPT, SPEC, WIDE, video
 
 from build_engines import BuildConfig, build, stages
@@ -92,6 +93,24 @@ def test_every_size_opens_on_one_session(dynamic):
             assert runner.input_specs != first.input_specs  # its size's shapes
     with pytest.raises(ValueError, match=r"latents has dynamic shape \[1, 4, None, None\] and no size was given"):
         OnnxRunner(dynamic / "vae_decoder.onnx", torch.device("cpu"))  # a file alone: its shapes are the folder's
+
+
+def test_refusals_rebuild_with_dynamic_shapes(dynamic, tmp_path):
+    """A damaged file, and a size the folder lacks: the rebuild command keeps --shapes dynamic."""
+    backend = open_build_folder(dynamic, "onnxruntime", threads=1).backend
+    with pytest.raises(ValueError, match="not 128x128; rebuild: ") as e:
+        backend.at_size(128, 128)
+    argv = shlex.split(str(e.value).split("rebuild: ", 1)[1].split(" (writes ", 1)[0])
+    cfg = parse(*argv[3:])
+    assert cfg.dynamic and cfg.spec.sizes == tuple(sorted((*SIZES, (128, 128))))
+    folder = shutil.copytree(dynamic, tmp_path / "engines")
+    with open(folder / "vae_decoder.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01")
+    message = refused(folder)
+    assert message.count("vae_decoder: file") == 1  # one file for three sizes: one problem
+    cfg = rebuild_config(message)
+    assert cfg.dynamic and (cfg.spec, cfg.out) == (DYNAMIC, folder)
 
 
 @pytest.mark.parametrize("size", [WIDE, TALL])

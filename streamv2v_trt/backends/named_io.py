@@ -109,6 +109,9 @@ class NamedIOBackend:
         self.lora_weights = None
         self.builder = builder  # what built its files (None: --onnx-only): a rebuild keeps the TensorRT flavour
         self.spec = spec  # what the folder serves (as asked of it): names the rebuild for a size it lacks
+        # spec -> the command that builds it as this folder was built (build_folder.folder_rebuild: the TensorRT
+        # flavour, --weights swappable, --shapes dynamic kept); None: EngineSpec.rebuild_command
+        self.rebuild: Callable[[EngineSpec], str] | None = None
         self._sized = sized or {}
         self._use(networks, layout)
         self.dtype = self._unet.input_specs["sample"][1]
@@ -143,7 +146,8 @@ class NamedIOBackend:
             wanted = replace(self.spec, sizes=(*self.sizes, (height, width)))
         except ValueError as e:  # e.g. not a multiple of 64, which a multi-size build needs
             return f"{said}, and no build can add it: {e}"
-        return f"{said}; rebuild: {wanted.rebuild_command(self.name, built=self.builder)}"
+        command = self.rebuild(wanted) if self.rebuild else wanted.rebuild_command(self.name, built=self.builder)
+        return f"{said}; rebuild: {command}"
 
     def unet(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self._unet.run(inputs)
