@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import tiny_spec
 from test_build_cli import parse
+from test_gpu_runtime import needs_cuda, psnr, tensorrt_builder
 from test_lora_swap import files  # noqa: F401  (the module's LoRA fixture)
 from test_manifest import rebuild_config, refused
 from test_sizes import PROMPT, SPEC, WIDE, video
@@ -189,19 +190,18 @@ def test_tensorrt_rtx_builds_one_engine_per_network_with_a_profile(dynamic, tmp_
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines run only on a GPU")
+@needs_cuda
 def test_tensorrt_every_size_runs_on_one_engine(dynamic, tmp_path):
     """On a GPU with TensorRT (or TensorRT-RTX where it runs): each size's context on the one engine gives ONNX
-    Runtime's frames (fp32) and its I/O is the manifest's."""
-    trt = pytest.importorskip("tensorrt")  # full TensorRT: builds and runs on the GPU
-    del trt
+    Runtime's frames (fp32)."""
     folder = shutil.copytree(dynamic, tmp_path / "engines")
-    build(BuildConfig(DYNAMIC, out=folder, builder="tensorrt", shapes="dynamic"))
+    build(BuildConfig(DYNAMIC, out=folder, builder=tensorrt_builder(), shapes="dynamic"))
     gpu = StreamV2V.from_engines(folder, "tensorrt", prompt=PROMPT)
     cpu = StreamV2V.from_engines(folder, "onnxruntime", prompt=PROMPT, threads=1)
     assert gpu.backend.at_size(*WIDE).networks["unet"].engine is gpu.backend.networks["unet"].engine
     for size in SIZES[1:]:
         gpu.resize(*size)
         cpu.resize(*size)
-        for frame in video(5, *size):
-            assert np.abs(gpu(frame).astype(int) - cpu(frame)).max() <= 2
+        scores = [psnr(gpu(frame), cpu(frame)) for frame in video(5, *size)]
+        # fp32 graphs, but TensorRT may run them with TF32 kernels: test_gpu_runtime's bound for different kernels
+        assert min(scores) >= 30.0, (size, scores)

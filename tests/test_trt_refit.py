@@ -1,7 +1,7 @@
-"""Refittable TensorRT / TensorRT-SPEC engines: `--weights swappable` sets the builder's REFIT flag, and `set_loras` on
+"""Refittable TensorRT / TensorRT-RTX engines: `--weights swappable` sets the builder's REFIT flag, and `set_loras` on
 the tensorrt backend refits the UNet's weights by their ONNX initializer names (backends/onnx_loras.py).
 
-On the CPU (TensorRT-SPEC builds here): the flag in the builder config, a swappable fp16 build's manifest, and the
+On the CPU (TensorRT-RTX builds here): the flag in the builder config, a swappable fp16 build's manifest, and the
 name map from its ONNX covering every UNet weight a LoRA can touch. The refit itself runs only on a GPU (marked
 `gpu`, as tests/test_gpu_runtime.py).
 """

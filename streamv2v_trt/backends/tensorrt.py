@@ -124,10 +124,13 @@ class TrtRunner:
         return dtype
 
     def _context(self, trt):
-        """An execution context. TensorRT-RTX: kernels specialised for this context's shapes as soon as they are
-        set (EAGER: the first run compiles them, before a CUDA graph is captured, not in the background while a
-        generic kernel runs), in a runtime cache that every size's context shares."""
-        if self.flavour != Builder.TENSORRT_RTX or not hasattr(self.engine, "create_runtime_config"):
+        """An execution context. A TensorRT-RTX engine with dynamic shapes: kernels specialised for this context's
+        shapes (EAGER: the first run compiles them, which the warm-up before a CUDA graph capture does, rather than
+        a generic kernel running while they compile in the background), in a runtime cache every size's context
+        shares. A static engine's context as before."""
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        dynamic = any(d < 0 for name in names for d in self.engine.get_tensor_shape(name))
+        if self.flavour != Builder.TENSORRT_RTX or not dynamic:
             return self.engine.create_execution_context()
         config = self.engine.create_runtime_config()
         config.dynamic_shapes_kernel_specialization_strategy = trt.DynamicShapesKernelSpecializationStrategy.EAGER
