@@ -238,16 +238,22 @@ def test_gpu_engines_with_controlnet_match_eager_in_fp16(tiny_build, backend):
     assert min(scores) >= 30.0, scores
 
 
-def test_a_multi_size_build_from_the_command_line_has_every_sizes_controlnet(tmp_path, capsys):
-    """`--sizes` with `--controlnet`: a ControlNet file per size, and a stream resized on the folder runs that size's
-    ControlNet as eager does."""
+@pytest.mark.parametrize("shapes", ["static", "dynamic"])
+def test_a_multi_size_build_from_the_command_line_has_every_sizes_controlnet(tmp_path, capsys, shapes):
+    """`--sizes` with `--controlnet`: a ControlNet file per size (or, `--shapes dynamic`, one for both), and a
+    stream resized on the folder runs that size's ControlNet as eager does."""
     from build_engines.__main__ import main
 
     out = tmp_path / "sized"
-    argv = ["--model", "tiny", "--sizes", "64x64,128x64", "--controlnet", "tiny", "--steps", "1"]
+    argv = ["--model", "tiny", "--sizes", "64x64,128x64", "--controlnet", "tiny", "--steps", "1", "--shapes", shapes]
     assert main([*argv, "--precision", "fp32", "--onnx-only", "--out", str(out)]) == 0
-    assert "controlnet_0 128x64" in capsys.readouterr().out  # the summary's row for the second size
-    assert {"controlnet_0-64x64.onnx", "controlnet_0-128x64.onnx"} <= {p.name for p in out.iterdir()}
+    summary = capsys.readouterr().out
+    if shapes == "static":
+        assert "controlnet_0 128x64" in summary  # the summary's row for the second size
+        assert {"controlnet_0-64x64.onnx", "controlnet_0-128x64.onnx"} <= {p.name for p in out.iterdir()}
+    else:
+        assert "controlnet_0  controlnet_0.onnx" in summary and "128x64 " not in summary.split("network", 1)[1]
+        assert {p.name for p in out.glob("controlnet_0*")} == {"controlnet_0.onnx"}
     m = load_manifest(out)
     assert set(m.networks_at(64, 128)) == set(network_names(m.spec))
     run = StreamConfig(m.spec, t_index_list=(32,), controlnet_scales=(0.8,))
