@@ -14,8 +14,6 @@ static or dynamic shapes") with the machine they came from.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from streamv2v_trt.frame_sizes import size_text
 from streamv2v_trt.spec import EngineSpec, parse_sizes
 
 from .measure import machine
-from .onnx_weights import frames
+from .onnx_weights import frames, print_run, two_folders_parser
 
 log = logging.getLogger(__name__)
 SHAPES = ("static", "dynamic")
@@ -92,20 +90,10 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.onnx_shapes", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", help="preset (tiny: random weights)")
+    description = __doc__.split("\n\n")[0]
+    p = two_folders_parser("python -m benchmarks.onnx_shapes", description, 40, "engines/bench-onnx-shapes")
     p.add_argument("--sizes", default="128x128,256x128", help="two or more WIDTHxHEIGHT, multiples of 64")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
-    p.add_argument("--frames", type=int, default=40, help="frames per stream per round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds over every stream (median reported)")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
-    p.add_argument("--builder", choices=("tensorrt", "tensorrt-rtx"), help="engines on the GPU instead of ONNX")
-    p.add_argument("--out", default="engines/bench-onnx-shapes", help="folder for the two builds")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)  # beside ONNX Runtime's pool (tests/conftest.py one_thread: measured)
-    print(json.dumps(run(args), indent=2))
-    return 0
+    return print_run(run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -99,21 +99,32 @@ def run(args) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.onnx_weights", description=__doc__.split("\n\n")[0])
+def two_folders_parser(prog: str, description: str, frames: int, out: str) -> argparse.ArgumentParser:
+    """The flags of a benchmark that builds two folders of one spec and runs them in one run (this one, and
+    benchmarks.onnx_shapes): model, precision, frames, rounds, threads, builder, out."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--model", default="tiny", help="preset (tiny: random weights)")
-    p.add_argument("--size", type=int, default=64, help="frame height and width")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
-    p.add_argument("--frames", type=int, default=60, help="frames per stream per round")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (median reported)")
+    p.add_argument("--frames", type=int, default=frames, help="frames per stream per round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over every stream (median reported)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     p.add_argument("--builder", choices=("tensorrt", "tensorrt-rtx"), help="engines on the GPU instead of ONNX")
-    p.add_argument("--out", default="engines/bench-onnx-weights", help="folder for the two builds and the LoRA")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=out, help="folder for the two builds")
+    return p
+
+
+def print_run(run, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # beside ONNX Runtime's pool (tests/conftest.py one_thread: measured)
     print(json.dumps(run(args), indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    description = __doc__.split("\n\n")[0]
+    p = two_folders_parser("python -m benchmarks.onnx_weights", description, 60, "engines/bench-onnx-weights")
+    p.add_argument("--size", type=int, default=64, help="frame height and width")
+    return print_run(run, p.parse_args(argv))
 
 
 if __name__ == "__main__":
