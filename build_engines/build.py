@@ -43,10 +43,9 @@ from streamv2v_trt.spec import EngineSpec, show_sizes
 from .config import BuildConfig, choose_builder
 
 if TYPE_CHECKING:
-    from .compile import Profile
-
-if TYPE_CHECKING:
     from streamv2v_trt.models.loader import Models
+
+    from .compile import Profile
 
 log = logging.getLogger(__name__)
 

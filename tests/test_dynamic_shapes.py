@@ -29,6 +29,7 @@ from test_sizes import PROMPT, SPEC, WIDE, video
 
 from build_engines import BuildConfig, build, stages
 from build_engines.build import profiles
+from build_engines.export import tensor_entries
 from streamv2v_trt import StreamV2V
 from streamv2v_trt.backends.onnxruntime import OnnxRunner
 from streamv2v_trt.build_folder import open_build_folder
@@ -81,6 +82,12 @@ def test_one_file_per_network_serves_every_size(dynamic):
     dims = sample.type.tensor_type.shape.dim
     assert [d.HasField("dim_param") for d in dims] == [False, False, True, True]
     assert manifest.file_problems(dynamic, ("onnx",)) == []
+    # The check that made those entries: a file symbolic where the sizes need a fixed length is refused.
+    model = onnx.load(str(dynamic / "vae_encoder.onnx"))
+    specs = list(manifest.network("vae_encoder").tensors)
+    assert tensor_entries(model, specs, {"images": (2, 3), "latents": (2, 3)}) == tuple(specs)
+    with pytest.raises(RuntimeError, match=r"images is symbolic in dimensions \[2, 3\], the frame sizes need \[3\]"):
+        tensor_entries(model, specs, {"images": (3,), "latents": (3,)})
 
 
 def test_every_size_opens_on_one_session(dynamic):
