@@ -166,39 +166,37 @@ def _open_runners(
     size: tuple[int, int] | None = None,
     opened: dict[Path, NetworkRunner] | None = None,
 ) -> dict[str, NetworkRunner]:
-    """The runners of one size. A dynamic-shape folder's file serves every size: a runner at this size's shapes on
-    the session or engine of the first size's runner of that file (`opened`, by file; filled here)."""
+    """The runners of one size. A file already opened for another size (`opened`, by file; filled here), which only
+    a dynamic-shape folder has, gives a runner at this size's shapes on that runner's session or engine."""
     kind = backend.info.files[0]
-    names = network_names(manifest.spec)  # the three, and one per ControlNet
-    files = {name: directory / manifest.network(name, size).files[kind].name for name in names}
-    if manifest.dynamic and backend is not BackendKind.AOTI:
-        opened = {} if opened is None else opened
-        runners = {}
-        for name, path in files.items():
-            shapes = {t.name: t.shape for t in manifest.network(name, size).tensors}
-            first = opened.get(path)
-            if first is not None:
-                runners[name] = first.at_shapes(shapes)
-            elif backend is BackendKind.ONNXRUNTIME:
-                from .backends.onnxruntime import OnnxRunner
+    opened = {} if opened is None else opened
+    runners = {}
+    for name in network_names(manifest.spec):  # the three, and one per ControlNet
+        entry = manifest.network(name, size)
+        path = directory / entry.files[kind].name
+        # a dynamic-shape file's shapes are symbolic: each size's come from the manifest
+        shapes = {t.name: t.shape for t in entry.tensors} if manifest.dynamic else None
+        if path in opened:
+            runners[name] = opened[path].at_shapes(shapes)
+        else:
+            runners[name] = opened[path] = _open_runner(backend, path, device, threads, manifest.builder, shapes)
+    return runners
 
-                runners[name] = opened[path] = OnnxRunner(path, device, threads, shapes)
-            else:
-                from .backends.tensorrt import TrtRunner
 
-                runners[name] = opened[path] = TrtRunner(path, device, manifest.builder, shapes)
-        return runners
+def _open_runner(
+    backend: BackendKind, path: Path, device: torch.device, threads: int | None, builder: str | None, shapes
+) -> NetworkRunner:
     if backend is BackendKind.ONNXRUNTIME:
         from .backends.onnxruntime import OnnxRunner
 
-        return {name: OnnxRunner(path, device, threads) for name, path in files.items()}
+        return OnnxRunner(path, device, threads, shapes)
     if backend is BackendKind.TENSORRT:
         from .backends.tensorrt import TrtRunner
 
-        return {name: TrtRunner(path, device, manifest.builder) for name, path in files.items()}
+        return TrtRunner(path, device, builder, shapes)
     from .backends.aoti import AotiRunner
 
-    return {name: AotiRunner(path, device) for name, path in files.items()}
+    return AotiRunner(path, device)
 
 
 def _open_size(
