@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import shlex
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +27,13 @@ from test_manifest import rebuild_config, refused
 from test_sizes import PROMPT, SPEC, WIDE, video
 
 from build_engines import BuildConfig, build, stages
-from build_engines.build import profiles
+from build_engines.build import _Plan, _Run, profiles
 from build_engines.export import tensor_entries
 from streamv2v_trt import StreamV2V
 from streamv2v_trt.backends.onnxruntime import OnnxRunner
 from streamv2v_trt.build_folder import open_build_folder
 from streamv2v_trt.layout import NETWORKS
-from streamv2v_trt.manifest import load_manifest
+from streamv2v_trt.manifest import FileEntry, NetworkEntry, load_manifest
 from streamv2v_trt.models.loader import find_weights
 
 TALL = (128, 64)  # (height, width)
@@ -191,9 +190,19 @@ def test_tensorrt_rtx_builds_one_engine_per_network_with_a_profile(dynamic, tmp_
     assert sorted(a.path.name for a in result.artifacts) == sorted(
         f"{n}.{k}" for n in NETWORKS for k in ("onnx", "engine")
     )
-    # Static again in the same folder: a file per size, the dynamic ones removed.
-    static = build(BuildConfig(replace(DYNAMIC, sizes=SPEC.sizes), out=folder, onnx_only=True))
-    assert not static.reused and not (folder / "unet.onnx").exists() and (folder / "unet-128x64.onnx").exists()
+
+
+def test_a_static_build_removes_the_dynamic_files_it_does_not_list(tmp_path):
+    """Static again in a dynamic folder: the build lists per-size files, so `unet.onnx` and `unet.engine` (and a
+    ControlNet the spec no longer names) go; files that are not a network's stay."""
+    names = ["unet.onnx", "unet.engine", "controlnet_0.onnx", "unet-64x64.onnx", "unet-128x64.onnx", "notes.txt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    run = _Run(BuildConfig(SPEC, out=tmp_path, onnx_only=True), tmp_path, _Plan(None), lambda _desc: None)
+    for size, text in (((64, 64), "64x64"), (WIDE, "128x64")):
+        run.entries[size]["unet"] = NetworkEntry((), {"onnx": FileEntry.of(tmp_path / f"unet-{text}.onnx")})
+    run.remove_stale()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "unet-128x64.onnx", "unet-64x64.onnx"]
 
 
 @pytest.mark.gpu
