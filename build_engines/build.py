@@ -391,8 +391,7 @@ class _Run:
                 self.step(f"cleanup {name}{at} (reused)")
 
     def export_onnx(self, models: Models, controlnets: list, size: Size) -> None:
-        from .cleanup import cleanup, save_onnx
-        from .export import export_network, exporter_name, network_modules, tensor_entries
+        from .export import network_modules
 
         modules, specs = network_modules(models, self._spec(size), controlnets)
         self.ff_layers = tuple(layer.name for layer in modules["unet"].layout.layers if layer.fuse)
@@ -403,30 +402,12 @@ class _Run:
                 self.step(f"export {name}{at} (reused)")
                 self.step(f"cleanup {name}{at} (reused)")
                 continue
-            t0 = time.perf_counter()
-            model = export_network(modules[name], specs[name], seed=self.cfg.spec.weights_seed)
-            self.exporter = exporter_name()
-            self.timings[f"export {name}{at}"] = time.perf_counter() - t0
-            self.step(f"export {name}{at}")
-            t1 = time.perf_counter()
-            model, report = cleanup(model, name)
-            tensors = tensor_entries(model, specs[name])
-            path = self._file(name, size, ".onnx")
-            data = save_onnx(model, path)
-            del model
-            gc.collect()
-            self.timings[f"cleanup {name}{at}"] = time.perf_counter() - t1
-            files = {"onnx": FileEntry.of(path)} | ({"onnx_data": FileEntry.of(data)} if data else {})
-            self.entries[size][name] = NetworkEntry(tensors, files)
-            seconds = self.timings[f"export {name}{at}"] + self.timings[f"cleanup {name}{at}"]
-            self._artifact(name, "onnx", path, size, seconds, False, nodes=report.nodes)
-            self.step(f"cleanup {name}{at}")
+            self._export(name, modules[name], {size: specs[name]}, at)
 
     def export_onnx_dynamic(self, models: Models, controlnets: list) -> None:
         """`--shapes dynamic`: one ONNX per network for every size, traced at the start size with every dimension
         the sizes change symbolic; each size's manifest entry names that file with the size's own shapes."""
-        from .cleanup import cleanup, save_onnx
-        from .export import dynamic_dims, export_network, exporter_name, network_modules, tensor_entries, varying_dims
+        from .export import network_modules
 
         start = (self.cfg.spec.height, self.cfg.spec.width)
         # Every size's I/O; the start size's modules last: each installs the bank processors of its size on the one
@@ -443,27 +424,35 @@ class _Run:
                 self.step(f"export {name} (reused)")
                 self.step(f"cleanup {name} (reused)")
                 continue
-            t0 = time.perf_counter()
-            by_size = [specs[size][name] for size in self.entries]
-            model = export_network(modules[name], specs[start][name], self.cfg.spec.weights_seed, dynamic_dims(by_size))
-            self.exporter = exporter_name()
-            self.timings[f"export {name}"] = time.perf_counter() - t0
-            self.step(f"export {name}")
-            t1 = time.perf_counter()
-            model, report = cleanup(model, name)
-            varying = varying_dims(by_size)
-            tensors = {size: tensor_entries(model, specs[size][name], varying) for size in self.entries}
-            path = self._file(name, start, ".onnx")
-            data = save_onnx(model, path)
-            del model
-            gc.collect()
-            self.timings[f"cleanup {name}"] = time.perf_counter() - t1
-            files = {"onnx": FileEntry.of(path)} | ({"onnx_data": FileEntry.of(data)} if data else {})
-            for size in self.entries:
-                self.entries[size][name] = NetworkEntry(tensors[size], files)
-            seconds = self.timings[f"export {name}"] + self.timings[f"cleanup {name}"]
-            self._artifact(name, "onnx", path, start, seconds, False, nodes=report.nodes)
-            self.step(f"cleanup {name}")
+            self._export(name, modules[name], {start: specs[start][name], **{s: specs[s][name] for s in others}}, "")
+
+    def _export(self, name: str, module, specs: dict[Size, list], at: str) -> None:
+        """Export, clean up and save network `name`, traced at the first size of `specs` (size -> its I/O) and
+        symbolic in every dimension the sizes' I/O differ in (none for one size); the file is every size's entry."""
+        from .cleanup import cleanup, save_onnx
+        from .export import dynamic_dims, export_network, exporter_name, tensor_entries, varying_dims
+
+        first, by_size = next(iter(specs)), list(specs.values())
+        t0 = time.perf_counter()
+        model = export_network(module, specs[first], self.cfg.spec.weights_seed, dynamic_dims(by_size))
+        self.exporter = exporter_name()
+        self.timings[f"export {name}{at}"] = time.perf_counter() - t0
+        self.step(f"export {name}{at}")
+        t1 = time.perf_counter()
+        model, report = cleanup(model, name)
+        varying = varying_dims(by_size)
+        tensors = {size: tensor_entries(model, io, varying) for size, io in specs.items()}
+        path = self._file(name, first, ".onnx")
+        data = save_onnx(model, path)
+        del model
+        gc.collect()
+        self.timings[f"cleanup {name}{at}"] = time.perf_counter() - t1
+        files = {"onnx": FileEntry.of(path)} | ({"onnx_data": FileEntry.of(data)} if data else {})
+        for size in specs:
+            self.entries[size][name] = NetworkEntry(tensors[size], files)
+        seconds = self.timings[f"export {name}{at}"] + self.timings[f"cleanup {name}{at}"]
+        self._artifact(name, "onnx", path, first, seconds, False, nodes=report.nodes)
+        self.step(f"cleanup {name}{at}")
 
     def build_dynamic_engines(self, builder: str, profiles: dict[str, Profile], refit: bool = False) -> None:
         """`--shapes dynamic`: one engine per network, its optimisation profile spanning the sizes (`profiles`)."""
