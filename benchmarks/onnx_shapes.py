@@ -15,11 +15,9 @@ static or dynamic shapes") with the machine they came from.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from build_engines import BuildConfig, build
 from streamv2v_trt import StreamV2V
@@ -27,7 +25,7 @@ from streamv2v_trt.frame_sizes import size_text
 from streamv2v_trt.spec import EngineSpec, parse_sizes
 
 from .measure import machine
-from .onnx_weights import frames, print_run, two_folders_parser
+from .onnx_weights import clip_fps, frames, print_run, two_folders_parser
 
 log = logging.getLogger(__name__)
 SHAPES = ("static", "dynamic")
@@ -64,15 +62,7 @@ def run(args) -> dict:
     fps: dict[tuple, list[float]] = {k: [] for k in streams}
     for _ in range(args.rounds):
         for key, stream in streams.items():
-            clip = clips[key[1]]
-            if args.builder:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for f in clip:
-                stream(f)
-            if args.builder:
-                torch.cuda.synchronize()
-            fps[key].append(len(clip) / (time.perf_counter() - t0))
+            fps[key].append(clip_fps(stream, clips[key[1]]))
     return {
         "machine": machine(),
         "spec": f"{spec.model} {spec.precision.value}, sizes {args.sizes}",
